@@ -1,0 +1,69 @@
+"""Checks on what callers hand the store: keys, arrays to put, buffers to fill.
+
+Everything here runs before the store changes anything, so a bad argument
+leaves the store exactly as it was.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .ids import Key
+
+
+def check_key(key: object) -> Key:
+    if not isinstance(key, (str, bytes)):
+        raise TypeError(f"key must be str or bytes, not {type(key).__name__}: {key!r}")
+    return key
+
+
+def as_block(value: object, key: Key) -> np.ndarray:
+    """The array to store for ``key``: C-contiguous, no Python objects inside.
+
+    A non-contiguous array (a slice, a transpose) is **copied** into a contiguous
+    one, because a block is stored and hashed as one run of bytes; the copy is
+    the caller's cost and is documented in the README."""
+    if not isinstance(value, np.ndarray):
+        if value is None or isinstance(value, (str, bytes, int, float, complex, dict, set)):
+            raise TypeError(f"put({key!r}): expected a numpy array (or an object numpy can view), "
+                            f"got {type(value).__name__}")
+        value = np.asarray(value)
+    if value.dtype.hasobject:
+        raise TypeError(f"put({key!r}): dtype {value.dtype} holds Python objects, which have no bytes to store")
+    if not value.flags.c_contiguous:
+        value = np.ascontiguousarray(value)
+    return value
+
+
+def byte_view(arr: np.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array, as a flat ``uint8`` memoryview (no copy)."""
+    return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Validate a caller's buffer for a block of ``dtype``/``shape``; raise ``ValueError`` naming the mismatch.
+
+    A buffer that is writable but not C-contiguous is accepted: the block is read into a
+    temporary and copied into it (one extra copy); see :func:`needs_staging`."""
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"get({key!r}): out must be a numpy array, not {type(out).__name__}")
+    if out.dtype != dtype or out.shape != shape:
+        raise ValueError(f"get({key!r}): out has dtype {out.dtype} and shape {out.shape}; "
+                         f"the stored block has dtype {dtype} and shape {shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"get({key!r}): out is read-only")
+    return out
+
+
+def needs_staging(out: np.ndarray) -> bool:
+    return not out.flags.c_contiguous
+
+
+def normalize_flags(is_prefix: bool | Sequence[bool], n: int) -> list[bool]:
+    if isinstance(is_prefix, (bool, np.bool_)):
+        return [bool(is_prefix)] * n
+    flags = list(is_prefix)
+    if len(flags) != n or not all(isinstance(f, (bool, np.bool_)) for f in flags):
+        raise ValueError(f"is_prefix must be a bool or {n} bools, got {is_prefix!r}")
+    return [bool(f) for f in flags]

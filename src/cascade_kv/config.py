@@ -1,0 +1,163 @@
+"""The store's configuration: one frozen, typed, validated object.
+
+Sizes are accepted as ints (bytes) or strings such as ``"8GiB"``, ``"512MB"``
+or ``"1.5 GiB"`` and are normalised to ints when the config is built, so every
+other module sees plain byte counts. Environment variables are read in one
+place only, :meth:`CascadeConfig.from_env`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1000, "kib": 1024,
+    "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1000**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+HashAlgorithm = Literal["blake3", "sha256"]
+VerifyMode = Literal["auto", "always"]
+
+
+def parse_size(value: int | str, name: str = "size") -> int:
+    """Return ``value`` in bytes; ``"8GiB"`` -> 8589934592, ``"1GB"`` -> 10**9.
+
+    Bare ``K``/``M``/``G``/``T`` are binary units, as ``ulimit`` and SLURM use them.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"{name}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{name}: size must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise ConfigError(f"{name}: cannot parse size {value!r} (try '512MiB' or '8GiB')")
+        return int(float(m.group(1)) * _UNITS[unit])
+    raise ConfigError(f"{name}: expected int or str size, got {type(value).__name__}")
+
+
+def format_size(n: float) -> str:
+    """Human-readable binary size, for messages and tables."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeConfig:
+    """Everything a :class:`~cascade_kv.Store` needs to know, validated on construction.
+
+    The config is immutable; derive a variant with :meth:`replace`
+    (``cfg.replace(dedup_enabled=False)``).
+    """
+
+    host_capacity: int | str = "1GiB"
+    """Bytes of host DRAM in the arena (tier 2). Allocated and touched when the store opens."""
+
+    disk_path: str | os.PathLike[str] | None = None
+    """Directory of the disk tier (tier 5; Lustre ``$SCRATCH`` on a cluster). ``None``: memory only,
+    and the host tier is the last tier (its LRU victims are dropped)."""
+
+    disk_capacity: int | str | None = None
+    """Bytes the disk tier may hold; ``None`` is unlimited. Only when it is full are blocks dropped."""
+
+    persist: bool = False
+    """Write every put through to disk (fsynced) before ``put`` returns, and journal the keys, so a
+    store reopened on the same ``disk_path`` (after a clean close or a crash) finds them. Needs ``disk_path``."""
+
+    dedup_enabled: bool = True
+    """Content-addressed dedup: bytes already stored, under any key, are not stored again."""
+
+    semantic_eviction: bool = True
+    """Honour ``is_prefix=True``: protected blocks stay in memory while unprotected data can go instead.
+    ``False`` makes eviction plain LRU (the prefix flag is recorded but ignored)."""
+
+    locality_aware: bool = True
+    """Promote blocks read often from a lower tier to the fastest tier with room."""
+
+    promotion_threshold: int = 3
+    """Reads from a lower tier after which a block is promoted (the seed's hot threshold)."""
+
+    hash_algorithm: HashAlgorithm = "blake3"
+    """Digest of a block's bytes: ``"blake3"`` (fast, multithreaded) or ``"sha256"`` (hashlib)."""
+
+    verify_reads: VerifyMode = "auto"
+    """How disk reads are checked against the digest. ``"auto"``: a file is hashed on its first read and
+    again whenever its inode, size or ctime changed (any write through the file system changes them);
+    ``"always"``: every read is hashed (about 3x slower on a page-cache hit)."""
+
+    o_direct: bool = False
+    """Read and write disk blocks with ``O_DIRECT`` (bypass the page cache; needs a file system that
+    supports it)."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once, here
+        set_(self, "host_capacity", parse_size(self.host_capacity, "host_capacity"))
+        if self.disk_capacity is not None:
+            set_(self, "disk_capacity", parse_size(self.disk_capacity, "disk_capacity"))
+        if self.disk_path is not None:
+            if not isinstance(self.disk_path, (str, os.PathLike)) or str(self.disk_path) == "":
+                raise ConfigError(f"disk_path: expected a directory path, got {self.disk_path!r}")
+            set_(self, "disk_path", Path(self.disk_path))
+        for flag in ("persist", "dedup_enabled", "semantic_eviction", "locality_aware", "o_direct"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
+        if self.persist and self.disk_path is None:
+            raise ConfigError("persist=True needs a disk_path to persist to")
+        if (isinstance(self.promotion_threshold, bool) or not isinstance(self.promotion_threshold, int)
+                or self.promotion_threshold < 1):
+            raise ConfigError(f"promotion_threshold: expected an int >= 1, got {self.promotion_threshold!r}")
+        if self.hash_algorithm not in ("blake3", "sha256"):
+            raise ConfigError(f"hash_algorithm: expected 'blake3' or 'sha256', got {self.hash_algorithm!r}")
+        if self.verify_reads not in ("auto", "always"):
+            raise ConfigError(f"verify_reads: expected 'auto' or 'always', got {self.verify_reads!r}")
+        if self.disk_capacity is not None and self.disk_path is None:
+            raise ConfigError("disk_capacity is set but disk_path is not")
+
+    def replace(self, **changes: object) -> "CascadeConfig":
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: os._Environ[str] | dict[str, str] | None = None, **overrides: object) -> "CascadeConfig":
+        """Build a config from ``CASCADE_<FIELD>`` variables (e.g. ``CASCADE_HOST_CAPACITY=8GiB``),
+        then apply ``overrides``. The only place the environment is read."""
+        env = os.environ if environ is None else environ
+        kwargs: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"CASCADE_{f.name.upper()}")
+            if raw is None:
+                continue
+            if f.name in ("persist", "dedup_enabled", "semantic_eviction", "locality_aware", "o_direct"):
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ConfigError(f"CASCADE_{f.name.upper()}: expected a boolean, got {raw!r}")
+                kwargs[f.name] = raw.lower() in ("1", "true", "yes", "on")
+            elif f.name == "promotion_threshold":
+                try:
+                    kwargs[f.name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"CASCADE_PROMOTION_THRESHOLD: expected an int, got {raw!r}") from None
+            elif f.name in ("disk_path", "disk_capacity") and raw == "":
+                kwargs[f.name] = None
+            else:
+                kwargs[f.name] = raw
+        kwargs.update(overrides)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+__all__ = ["CascadeConfig", "parse_size", "format_size", "HashAlgorithm", "VerifyMode"]

@@ -1,0 +1,106 @@
+"""Counters the store keeps, and the typed snapshot ``Store.stats()`` returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class TierCounters:
+    """Mutable per-tier counters, updated under the store's lock (no atomics needed)."""
+
+    hits: int = 0  # gets served from this tier
+    bytes_read: int = 0  # bytes served to callers from this tier
+    bytes_written: int = 0  # bytes written into this tier (puts, demotions, promotions)
+    evictions: int = 0  # copies removed from this tier to make room
+
+
+@dataclass(slots=True)
+class Counters:
+    """Mutable store-wide counters."""
+
+    tiers: list[TierCounters] = field(default_factory=list)
+    puts: int = 0
+    gets: int = 0
+    misses: int = 0
+    deletes: int = 0
+    dedup_hits: int = 0
+    dedup_bytes_saved: int = 0
+    demotions: int = 0
+    promotions: int = 0
+    drops: int = 0
+    dropped_bytes: int = 0
+    integrity_errors: int = 0
+    quarantined: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    """One tier, at the moment of the snapshot."""
+
+    name: str
+    hits: int
+    """Gets served from this tier."""
+    bytes_read: int
+    """Bytes copied from this tier to callers."""
+    bytes_written: int
+    """Bytes written into this tier: puts, demotions into it, promotions into it."""
+    evictions: int
+    """Copies removed from this tier to make room (demoted or dropped)."""
+    blocks: int
+    """Blocks with a copy in this tier."""
+    used_bytes: int
+    """Bytes allocated in this tier (with allocator rounding)."""
+    capacity_bytes: int | None
+    """Capacity of the tier; ``None`` when unlimited."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """A consistent snapshot of the store's counters (taken under its lock)."""
+
+    tiers: tuple[TierStats, ...]
+    """Per tier, fastest first."""
+    keys: int
+    """Keys currently stored."""
+    blocks: int
+    """Distinct blocks currently stored (fewer than keys when dedup found duplicates)."""
+    logical_bytes: int
+    """Sum of the sizes of all keys' values, as if nothing were shared."""
+    unique_bytes: int
+    """Sum of the sizes of distinct blocks."""
+    protected_blocks: int
+    """Blocks referred to by at least one ``is_prefix`` key."""
+    protected_in_memory: int
+    """Protected blocks that have a copy in a memory tier (semantic eviction keeps this = protected_blocks)."""
+    puts: int
+    gets: int
+    misses: int
+    """Gets of keys that were not in the store."""
+    deletes: int
+    dedup_hits: int
+    """Puts whose bytes were already stored (under any key): acknowledged without storing."""
+    dedup_bytes_saved: int
+    demotions: int
+    """Copies moved down a tier to make room."""
+    promotions: int
+    """Copies made in a faster tier for blocks read often from a slower one."""
+    drops: int
+    """Blocks that lost their last copy because the last tier was full (their keys are gone)."""
+    dropped_bytes: int
+    integrity_errors: int
+    """Copies that failed their digest or size check."""
+    quarantined: int
+    """Bad copies moved aside to ``quarantine/``."""
+    open_seconds: float
+    """Time to open the store (arena allocation and touch, journal replay)."""
+
+    def tier(self, name: str) -> TierStats:
+        """The stats of the tier called ``name`` (``KeyError`` if there is none)."""
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r}; tiers are {[t.name for t in self.tiers]}")
+
+    @property
+    def hits(self) -> int:
+        return sum(t.hits for t in self.tiers)

@@ -1,0 +1,827 @@
+"""The single-node tiered store: the one place that moves data between tiers.
+
+Structure: keys map to :class:`_Entry` (block id, dtype, shape, prefix flag);
+block ids map to :class:`_Block` (size, the keys that refer to it, which tiers
+hold a copy). Tiers only store bytes; the policy only names victims. One lock
+guards all metadata; bulk copies, hashing and file I/O run outside it on blocks
+that are *pinned* (a pinned block's copies are never freed or reused, so a
+reader outside the lock can never see another block's bytes). Small copies are
+done under the lock instead: releasing and retaking it would cost more.
+
+Life of a put: hash (no lock) -> plan under the lock (dedup hits are settled
+here; new blocks are registered *pending* so a concurrent put of the same bytes
+waits for this one instead of storing a second copy) -> place each new block
+(allocate under the lock, evicting LRU victims down a tier; copy outside it) ->
+journal (persist only) -> commit the keys under the lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import catalog
+from .arrays import as_block, byte_view, check_key, check_out, needs_staging, normalize_flags
+from .config import CascadeConfig, format_size
+from .errors import BlockNotFound, CapacityError, IntegrityError, StorageError, StoreClosed
+from .hashing import Hasher
+from .ids import BlockId, Key, block_name
+from .policy import LRUPolicy
+from .stats import Counters, StoreStats, TierCounters, TierStats
+from .tiers import DiskTier, HostTier, Tier
+
+log = logging.getLogger(__name__)
+
+SMALL_COPY = 64 << 10  # below this a copy under the lock beats releasing and retaking it
+WAIT_SLICE = 1.0  # seconds between re-checks while waiting on another thread's in-flight block
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    """What a key refers to."""
+
+    block_id: BlockId
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    prefix: bool  # put with is_prefix=True and not unprotected since
+
+
+@dataclass(slots=True)
+class _Block:
+    """A stored run of bytes, shared by every key whose value has these bytes (with dedup on)."""
+
+    id: BlockId
+    nbytes: int
+    keys: set[Key] = field(default_factory=set)  # reverse index: a drop must remove every key of the block
+    protected: int = 0  # how many of `keys` are prefix keys; > 0 means the block stays in memory
+    where: int = 0  # bit i set: tiers[i] holds a copy. A bitmask keeps "fastest copy" a bit trick
+    ready: bool = False  # False while the first copy is being written (other puts of these bytes wait)
+    pins: int = 0  # copies in flight outside the lock; while > 0 no copy is freed or reused
+    moving: bool = False  # being demoted: not a victim again until that finishes
+    lower_reads: int = 0  # reads served below the top tier since the last promotion
+    lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The blocks one put batch touches, pinned from planning until commit or abandon."""
+
+    fresh: list[_Block] = field(default_factory=list)  # blocks this put writes (new, or lost and healed)
+    held: dict[BlockId, _Block] = field(default_factory=dict)  # every distinct block of the batch
+
+
+def _fastest(where: int) -> int:
+    return (where & -where).bit_length() - 1
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What :meth:`Store.info` tells about a key."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    prefix: bool
+    digest: str
+    """Hex digest of the value's bytes (its content address)."""
+    tiers: tuple[str, ...]
+    """Tiers holding a copy, fastest first."""
+    shared_by: int
+    """Keys referring to the same block (1 when nothing deduplicated with it)."""
+
+
+class Store:
+    """A tiered, content-addressed, prefix-protecting KV-block store on one node.
+
+    Use it as a context manager, or call :meth:`close`. Thread-safe.
+    """
+
+    def __init__(self, config: CascadeConfig | None = None, **overrides: object) -> None:
+        t0 = time.perf_counter()
+        cfg = config if config is not None else CascadeConfig()
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        self.config = cfg
+        self._hasher = Hasher(cfg.hash_algorithm)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._closed = False
+        self._keys: dict[Key, _Entry] = {}
+        self._blocks: dict[BlockId, _Block] = {}
+        self._serial = itertools.count(int(time.time_ns()))  # dedup off: ids unique across reopenings
+        self._journal: catalog.Journal | None = None
+        self._lock_fd = -1
+        # persist: journal + commit of user mutations happen in one order
+        self._write_order: contextlib.AbstractContextManager[object] = (
+            threading.Lock() if cfg.persist else contextlib.nullcontext())
+        tiers: list[Tier] = [HostTier(cfg.host_capacity)]
+        self._disk: int | None = None
+        try:
+            if cfg.disk_path is not None:
+                tiers.append(DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity,
+                                      durable=cfg.persist, o_direct=cfg.o_direct, verify=cfg.verify_reads))
+                self._disk = len(tiers) - 1
+            self._tiers = tiers
+            self._memory = [i for i, t in enumerate(tiers) if t.traits.memory]
+            self._memory_mask = sum(1 << i for i in self._memory)
+            self._policy = LRUPolicy(len(tiers), semantic=cfg.semantic_eviction,
+                                     promotion_threshold=cfg.promotion_threshold, promote=cfg.locality_aware)
+            self._c = Counters(tiers=[TierCounters() for _ in tiers])
+            self._demoting = [0] * len(tiers)  # demotions in flight out of each tier (they will free room)
+            if cfg.persist:
+                self._recover(Path(cfg.disk_path))  # type: ignore[arg-type]
+        except BaseException:
+            for t in tiers:
+                t.close()
+            self._release_dir_lock()
+            raise
+        self.open_seconds = time.perf_counter() - t0
+        """Seconds to open: arena allocation and touch, journal replay, reloading protected blocks."""
+
+    # ------------------------------------------------------------------ public API: writes
+    def put(self, key: Key, array: object, is_prefix: bool = False) -> None:
+        """Store ``array`` under ``key``; ``is_prefix=True`` protects it in memory."""
+        self.put_many([key], [array], is_prefix=is_prefix)
+
+    def put_many(self, keys: Sequence[Key], arrays: Sequence[object], *,
+                 is_prefix: bool | Sequence[bool] = False) -> None:
+        """Store many arrays at once; all or nothing. A key given twice takes its last array."""
+        keys, arrays = list(keys), list(arrays)
+        if len(keys) != len(arrays):
+            raise ValueError(f"put_many: {len(keys)} keys but {len(arrays)} arrays")
+        flags = normalize_flags(is_prefix, len(keys))
+        last = {check_key(k): i for i, k in enumerate(keys)}
+        order = sorted(last.values())
+        items = [(keys[i], as_block(arrays[i], keys[i]), flags[i]) for i in order]
+        ids = [self._block_id(byte_view(a)) for _, a, _ in items]  # hashing: outside every lock
+        with self._write_order:
+            with self._lock:
+                self._check_open()
+                plan = self._plan_put(items, ids)
+            try:
+                self._place_all(plan, items, ids)
+                self._journal_append([catalog.put_record(catalog.KeyRecord(k, bid, a.nbytes, a.dtype, a.shape, p))
+                                      for (k, a, p), bid in zip(items, ids)])
+            except BaseException:
+                with self._lock:
+                    self._abandon(plan)
+                raise
+            with self._lock:
+                self._commit_put(items, ids, plan)
+
+    def delete(self, key: Key) -> None:
+        """Remove ``key``; its block is freed when no other key refers to it."""
+        self.delete_many([key])
+
+    def delete_many(self, keys: Iterable[Key]) -> None:
+        """Remove every key (all must exist: otherwise nothing is removed)."""
+        keys = list(dict.fromkeys(check_key(k) for k in keys))
+        with self._write_order:
+            with self._lock:
+                self._check_open()
+                self._entries(keys)
+            self._journal_append([catalog.delete_record(k) for k in keys])
+            with self._lock:
+                for k in keys:
+                    if k in self._keys:  # a drop may have taken it meanwhile
+                        self._detach(k, self._keys.pop(k))
+                self._c.deletes += len(keys)
+
+    def unprotect(self, key: Key) -> None:
+        """Release ``key``'s protection: its block may now be demoted like any other."""
+        self._set_prefix(key, False)
+
+    def protect(self, key: Key) -> None:
+        """Protect ``key`` as if it had been put with ``is_prefix=True`` (brings it into memory)."""
+        self._set_prefix(key, True)
+
+    # ------------------------------------------------------------------ public API: reads
+    def get(self, key: Key, out: np.ndarray | None = None) -> np.ndarray:
+        """Copy ``key``'s value into ``out`` (allocated when ``None``) and return it."""
+        return self.get_many([key], None if out is None else [out])[0]
+
+    def get_many(self, keys: Sequence[Key], outs: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
+        """Read many keys; every key and buffer is checked before anything is copied."""
+        keys = list(keys)
+        if outs is not None and len(outs) != len(keys):
+            raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+        for k in keys:
+            check_key(k)
+        jobs: list[tuple[int, _Block, np.ndarray]] = []
+        with self._lock:
+            self._check_open()
+            entries = self._entries(keys, count_misses=True)
+            results = [np.empty(e.shape, e.dtype) if outs is None or outs[i] is None
+                       else check_out(outs[i], keys[i], e.dtype, e.shape) for i, e in enumerate(entries)]
+            blocks = [self._blocks[e.block_id] for e in entries]
+            for k, b in zip(keys, blocks):
+                if b.lost:
+                    raise IntegrityError(f"get({k!r}): every copy of block {block_name(b.id)[:16]} failed "
+                                         f"its digest check; put the value again")
+            self._c.gets += len(keys)
+            for i, b in enumerate(blocks):
+                t = _fastest(b.where)
+                tier = self._tiers[t]
+                out = results[i]
+                if t == 0 and b.nbytes <= SMALL_COPY and tier.traits.addressable and not needs_staging(out):
+                    tier.read_into(b.id, byte_view(out))
+                    self._account_read(b, t)
+                else:
+                    b.pins += 1
+                    jobs.append((i, b, out))
+        if jobs:
+            self._read_pinned(jobs)
+        return results
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._keys
+
+    def contains(self, key: Key) -> bool:
+        return check_key(key) in self
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._keys)
+
+    def info(self, key: Key) -> KeyInfo:
+        """Where ``key`` lives and what it holds."""
+        with self._lock:
+            e = self._entries([check_key(key)])[0]
+            b = self._blocks[e.block_id]
+            return KeyInfo(e.dtype, e.shape, b.nbytes, e.prefix, b.id[:32].hex(),
+                           tuple(t.traits.name for i, t in enumerate(self._tiers) if b.where >> i & 1),
+                           len(b.keys))
+
+    # ------------------------------------------------------------------ observability & lifecycle
+    def stats(self) -> StoreStats:
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            c = self._c
+            tiers = tuple(
+                TierStats(t.traits.name, tc.hits, tc.bytes_read, tc.bytes_written, tc.evictions,
+                          sum(1 for b in self._blocks.values() if b.where >> i & 1), t.used, t.capacity)
+                for i, (t, tc) in enumerate(zip(self._tiers, c.tiers)))
+            protected = [b for b in self._blocks.values() if b.protected]
+            return StoreStats(
+                tiers=tiers, keys=len(self._keys), blocks=sum(1 for b in self._blocks.values() if b.keys),
+                logical_bytes=sum(self._blocks[e.block_id].nbytes for e in self._keys.values()),
+                unique_bytes=sum(b.nbytes for b in self._blocks.values() if b.keys),
+                protected_blocks=len(protected),
+                protected_in_memory=sum(1 for b in protected if b.where & self._memory_mask),
+                puts=c.puts, gets=c.gets, misses=c.misses, deletes=c.deletes, dedup_hits=c.dedup_hits,
+                dedup_bytes_saved=c.dedup_bytes_saved, demotions=c.demotions, promotions=c.promotions,
+                drops=c.drops, dropped_bytes=c.dropped_bytes, integrity_errors=c.integrity_errors,
+                quarantined=c.quarantined, open_seconds=self.open_seconds)
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return tuple(self._tiers)
+
+    def close(self) -> None:
+        """Release memory and files. A non-persistent store removes the block files it wrote."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        if self._disk is not None and not self.config.persist:
+            disk = self._tiers[self._disk]
+            for bid in disk.block_ids():
+                disk.free(bid)
+        if self._journal is not None:
+            self._journal.close()
+        for t in self._tiers:
+            t.close()
+        self._release_dir_lock()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True):
+            with contextlib.suppress(Exception):
+                self.close()
+
+    # ------------------------------------------------------------------ put internals
+    def _block_id(self, data: memoryview) -> BlockId:
+        digest = self._hasher.digest(data)
+        if self.config.dedup_enabled:
+            return BlockId(digest)
+        return BlockId(digest + next(self._serial).to_bytes(8, "big"))
+
+    def _plan_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId]) -> _Plan:
+        """Under the lock: wait out other threads' pending copies of these bytes, then pin every block
+        of the batch, registering those this put must write as pending."""
+        while True:  # wait before registering anything: two batches can never wait on each other
+            busy = next((b for b in map(self._blocks.get, ids) if b is not None and not b.ready), None)
+            if busy is None:
+                break
+            self._cond.wait(WAIT_SLICE)
+            self._check_open()
+        plan = _Plan()
+        for (key, arr, prefix), bid in zip(items, ids):
+            if bid in plan.held:
+                continue
+            b = self._blocks.get(bid)
+            if b is None:
+                b = self._blocks[bid] = _Block(bid, arr.nbytes)
+            if b.lost or not b.ready:
+                b.ready, b.lost = False, False
+                plan.fresh.append(b)
+            b.pins += 1  # a dedup hit's block must not be released before the key is attached
+            plan.held[bid] = b
+        try:
+            self._precheck_capacity(items, ids, plan)
+        except BaseException:
+            self._abandon(plan)
+            raise
+        return plan
+
+    def _must_be_in_memory(self, prefix: bool) -> bool:
+        return prefix and self.config.semantic_eviction
+
+    def _allowed_tiers(self, prefix: bool) -> list[int]:
+        return list(self._memory) if self._must_be_in_memory(prefix) else list(range(len(self._tiers)))
+
+    def _precheck_capacity(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId],
+                           plan: _Plan) -> None:
+        """Refuse, before anything moves, a put that cannot fit whatever is evicted."""
+        protected_need = 0
+        for (key, arr, prefix), bid in zip(items, ids):
+            allowed = self._allowed_tiers(prefix)
+            if not any(self._tiers[t].fits(arr.nbytes) for t in allowed):
+                where = "memory tier" if self._must_be_in_memory(prefix) else "tier"
+                biggest = max((self._tiers[t].capacity or 0) for t in allowed)
+                raise CapacityError(f"put({key!r}): block of {arr.nbytes} B is larger than every {where} "
+                                    f"(largest holds {biggest} B)")
+            if self._must_be_in_memory(prefix) and not (self._blocks[bid].where & self._memory_mask):
+                protected_need += arr.nbytes
+        if not protected_need:
+            return
+        free = sum(self._tiers[t].capacity - self._tiers[t].used for t in self._memory)  # type: ignore[operator]
+        if protected_need <= free:
+            return
+        evictable = sum(self._blocks[b].nbytes for t in self._memory for b in self._policy.victims(t)
+                        if self._blocks[b].pins == 0)
+        if protected_need > free + evictable:
+            protected = sum(b.nbytes for b in self._blocks.values()
+                            if b.protected and b.where & self._memory_mask)
+            raise CapacityError(f"put: {protected_need} B of protected blocks need memory; memory has {free} B "
+                                f"free, {evictable} B evictable and {protected} B protected "
+                                f"(capacity {sum(self._tiers[t].capacity or 0 for t in self._memory)} B)")
+
+    def _place_all(self, plan: _Plan, items: list[tuple[Key, np.ndarray, bool]],
+                   ids: list[BlockId]) -> None:
+        """Write every new block into its tier (and, with persist, durably to disk)."""
+        src = {bid: (arr, prefix) for (_, arr, prefix), bid in zip(items, ids)}
+        needs_memory = {bid for (_, _, p), bid in zip(items, ids) if self._must_be_in_memory(p)}
+        for b in plan.fresh:
+            arr, _ = src[b.id]
+            with self._lock:
+                t = self._allocate(b, self._allowed_tiers(b.id in needs_memory))
+            self._write_copy(b, t, byte_view(arr))
+            if self.config.persist and t != self._disk:
+                assert self._disk is not None
+                with self._lock:
+                    if not self._make_room(self._disk, b):
+                        raise CapacityError(f"put: disk tier cannot hold {b.nbytes} B "
+                                            f"({self._tiers[self._disk].used} B used of {self.config.disk_capacity} B)")
+                self._write_copy(b, self._disk, byte_view(arr))
+        # dedup hits on blocks that must now be protected but sit on disk only: bring them up
+        with self._lock:
+            for bid in needs_memory:
+                b = self._blocks[bid]
+                if not b.where & self._memory_mask:
+                    self._bring_to_memory(b)
+
+    def _write_copy(self, b: _Block, t: int, data: memoryview) -> None:
+        """Copy ``data`` into the slot allocated for ``b`` in tier ``t`` (outside the lock; b is pinned)."""
+        try:
+            self._tiers[t].write(b.id, data)
+        except BaseException:
+            with self._lock:
+                self._tiers[t].free(b.id)
+            raise
+        with self._lock:
+            self._add_copy(b, t)
+
+    def _commit_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId], plan: _Plan) -> None:
+        written = {b.id for b in plan.fresh}
+        for (key, arr, prefix), bid in zip(items, ids):
+            b = self._blocks[bid]
+            old = self._keys.get(key)
+            entry = _Entry(bid, arr.dtype, arr.shape, prefix)
+            self._keys[key] = entry
+            self._attach(key, entry, b)
+            if old is not None:
+                self._detach(key, old)
+            self._c.puts += 1
+            if bid in written:
+                written.discard(bid)  # the first put of these bytes stores them; any later one is a hit
+                continue
+            self._c.dedup_hits += 1
+            self._c.dedup_bytes_saved += arr.nbytes
+            for t in range(len(self._tiers)):
+                if b.where >> t & 1:
+                    self._policy.accessed(t, bid)
+        for b in plan.fresh:
+            b.ready = True
+        for b in plan.held.values():
+            self._unpin(b)
+        self._cond.notify_all()
+
+    def _abandon(self, plan: _Plan) -> None:
+        """Undo a put that failed: free what its new blocks placed, unpin the rest."""
+        for b in plan.fresh:
+            for t in range(len(self._tiers)):
+                if b.where >> t & 1:
+                    self._drop_copy(b, t)
+            b.ready = True
+            b.lost = bool(b.keys)  # a lost block that was being healed stays lost
+        for b in plan.held.values():
+            self._unpin(b)
+        self._cond.notify_all()
+
+    # ------------------------------------------------------------------ placement (lock held)
+    def _allocate(self, b: _Block, allowed: list[int]) -> int:
+        """Allocate ``b`` in the fastest allowed tier that has or can make room; may release the lock."""
+        for t in allowed:
+            if self._tiers[t].fits(b.nbytes) and self._make_room(t, b):
+                return t
+        names = "/".join(self._tiers[t].traits.name for t in allowed)
+        raise CapacityError(f"put: no room for a block of {format_size(b.nbytes)} ({b.nbytes} B) in the {names} "
+                            f"tier(s): " + ", ".join(self._room_report(t) for t in allowed))
+
+    def _room_report(self, t: int) -> str:
+        tier = self._tiers[t]
+        protected = sum(b.nbytes for b in self._blocks.values() if b.protected and b.where >> t & 1)
+        return (f"{tier.traits.name}: {tier.used} B used of {tier.capacity} B, "
+                f"{protected} B protected")
+
+    def _make_room(self, t: int, b: _Block) -> bool:
+        """Allocate ``b`` in tier ``t``, evicting LRU victims down a tier until it fits."""
+        tier = self._tiers[t]
+        while not tier.allocate(b.id, b.nbytes):
+            victim = self._pick_victim(t)
+            if victim is None:
+                if self._demoting[t]:
+                    self._cond.wait(WAIT_SLICE)  # another thread's demotion will free room
+                    continue
+                return False
+            self._evict(victim, t)
+        return True
+
+    def _pick_victim(self, t: int) -> _Block | None:
+        for bid in self._policy.victims(t):
+            v = self._blocks[bid]
+            if v.pins == 0 and not v.moving and v.ready:
+                return v
+        return None
+
+    def _evict(self, v: _Block, t: int) -> None:
+        """Remove ``v``'s copy from tier ``t``: free it if a lower copy exists, else demote it one tier
+        (or drop the block when ``t`` is the last tier or the lower tier cannot take it)."""
+        self._c.tiers[t].evictions += 1
+        if v.where >> (t + 1):
+            self._drop_copy(v, t)
+            return
+        dst = t + 1
+        if dst == len(self._tiers):
+            self._drop_block(v)
+            return
+        v.moving = True
+        try:
+            placed = self._make_room(dst, v)
+        finally:
+            v.moving = False
+        if not placed:
+            self._drop_block(v)
+            return
+        v.moving = True
+        v.pins += 1
+        self._demoting[t] += 1
+        try:
+            self._lock.release()
+            try:
+                self._copy_between(v, t, dst)
+            finally:
+                self._lock.acquire()
+        except BaseException:
+            self._tiers[dst].free(v.id)
+            raise
+        finally:
+            v.moving = False
+            v.pins -= 1
+            self._demoting[t] -= 1
+            self._cond.notify_all()
+        self._add_copy(v, dst)
+        self._c.demotions += 1
+        if v.pins == 0:
+            self._drop_copy(v, t)
+        self._maybe_release(v)
+
+    def _copy_between(self, b: _Block, src: int, dst: int) -> None:
+        """Copy a pinned block from tier ``src`` to its allocated slot in ``dst`` (no lock held)."""
+        s, d = self._tiers[src], self._tiers[dst]
+        if s.traits.addressable:
+            d.write(b.id, s.view(b.id))
+        elif d.traits.addressable:
+            s.read_into(b.id, d.view(b.id))
+        else:
+            buf = np.empty(b.nbytes, dtype=np.uint8)
+            s.read_into(b.id, memoryview(buf))
+            d.write(b.id, memoryview(buf))
+
+    def _bring_to_memory(self, b: _Block) -> None:
+        """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix)."""
+        t = self._allocate(b, self._memory)
+        src = _fastest(b.where)
+        b.pins += 1
+        try:
+            self._lock.release()
+            try:
+                self._copy_between(b, src, t)
+            finally:
+                self._lock.acquire()
+        except IntegrityError:
+            self._tiers[t].free(b.id)
+            self._bad_copy(b, src)
+            raise
+        except BaseException:
+            self._tiers[t].free(b.id)
+            raise
+        finally:
+            b.pins -= 1
+        self._add_copy(b, t)
+        self._c.promotions += 1
+        self._maybe_release(b)
+
+    def _add_copy(self, b: _Block, t: int) -> None:
+        b.where |= 1 << t
+        self._policy.added(t, b.id)
+        self._c.tiers[t].bytes_written += b.nbytes
+
+    def _drop_copy(self, b: _Block, t: int) -> None:
+        self._tiers[t].free(b.id)
+        b.where &= ~(1 << t)
+        self._policy.removed(t, b.id)
+
+    def _drop_block(self, b: _Block) -> None:
+        """The last tier is full: the block and every key referring to it go (counted, never silent)."""
+        log.debug("dropping block %s (%d B, %d keys)", block_name(b.id)[:16], b.nbytes, len(b.keys))
+        self._c.drops += 1
+        self._c.dropped_bytes += b.nbytes
+        for k in list(b.keys):
+            self._keys.pop(k, None)
+        b.keys.clear()
+        b.protected = 0
+        self._policy.set_protected(b.id, False)
+        self._maybe_release(b)
+
+    def _maybe_release(self, b: _Block) -> None:
+        """Free a block no key refers to, once no copy of it is in flight."""
+        if b.keys or b.pins or b.moving or not b.ready:
+            return
+        for t in range(len(self._tiers)):
+            if b.where >> t & 1:
+                self._drop_copy(b, t)
+        self._policy.set_protected(b.id, False)
+        if self._blocks.get(b.id) is b:
+            del self._blocks[b.id]
+
+    def _unpin(self, b: _Block) -> None:
+        b.pins -= 1
+        if b.pins == 0:
+            self._maybe_release(b)
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ key bookkeeping (lock held)
+    def _entries(self, keys: list[Key], count_misses: bool = False) -> list[_Entry]:
+        out = []
+        for k in keys:
+            e = self._keys.get(k)
+            if e is None:
+                if count_misses:
+                    self._c.misses += 1
+                raise BlockNotFound(f"key {k!r} is not in the store")
+            out.append(e)
+        return out
+
+    def _attach(self, key: Key, e: _Entry, b: _Block) -> None:
+        b.keys.add(key)
+        if e.prefix:
+            self._protect_block(b, +1)
+
+    def _detach(self, key: Key, e: _Entry) -> None:
+        b = self._blocks[e.block_id]
+        if e.prefix:
+            self._protect_block(b, -1)
+        if self._keys.get(key) is None or self._keys[key].block_id != b.id:
+            b.keys.discard(key)
+        self._maybe_release(b)
+
+    def _set_prefix(self, key: Key, prefix: bool) -> None:
+        check_key(key)
+        with self._write_order:
+            with self._lock:
+                self._check_open()
+                e = self._entries([key])[0]
+                if e.prefix == prefix:
+                    return
+                b = self._blocks[e.block_id]
+                if prefix and self._must_be_in_memory(True) and not b.where & self._memory_mask:
+                    b.pins += 1  # cannot be dropped while we make room for it
+                    try:
+                        self._bring_to_memory(b)
+                    finally:
+                        self._unpin(b)
+                    if self._keys.get(key) is not e:
+                        raise BlockNotFound(f"key {key!r} was removed while being protected")
+                # applied before the journal (and undone if that fails) so that the block cannot be
+                # evicted between reaching memory and becoming protected
+                new = self._keys[key] = _Entry(e.block_id, e.dtype, e.shape, prefix)
+                self._protect_block(b, +1 if prefix else -1)
+            try:
+                self._journal_append([catalog.protect_record(key, prefix)])
+            except BaseException:
+                with self._lock:
+                    if self._keys.get(key) is new:
+                        self._keys[key] = e
+                        self._protect_block(b, -1 if prefix else +1)
+                raise
+
+    def _protect_block(self, b: _Block, delta: int) -> None:
+        b.protected += delta
+        if b.protected == (1 if delta > 0 else 0):
+            self._policy.set_protected(b.id, delta > 0)
+
+    # ------------------------------------------------------------------ read internals
+    def _account_read(self, b: _Block, t: int) -> None:
+        tc = self._c.tiers[t]
+        tc.hits += 1
+        tc.bytes_read += b.nbytes
+        self._policy.accessed(t, b.id)
+
+    def _read_pinned(self, jobs: list[tuple[int, _Block, np.ndarray]]) -> None:
+        """Copy pinned blocks out of their tiers (no lock), then account, promote and unpin."""
+        error: BaseException | None = None
+        done: list[tuple[_Block, int, np.ndarray]] = []
+        for _, b, out in jobs:
+            staged = np.empty(out.shape, out.dtype) if needs_staging(out) else out
+            t = -1
+            try:
+                while True:
+                    with self._lock:
+                        if not b.where:
+                            raise IntegrityError(f"get: every copy of block {block_name(b.id)[:16]} failed "
+                                                 f"its digest check; put the value again")
+                        t = _fastest(b.where)
+                    try:
+                        self._tiers[t].read_into(b.id, byte_view(staged))
+                        break
+                    except IntegrityError:
+                        with self._lock:
+                            self._bad_copy(b, t)  # then retry from another copy, if one is left
+                if staged is not out:
+                    np.copyto(out, staged)
+                done.append((b, t, staged))
+            except BaseException as e:  # keep going: every pinned block must be unpinned below
+                error = error or e
+        with self._lock:
+            for b, t, data in done:
+                self._account_read(b, t)
+                if t != 0:
+                    b.lower_reads += 1
+            for _, b, _ in jobs:
+                self._unpin(b)
+            if error is None:
+                for b, t, data in done:
+                    if (self._policy.should_promote(b.lower_reads) and b.ready and b.id in self._blocks
+                            and not b.where & ((1 << t) - 1)):
+                        self._promote(b, data)
+        if error is not None:
+            raise error
+
+    def _promote(self, b: _Block, data: np.ndarray) -> None:
+        """Copy a block read often from a lower tier into the fastest tier with room (lock held)."""
+        b.lower_reads = 0
+        src = _fastest(b.where)
+        for t in range(src):
+            if not self._tiers[t].fits(b.nbytes):
+                continue
+            b.pins += 1
+            try:
+                if not self._make_room(t, b):
+                    continue
+                self._lock.release()
+                try:
+                    self._tiers[t].write(b.id, byte_view(data))
+                except BaseException:
+                    self._lock.acquire()
+                    self._tiers[t].free(b.id)
+                    raise
+                self._lock.acquire()
+                self._add_copy(b, t)
+                self._c.promotions += 1
+                return
+            finally:
+                self._unpin(b)
+
+    def _bad_copy(self, b: _Block, t: int) -> None:
+        """A copy failed its check: quarantine it; the block is lost if no other copy remains."""
+        self._c.integrity_errors += 1
+        tier = self._tiers[t]
+        if not (b.where >> t & 1) or not tier.contains(b.id):
+            return  # another reader got here first
+        quarantine = getattr(tier, "quarantine", None)
+        if quarantine is not None:
+            dst = quarantine(b.id)
+            self._c.quarantined += dst is not None
+            log.warning("block %s failed its digest check in the %s tier; moved to %s",
+                        block_name(b.id)[:16], tier.traits.name, dst)
+        else:
+            tier.free(b.id)
+        b.where &= ~(1 << t)
+        self._policy.removed(t, b.id)
+        if not b.where:
+            b.lost = True
+
+    # ------------------------------------------------------------------ persistence
+    def _journal_append(self, records: list[bytes]) -> None:
+        if self._journal is not None:
+            self._journal.append(records, sync=True)
+
+    def _recover(self, root: Path) -> None:
+        """Take the directory's lock, replay the journal, adopt block files, reload protected blocks."""
+        root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(errno.EBUSY, f"{root} is in use by another persistent store "
+                               f"(its LOCK file is held)", str(root)) from None
+        except OSError as e:  # Lustre mounted without flock: nothing to lock with; say so and go on
+            log.warning("cannot lock %s (%s); make sure no other store opens it", root, e.strerror)
+        assert self._disk is not None
+        disk = self._tiers[self._disk]
+        assert isinstance(disk, DiskTier)
+        disk.clean_tmp()
+        self._journal = catalog.Journal(root / "journal.log")
+        records = self._journal.load()
+        missing = 0
+        for key, r in records.items():
+            b = self._blocks.get(r.block_id)
+            if b is None:
+                if disk.adopt(r.block_id) != r.nbytes:
+                    missing += 1
+                    continue
+                b = self._blocks[r.block_id] = _Block(r.block_id, r.nbytes, ready=True)
+                self._add_copy(b, self._disk)
+            e = _Entry(r.block_id, r.dtype, r.shape, r.prefix)
+            self._keys[key] = e
+            self._attach(key, e, b)
+        if missing:
+            log.warning("%s: %d journalled keys had no intact block file and were dropped", root, missing)
+        referenced = set(self._blocks)
+        for bid in disk.scan():
+            if bid not in referenced:
+                disk.remove_untracked(bid)  # written by a put that crashed before its journal record
+        self._c.tiers[self._disk].bytes_written = 0
+        with self._lock:
+            for b in [b for b in self._blocks.values() if b.protected]:
+                if self._must_be_in_memory(True):
+                    try:
+                        self._bring_to_memory(b)
+                    except (CapacityError, IntegrityError) as e:
+                        log.warning("protected block %s not reloaded into memory: %s", block_name(b.id)[:16], e)
+            self._c.promotions = 0
+
+    def _release_dir_lock(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed("the store is closed")
+
+
+def _iter_blocks(store: Store) -> Iterator[BlockId]:  # pragma: no cover - debugging aid
+    return iter(store._blocks)

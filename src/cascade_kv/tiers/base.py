@@ -1,0 +1,109 @@
+"""The interface every tier implements.
+
+A tier stores, finds and frees bytes under a :data:`~cascade_kv.ids.BlockId`;
+it knows nothing of keys, dtypes, protection or other tiers. The store moves
+data between tiers and decides what a failure means. The contract:
+
+* ``allocate`` reserves room and answers ``False`` when there is none: running
+  out of room is an everyday outcome the store handles (by demoting), not an
+  error. It never blocks and never evicts on its own.
+* ``write`` fills an allocated block; ``read_into`` copies a whole block into a
+  caller's buffer of exactly its size. Both may run outside the store's lock,
+  concurrently for *different* blocks; the store guarantees a block is not
+  freed while it is being read or written.
+* ``free`` releases a block; afterwards ``contains`` is false and its bytes are
+  never returned again.
+* A tier that cannot do its job (I/O error, corrupted copy) raises; the store
+  decides whether another copy makes that a miss.
+
+Batch methods (``read_many``/``write_many``) have working defaults built on the
+single-block ones; a tier overrides them where batching saves work (one MPI
+epoch for many remote reads, one ``io_uring`` submission, ...).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from ..ids import BlockId
+
+
+@dataclass(frozen=True, slots=True)
+class TierTraits:
+    """What a tier can do, so the store can plan without knowing tier classes."""
+
+    name: str
+    """Short name used in stats and messages ("host", "disk", "gpu", "remote")."""
+    memory: bool
+    """True for memory tiers (they hold protected blocks; disk does not count as memory)."""
+    persistent: bool
+    """True when blocks survive the process (a reopened store can find them)."""
+    addressable: bool
+    """True when :meth:`Tier.view` exposes a block's bytes in place (one-copy reads, RMA windows)."""
+
+
+class Tier(ABC):
+    """Abstract tier: byte storage addressed by block id."""
+
+    traits: TierTraits
+
+    @property
+    @abstractmethod
+    def capacity(self) -> int | None:
+        """Bytes this tier may hold; ``None`` when unlimited."""
+
+    @property
+    @abstractmethod
+    def used(self) -> int:
+        """Bytes currently allocated (including allocator rounding)."""
+
+    @abstractmethod
+    def allocate(self, block_id: BlockId, nbytes: int) -> bool:
+        """Reserve room for ``nbytes`` under ``block_id``; ``False`` when it does not fit now."""
+
+    @abstractmethod
+    def write(self, block_id: BlockId, src: memoryview) -> None:
+        """Copy ``src`` (exactly the allocated size, C-contiguous bytes) into the block."""
+
+    @abstractmethod
+    def read_into(self, block_id: BlockId, out: memoryview) -> None:
+        """Copy the whole block into ``out`` (writable, exactly the block's size)."""
+
+    @abstractmethod
+    def free(self, block_id: BlockId) -> None:
+        """Release the block. Freeing an unknown id raises ``KeyError``."""
+
+    @abstractmethod
+    def contains(self, block_id: BlockId) -> bool:
+        """Whether the block is allocated here."""
+
+    @abstractmethod
+    def size_of(self, block_id: BlockId) -> int:
+        """The block's size in bytes (``KeyError`` if absent)."""
+
+    @abstractmethod
+    def block_ids(self) -> Iterator[BlockId]:
+        """Every block currently held (a snapshot)."""
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a block of ``nbytes`` could ever fit in this tier, empty."""
+        return self.capacity is None or nbytes <= self.capacity
+
+    def view(self, block_id: BlockId) -> memoryview:
+        """The block's bytes in place; only for ``traits.addressable`` tiers."""
+        raise NotImplementedError(f"{self.traits.name} tier is not addressable")
+
+    def read_many(self, block_ids: Sequence[BlockId], outs: Sequence[memoryview]) -> None:
+        for block_id, out in zip(block_ids, outs, strict=True):
+            self.read_into(block_id, out)
+
+    def write_many(self, block_ids: Sequence[BlockId], srcs: Sequence[memoryview]) -> None:
+        for block_id, src in zip(block_ids, srcs, strict=True):
+            self.write(block_id, src)
+
+    def close(self) -> None:
+        """Release the tier's resources; the tier is unusable afterwards."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.traits.name} used={self.used} capacity={self.capacity}>"

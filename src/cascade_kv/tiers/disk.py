@@ -1,0 +1,296 @@
+"""Tier 5: a directory of content-addressed block files (Lustre ``$SCRATCH`` on a cluster).
+
+Layout under ``root``::
+
+    blocks/ab/abcdef...          one file per block, named by its digest (hex), raw bytes only
+    tmp/                         files being written; renamed into blocks/ when complete
+    quarantine/                  copies that failed their digest check, kept for inspection
+
+A file holds the block's bytes and nothing else, so a raw ``readinto`` of it
+is the exact ceiling of a read, and the name is the checksum. A write goes to
+``tmp/`` and is renamed into place, so no reader ever sees half a block.
+Reads go straight into the caller's buffer with ``readv``.
+
+Integrity: every read checks the file's size; the bytes are hashed on the first
+read of a file and again whenever its identity changed (inode, size, mtime or
+ctime: any write, truncate, replace or ``utime`` through the file system changes
+one of them). A file whose ctime is too close to the moment it was verified is
+"racy" (a write in the same clock tick would leave ctime unchanged) and is hashed
+again, as git does for its index. ``verify="always"`` hashes every read.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import IntegrityError, StorageError
+from ..hashing import Hasher
+from ..ids import BlockId, block_name, digest_of, parse_block_name
+from .base import Tier, TierTraits
+
+_DIRECT_ALIGN = 4096
+_BOUNCE = 8 << 20  # O_DIRECT staging buffer per thread
+_RACY_NS = 100_000_000  # a ctime within 100 ms of verification may hide a same-tick write
+
+_Signature = tuple[int, int, int, int]  # (inode, size, mtime_ns, ctime_ns)
+
+
+def _signature(st: os.stat_result) -> _Signature:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class DiskTier(Tier):
+    """One file per block under ``root/blocks``; see the module docstring for the format."""
+
+    traits = TierTraits(name="disk", memory=False, persistent=True, addressable=False)
+
+    def __init__(self, root: str | os.PathLike[str], hasher: Hasher, *, capacity: int | None = None,
+                 durable: bool = False, o_direct: bool = False, verify: str = "auto") -> None:
+        self.root = Path(root)
+        self._blocks = self.root / "blocks"
+        self._tmp = self.root / "tmp"
+        self._quarantine = self.root / "quarantine"
+        try:
+            for d in (self._blocks, self._tmp):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(e.errno, f"disk tier: cannot create {self.root}: {e.strerror}", str(self.root)) from e
+        if o_direct and not hasattr(os, "O_DIRECT"):
+            raise StorageError(errno.ENOTSUP, "disk tier: O_DIRECT is not available on this platform")
+        self._hasher = hasher
+        self._capacity = capacity
+        self._durable = durable
+        self._direct = os.O_DIRECT if o_direct else 0
+        self._verify_always = verify == "always"
+        self._sizes: dict[BlockId, int] = {}
+        self._used = 0
+        self._verified: dict[BlockId, tuple[_Signature, int]] = {}  # block -> (signature, verified at ns)
+        self._lock = threading.Lock()
+        self._local = threading.local()  # per-thread O_DIRECT bounce buffer
+        self.hashed_reads = 0
+        """Reads whose bytes were hashed (first read of a file, changed file, or verify='always')."""
+
+    # -- accounting ---------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int | None:
+        return self._capacity
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def allocate(self, block_id: BlockId, nbytes: int) -> bool:
+        with self._lock:
+            if block_id in self._sizes:
+                raise KeyError(f"block {block_name(block_id)[:16]} already allocated in disk tier")
+            if self._capacity is not None and self._used + nbytes > self._capacity:
+                return False
+            self._sizes[block_id] = nbytes
+            self._used += nbytes
+            return True
+
+    def _release(self, block_id: BlockId) -> None:
+        with self._lock:
+            self._used -= self._sizes.pop(block_id)
+            self._verified.pop(block_id, None)
+
+    def contains(self, block_id: BlockId) -> bool:
+        return block_id in self._sizes
+
+    def size_of(self, block_id: BlockId) -> int:
+        return self._sizes[block_id]
+
+    def block_ids(self) -> Iterator[BlockId]:
+        with self._lock:
+            return iter(list(self._sizes))
+
+    def path(self, block_id: BlockId) -> Path:
+        name = block_name(block_id)
+        return self._blocks / name[:2] / name
+
+    # -- data ---------------------------------------------------------------------------------
+    def write(self, block_id: BlockId, src: memoryview) -> None:
+        nbytes = self._sizes[block_id]
+        if src.nbytes != nbytes:
+            raise ValueError(f"disk tier: block is {nbytes} B, source is {src.nbytes} B")
+        src = src.cast("B") if src.format != "B" or src.ndim != 1 else src
+        final = self.path(block_id)
+        tmp = self._tmp / f"{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            final.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._direct, 0o644)
+            try:
+                if self._direct:
+                    self._write_direct(fd, src)
+                else:
+                    _write_all(fd, src)
+                if self._durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)  # atomic: readers see the old state or the whole block
+            if self._durable:
+                _fsync_dir(final.parent)
+        except OSError as e:
+            _unlink_quietly(tmp)
+            raise StorageError(e.errno, f"disk tier: cannot write block to {final}: {e.strerror}",
+                               str(final)) from e
+
+    def read_into(self, block_id: BlockId, out: memoryview) -> None:
+        nbytes = self._sizes[block_id]
+        if out.nbytes != nbytes:
+            raise ValueError(f"disk tier: block is {nbytes} B, buffer is {out.nbytes} B")
+        out = out.cast("B") if out.format != "B" or out.ndim != 1 else out
+        path = self.path(block_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | self._direct)
+        except FileNotFoundError:
+            raise IntegrityError(f"disk tier: block file {path} is missing") from None
+        except OSError as e:
+            raise StorageError(e.errno, f"disk tier: cannot open {path}: {e.strerror}", str(path)) from e
+        try:
+            st = os.fstat(fd)
+            if st.st_size != nbytes:
+                raise IntegrityError(f"disk tier: {path} holds {st.st_size} B, block is {nbytes} B (truncated or replaced)")
+            sig = _signature(st)
+            known = self._verified.get(block_id)
+            trusted = (not self._verify_always and known is not None and known[0] == sig
+                       and sig[3] < known[1] - _RACY_NS)
+            got = self._read_direct(fd, out) if self._direct else _read_all(fd, out)
+        except OSError as e:
+            raise StorageError(e.errno, f"disk tier: cannot read {path}: {e.strerror}", str(path)) from e
+        finally:
+            os.close(fd)
+        if got != nbytes:
+            raise IntegrityError(f"disk tier: {path} ended after {got} of {nbytes} B (truncated while read)")
+        if trusted:
+            return
+        verified_at = time.time_ns()
+        self.hashed_reads += 1
+        if self._hasher.digest(out) != digest_of(block_id):
+            raise IntegrityError(f"disk tier: {path} does not match its digest (corrupted)")
+        with self._lock:
+            if block_id in self._sizes:
+                self._verified[block_id] = (sig, verified_at)
+
+    def free(self, block_id: BlockId) -> None:
+        self._release(block_id)
+        _unlink_quietly(self.path(block_id))
+
+    # -- recovery -----------------------------------------------------------------------------
+    def adopt(self, block_id: BlockId) -> int | None:
+        """Track a block file already present (written by an earlier run); its size, or ``None``.
+
+        Adopted files are not trusted: their first read is hashed."""
+        try:
+            size = self.path(block_id).stat().st_size
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            if block_id not in self._sizes:
+                self._sizes[block_id] = size
+                self._used += size
+        return size
+
+    def scan(self) -> Iterator[BlockId]:
+        """Block ids of every well-named file under ``blocks/`` (tracked or not)."""
+        for sub in self._blocks.iterdir():
+            if sub.is_dir():
+                for f in sub.iterdir():
+                    try:
+                        yield parse_block_name(f.name)
+                    except ValueError:
+                        continue
+
+    def remove_untracked(self, block_id: BlockId) -> None:
+        """Delete a block file that no tracked block refers to (an orphan of a crash)."""
+        assert block_id not in self._sizes
+        _unlink_quietly(self.path(block_id))
+
+    def clean_tmp(self) -> int:
+        """Remove leftovers of interrupted writes; how many were removed."""
+        n = 0
+        for f in self._tmp.iterdir():
+            _unlink_quietly(f)
+            n += 1
+        return n
+
+    def quarantine(self, block_id: BlockId) -> Path | None:
+        """Move a bad copy aside (never deleted: someone will want to look at it) and stop tracking it."""
+        src = self.path(block_id)
+        self._release(block_id)
+        dst = self._quarantine / f"{src.name}.{time.time_ns()}"
+        try:
+            self._quarantine.mkdir(exist_ok=True)
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            _unlink_quietly(src)
+            return None
+        return dst
+
+    # -- O_DIRECT -----------------------------------------------------------------------------
+    def _bounce(self) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = memoryview(mmap.mmap(-1, _BOUNCE))  # page aligned
+        return buf
+
+    def _write_direct(self, fd: int, src: memoryview) -> None:
+        bounce = self._bounce()
+        for off in range(0, src.nbytes, _BOUNCE):
+            n = min(_BOUNCE, src.nbytes - off)
+            bounce[:n] = src[off:off + n]
+            padded = -(-n // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            bounce[n:padded] = bytes(padded - n)
+            _write_all(fd, bounce[:padded])
+        os.ftruncate(fd, src.nbytes)  # drop the padding of the last chunk
+
+    def _read_direct(self, fd: int, out: memoryview) -> int:
+        bounce = self._bounce()
+        got = 0
+        while got < out.nbytes:
+            n = os.readv(fd, [bounce])  # O_DIRECT needs an aligned buffer: the caller's rarely is
+            if n == 0:
+                break
+            n = min(n, out.nbytes - got)
+            out[got:got + n] = bounce[:n]
+            got += n
+        return got
+
+
+def _write_all(fd: int, buf: memoryview) -> None:
+    off = 0
+    while off < buf.nbytes:
+        off += os.write(fd, buf[off:])
+
+
+def _read_all(fd: int, out: memoryview) -> int:
+    got = 0
+    while got < out.nbytes:
+        n = os.readv(fd, [out[got:]])
+        if n == 0:
+            break
+        got += n
+    return got
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
