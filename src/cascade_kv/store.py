@@ -1,7 +1,7 @@
 """The single-node tiered store: the one place that moves data between tiers.
 
-Structure: keys map to :class:`_Entry` (block id, dtype, shape, prefix flag);
-block ids map to :class:`_Block` (size, the keys that refer to it, which tiers
+Structure: keys map to :class:`Entry` (block id, dtype, shape, prefix flag);
+block ids map to :class:`Block` (size, the keys that refer to it, which tiers
 hold a copy). Tiers only store bytes; the policy only names victims. One lock
 guards all metadata; bulk copies, hashing and file I/O run outside it on blocks
 that are *pinned* (a pinned block's copies are never freed or reused, so a
@@ -24,18 +24,20 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import catalog
 from .arrays import as_block, byte_view, check_key, check_out, needs_staging, normalize_flags
-from .config import CascadeConfig, format_size
+from .config import CascadeConfig
 from .errors import BlockNotFound, CapacityError, IntegrityError, StorageError, StoreClosed
 from .hashing import Hasher
 from .ids import BlockId, Key, block_name
+from .blocks import Block, Entry, Plan, fastest
+from .placement import WAIT_SLICE, Placement
 from .policy import LRUPolicy
 from .stats import Counters, StoreStats, TierCounters, TierStats
 from .tiers import DiskTier, HostTier, Tier
@@ -43,45 +45,6 @@ from .tiers import DiskTier, HostTier, Tier
 log = logging.getLogger(__name__)
 
 SMALL_COPY = 64 << 10  # below this a copy under the lock beats releasing and retaking it
-WAIT_SLICE = 1.0  # seconds between re-checks while waiting on another thread's in-flight block
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    """What a key refers to."""
-
-    block_id: BlockId
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    prefix: bool  # put with is_prefix=True and not unprotected since
-
-
-@dataclass(slots=True)
-class _Block:
-    """A stored run of bytes, shared by every key whose value has these bytes (with dedup on)."""
-
-    id: BlockId
-    nbytes: int
-    keys: set[Key] = field(default_factory=set)  # reverse index: a drop must remove every key of the block
-    protected: int = 0  # how many of `keys` are prefix keys; > 0 means the block stays in memory
-    where: int = 0  # bit i set: tiers[i] holds a copy. A bitmask keeps "fastest copy" a bit trick
-    ready: bool = False  # False while the first copy is being written (other puts of these bytes wait)
-    pins: int = 0  # copies in flight outside the lock; while > 0 no copy is freed or reused
-    moving: bool = False  # being demoted: not a victim again until that finishes
-    lower_reads: int = 0  # reads served below the top tier since the last promotion
-    lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it
-
-
-@dataclass(slots=True)
-class _Plan:
-    """The blocks one put batch touches, pinned from planning until commit or abandon."""
-
-    fresh: list[_Block] = field(default_factory=list)  # blocks this put writes (new, or lost and healed)
-    held: dict[BlockId, _Block] = field(default_factory=dict)  # every distinct block of the batch
-
-
-def _fastest(where: int) -> int:
-    return (where & -where).bit_length() - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +63,7 @@ class KeyInfo:
     """Keys referring to the same block (1 when nothing deduplicated with it)."""
 
 
-class Store:
+class Store(Placement):
     """A tiered, content-addressed, prefix-protecting KV-block store on one node.
 
     Use it as a context manager, or call :meth:`close`. Thread-safe.
@@ -116,8 +79,8 @@ class Store:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
-        self._keys: dict[Key, _Entry] = {}
-        self._blocks: dict[BlockId, _Block] = {}
+        self._keys: dict[Key, Entry] = {}
+        self._blocks: dict[BlockId, Block] = {}
         self._serial = itertools.count(int(time.time_ns()))  # dedup off: ids unique across reopenings
         self._journal: catalog.Journal | None = None
         self._lock_fd = -1
@@ -217,7 +180,7 @@ class Store:
             raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
         for k in keys:
             check_key(k)
-        jobs: list[tuple[int, _Block, np.ndarray]] = []
+        jobs: list[tuple[int, Block, np.ndarray]] = []
         with self._lock:
             self._check_open()
             entries = self._entries(keys, count_misses=True)
@@ -230,7 +193,7 @@ class Store:
                                          f"its digest check; put the value again")
             self._c.gets += len(keys)
             for i, b in enumerate(blocks):
-                t = _fastest(b.where)
+                t = fastest(b.where)
                 tier = self._tiers[t]
                 out = results[i]
                 if t == 0 and b.nbytes <= SMALL_COPY and tier.traits.addressable and not needs_staging(out):
@@ -326,7 +289,7 @@ class Store:
             return BlockId(digest)
         return BlockId(digest + next(self._serial).to_bytes(8, "big"))
 
-    def _plan_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId]) -> _Plan:
+    def _plan_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId]) -> Plan:
         """Under the lock: wait out other threads' pending copies of these bytes, then pin every block
         of the batch, registering those this put must write as pending."""
         while True:  # wait before registering anything: two batches can never wait on each other
@@ -335,13 +298,13 @@ class Store:
                 break
             self._cond.wait(WAIT_SLICE)
             self._check_open()
-        plan = _Plan()
+        plan = Plan()
         for (key, arr, prefix), bid in zip(items, ids):
             if bid in plan.held:
                 continue
             b = self._blocks.get(bid)
             if b is None:
-                b = self._blocks[bid] = _Block(bid, arr.nbytes)
+                b = self._blocks[bid] = Block(bid, arr.nbytes)
             if b.lost or not b.ready:
                 b.ready, b.lost = False, False
                 plan.fresh.append(b)
@@ -361,7 +324,7 @@ class Store:
         return list(self._memory) if self._must_be_in_memory(prefix) else list(range(len(self._tiers)))
 
     def _precheck_capacity(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId],
-                           plan: _Plan) -> None:
+                           plan: Plan) -> None:
         """Refuse, before anything moves, a put that cannot fit whatever is evicted."""
         protected_need = 0
         for (key, arr, prefix), bid in zip(items, ids):
@@ -387,7 +350,7 @@ class Store:
                                 f"free, {evictable} B evictable and {protected} B protected "
                                 f"(capacity {sum(self._tiers[t].capacity or 0 for t in self._memory)} B)")
 
-    def _place_all(self, plan: _Plan, items: list[tuple[Key, np.ndarray, bool]],
+    def _place_all(self, plan: Plan, items: list[tuple[Key, np.ndarray, bool]],
                    ids: list[BlockId]) -> None:
         """Write every new block into its tier (and, with persist, durably to disk)."""
         src = {bid: (arr, prefix) for (_, arr, prefix), bid in zip(items, ids)}
@@ -411,7 +374,7 @@ class Store:
                 if not b.where & self._memory_mask:
                     self._bring_to_memory(b)
 
-    def _write_copy(self, b: _Block, t: int, data: memoryview) -> None:
+    def _write_copy(self, b: Block, t: int, data: memoryview) -> None:
         """Copy ``data`` into the slot allocated for ``b`` in tier ``t`` (outside the lock; b is pinned)."""
         try:
             self._tiers[t].write(b.id, data)
@@ -422,12 +385,12 @@ class Store:
         with self._lock:
             self._add_copy(b, t)
 
-    def _commit_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId], plan: _Plan) -> None:
+    def _commit_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId], plan: Plan) -> None:
         written = {b.id for b in plan.fresh}
         for (key, arr, prefix), bid in zip(items, ids):
             b = self._blocks[bid]
             old = self._keys.get(key)
-            entry = _Entry(bid, arr.dtype, arr.shape, prefix)
+            entry = Entry(bid, arr.dtype, arr.shape, prefix)
             self._keys[key] = entry
             self._attach(key, entry, b)
             if old is not None:
@@ -447,7 +410,7 @@ class Store:
             self._unpin(b)
         self._cond.notify_all()
 
-    def _abandon(self, plan: _Plan) -> None:
+    def _abandon(self, plan: Plan) -> None:
         """Undo a put that failed: free what its new blocks placed, unpin the rest."""
         for b in plan.fresh:
             for t in range(len(self._tiers)):
@@ -459,161 +422,8 @@ class Store:
             self._unpin(b)
         self._cond.notify_all()
 
-    # ------------------------------------------------------------------ placement (lock held)
-    def _allocate(self, b: _Block, allowed: list[int]) -> int:
-        """Allocate ``b`` in the fastest allowed tier that has or can make room; may release the lock."""
-        for t in allowed:
-            if self._tiers[t].fits(b.nbytes) and self._make_room(t, b):
-                return t
-        names = "/".join(self._tiers[t].traits.name for t in allowed)
-        raise CapacityError(f"put: no room for a block of {format_size(b.nbytes)} ({b.nbytes} B) in the {names} "
-                            f"tier(s): " + ", ".join(self._room_report(t) for t in allowed))
-
-    def _room_report(self, t: int) -> str:
-        tier = self._tiers[t]
-        protected = sum(b.nbytes for b in self._blocks.values() if b.protected and b.where >> t & 1)
-        return (f"{tier.traits.name}: {tier.used} B used of {tier.capacity} B, "
-                f"{protected} B protected")
-
-    def _make_room(self, t: int, b: _Block) -> bool:
-        """Allocate ``b`` in tier ``t``, evicting LRU victims down a tier until it fits."""
-        tier = self._tiers[t]
-        while not tier.allocate(b.id, b.nbytes):
-            victim = self._pick_victim(t)
-            if victim is None:
-                if self._demoting[t]:
-                    self._cond.wait(WAIT_SLICE)  # another thread's demotion will free room
-                    continue
-                return False
-            self._evict(victim, t)
-        return True
-
-    def _pick_victim(self, t: int) -> _Block | None:
-        for bid in self._policy.victims(t):
-            v = self._blocks[bid]
-            if v.pins == 0 and not v.moving and v.ready:
-                return v
-        return None
-
-    def _evict(self, v: _Block, t: int) -> None:
-        """Remove ``v``'s copy from tier ``t``: free it if a lower copy exists, else demote it one tier
-        (or drop the block when ``t`` is the last tier or the lower tier cannot take it)."""
-        self._c.tiers[t].evictions += 1
-        if v.where >> (t + 1):
-            self._drop_copy(v, t)
-            return
-        dst = t + 1
-        if dst == len(self._tiers):
-            self._drop_block(v)
-            return
-        v.moving = True
-        try:
-            placed = self._make_room(dst, v)
-        finally:
-            v.moving = False
-        if not placed:
-            self._drop_block(v)
-            return
-        v.moving = True
-        v.pins += 1
-        self._demoting[t] += 1
-        try:
-            self._lock.release()
-            try:
-                self._copy_between(v, t, dst)
-            finally:
-                self._lock.acquire()
-        except BaseException:
-            self._tiers[dst].free(v.id)
-            raise
-        finally:
-            v.moving = False
-            v.pins -= 1
-            self._demoting[t] -= 1
-            self._cond.notify_all()
-        self._add_copy(v, dst)
-        self._c.demotions += 1
-        if v.pins == 0:
-            self._drop_copy(v, t)
-        self._maybe_release(v)
-
-    def _copy_between(self, b: _Block, src: int, dst: int) -> None:
-        """Copy a pinned block from tier ``src`` to its allocated slot in ``dst`` (no lock held)."""
-        s, d = self._tiers[src], self._tiers[dst]
-        if s.traits.addressable:
-            d.write(b.id, s.view(b.id))
-        elif d.traits.addressable:
-            s.read_into(b.id, d.view(b.id))
-        else:
-            buf = np.empty(b.nbytes, dtype=np.uint8)
-            s.read_into(b.id, memoryview(buf))
-            d.write(b.id, memoryview(buf))
-
-    def _bring_to_memory(self, b: _Block) -> None:
-        """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix)."""
-        t = self._allocate(b, self._memory)
-        src = _fastest(b.where)
-        b.pins += 1
-        try:
-            self._lock.release()
-            try:
-                self._copy_between(b, src, t)
-            finally:
-                self._lock.acquire()
-        except IntegrityError:
-            self._tiers[t].free(b.id)
-            self._bad_copy(b, src)
-            raise
-        except BaseException:
-            self._tiers[t].free(b.id)
-            raise
-        finally:
-            b.pins -= 1
-        self._add_copy(b, t)
-        self._c.promotions += 1
-        self._maybe_release(b)
-
-    def _add_copy(self, b: _Block, t: int) -> None:
-        b.where |= 1 << t
-        self._policy.added(t, b.id)
-        self._c.tiers[t].bytes_written += b.nbytes
-
-    def _drop_copy(self, b: _Block, t: int) -> None:
-        self._tiers[t].free(b.id)
-        b.where &= ~(1 << t)
-        self._policy.removed(t, b.id)
-
-    def _drop_block(self, b: _Block) -> None:
-        """The last tier is full: the block and every key referring to it go (counted, never silent)."""
-        log.debug("dropping block %s (%d B, %d keys)", block_name(b.id)[:16], b.nbytes, len(b.keys))
-        self._c.drops += 1
-        self._c.dropped_bytes += b.nbytes
-        for k in list(b.keys):
-            self._keys.pop(k, None)
-        b.keys.clear()
-        b.protected = 0
-        self._policy.set_protected(b.id, False)
-        self._maybe_release(b)
-
-    def _maybe_release(self, b: _Block) -> None:
-        """Free a block no key refers to, once no copy of it is in flight."""
-        if b.keys or b.pins or b.moving or not b.ready:
-            return
-        for t in range(len(self._tiers)):
-            if b.where >> t & 1:
-                self._drop_copy(b, t)
-        self._policy.set_protected(b.id, False)
-        if self._blocks.get(b.id) is b:
-            del self._blocks[b.id]
-
-    def _unpin(self, b: _Block) -> None:
-        b.pins -= 1
-        if b.pins == 0:
-            self._maybe_release(b)
-            self._cond.notify_all()
-
     # ------------------------------------------------------------------ key bookkeeping (lock held)
-    def _entries(self, keys: list[Key], count_misses: bool = False) -> list[_Entry]:
+    def _entries(self, keys: list[Key], count_misses: bool = False) -> list[Entry]:
         out = []
         for k in keys:
             e = self._keys.get(k)
@@ -624,12 +434,12 @@ class Store:
             out.append(e)
         return out
 
-    def _attach(self, key: Key, e: _Entry, b: _Block) -> None:
+    def _attach(self, key: Key, e: Entry, b: Block) -> None:
         b.keys.add(key)
         if e.prefix:
             self._protect_block(b, +1)
 
-    def _detach(self, key: Key, e: _Entry) -> None:
+    def _detach(self, key: Key, e: Entry) -> None:
         b = self._blocks[e.block_id]
         if e.prefix:
             self._protect_block(b, -1)
@@ -656,7 +466,7 @@ class Store:
                         raise BlockNotFound(f"key {key!r} was removed while being protected")
                 # applied before the journal (and undone if that fails) so that the block cannot be
                 # evicted between reaching memory and becoming protected
-                new = self._keys[key] = _Entry(e.block_id, e.dtype, e.shape, prefix)
+                new = self._keys[key] = Entry(e.block_id, e.dtype, e.shape, prefix)
                 self._protect_block(b, +1 if prefix else -1)
             try:
                 self._journal_append([catalog.protect_record(key, prefix)])
@@ -667,22 +477,22 @@ class Store:
                         self._protect_block(b, -1 if prefix else +1)
                 raise
 
-    def _protect_block(self, b: _Block, delta: int) -> None:
+    def _protect_block(self, b: Block, delta: int) -> None:
         b.protected += delta
         if b.protected == (1 if delta > 0 else 0):
             self._policy.set_protected(b.id, delta > 0)
 
     # ------------------------------------------------------------------ read internals
-    def _account_read(self, b: _Block, t: int) -> None:
+    def _account_read(self, b: Block, t: int) -> None:
         tc = self._c.tiers[t]
         tc.hits += 1
         tc.bytes_read += b.nbytes
         self._policy.accessed(t, b.id)
 
-    def _read_pinned(self, jobs: list[tuple[int, _Block, np.ndarray]]) -> None:
+    def _read_pinned(self, jobs: list[tuple[int, Block, np.ndarray]]) -> None:
         """Copy pinned blocks out of their tiers (no lock), then account, promote and unpin."""
         error: BaseException | None = None
-        done: list[tuple[_Block, int, np.ndarray]] = []
+        done: list[tuple[Block, int, np.ndarray]] = []
         for _, b, out in jobs:
             staged = np.empty(out.shape, out.dtype) if needs_staging(out) else out
             t = -1
@@ -692,7 +502,7 @@ class Store:
                         if not b.where:
                             raise IntegrityError(f"get: every copy of block {block_name(b.id)[:16]} failed "
                                                  f"its digest check; put the value again")
-                        t = _fastest(b.where)
+                        t = fastest(b.where)
                     try:
                         self._tiers[t].read_into(b.id, byte_view(staged))
                         break
@@ -718,50 +528,6 @@ class Store:
                         self._promote(b, data)
         if error is not None:
             raise error
-
-    def _promote(self, b: _Block, data: np.ndarray) -> None:
-        """Copy a block read often from a lower tier into the fastest tier with room (lock held)."""
-        b.lower_reads = 0
-        src = _fastest(b.where)
-        for t in range(src):
-            if not self._tiers[t].fits(b.nbytes):
-                continue
-            b.pins += 1
-            try:
-                if not self._make_room(t, b):
-                    continue
-                self._lock.release()
-                try:
-                    self._tiers[t].write(b.id, byte_view(data))
-                except BaseException:
-                    self._lock.acquire()
-                    self._tiers[t].free(b.id)
-                    raise
-                self._lock.acquire()
-                self._add_copy(b, t)
-                self._c.promotions += 1
-                return
-            finally:
-                self._unpin(b)
-
-    def _bad_copy(self, b: _Block, t: int) -> None:
-        """A copy failed its check: quarantine it; the block is lost if no other copy remains."""
-        self._c.integrity_errors += 1
-        tier = self._tiers[t]
-        if not (b.where >> t & 1) or not tier.contains(b.id):
-            return  # another reader got here first
-        quarantine = getattr(tier, "quarantine", None)
-        if quarantine is not None:
-            dst = quarantine(b.id)
-            self._c.quarantined += dst is not None
-            log.warning("block %s failed its digest check in the %s tier; moved to %s",
-                        block_name(b.id)[:16], tier.traits.name, dst)
-        else:
-            tier.free(b.id)
-        b.where &= ~(1 << t)
-        self._policy.removed(t, b.id)
-        if not b.where:
-            b.lost = True
 
     # ------------------------------------------------------------------ persistence
     def _journal_append(self, records: list[bytes]) -> None:
@@ -792,9 +558,9 @@ class Store:
                 if disk.adopt(r.block_id) != r.nbytes:
                     missing += 1
                     continue
-                b = self._blocks[r.block_id] = _Block(r.block_id, r.nbytes, ready=True)
+                b = self._blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True)
                 self._add_copy(b, self._disk)
-            e = _Entry(r.block_id, r.dtype, r.shape, r.prefix)
+            e = Entry(r.block_id, r.dtype, r.shape, r.prefix)
             self._keys[key] = e
             self._attach(key, e, b)
         if missing:
@@ -823,5 +589,3 @@ class Store:
             raise StoreClosed("the store is closed")
 
 
-def _iter_blocks(store: Store) -> Iterator[BlockId]:  # pragma: no cover - debugging aid
-    return iter(store._blocks)

@@ -1,0 +1,51 @@
+"""Where a block's copies live: the metadata the store keeps per key and per block.
+
+Kept apart from the store so the placement logic and the public API (which
+both work on these records) can live in small modules of their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .ids import BlockId, Key
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a key refers to."""
+
+    block_id: BlockId
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    prefix: bool  # put with is_prefix=True and not unprotected since
+
+
+@dataclass(slots=True)
+class Block:
+    """A stored run of bytes, shared by every key whose value has these bytes (with dedup on)."""
+
+    id: BlockId
+    nbytes: int
+    keys: set[Key] = field(default_factory=set)  # reverse index: a drop must remove every key of the block
+    protected: int = 0  # how many of `keys` are prefix keys; > 0 means the block stays in memory
+    where: int = 0  # bit i set: tiers[i] holds a copy. A bitmask keeps "fastest copy" a bit trick
+    ready: bool = False  # False while the first copy is being written (other puts of these bytes wait)
+    pins: int = 0  # copies in flight outside the lock; while > 0 no copy is freed or reused
+    moving: bool = False  # being demoted: not a victim again until that finishes
+    lower_reads: int = 0  # reads served below the top tier since the last promotion
+    lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it
+
+
+@dataclass(slots=True)
+class Plan:
+    """The blocks one put batch touches, pinned from planning until commit or abandon."""
+
+    fresh: list[Block] = field(default_factory=list)  # blocks this put writes (new, or lost and healed)
+    held: dict[BlockId, Block] = field(default_factory=dict)  # every distinct block of the batch
+
+
+def fastest(where: int) -> int:
+    return (where & -where).bit_length() - 1
+

@@ -1,0 +1,239 @@
+"""Placement: allocation with eviction, demotion, promotion, drops and bad copies.
+
+A mixin of :class:`~cascade_kv.store.Store`, kept in its own module because it
+is the part that moves copies between tiers, while ``store.py`` is the public
+API. Every method here is called with the store's lock held; those that copy
+bulk data release it around the copy, with the block pinned so that no copy of
+it can be freed or reused meanwhile.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import numpy as np
+
+from .arrays import byte_view
+from .blocks import Block, Entry, fastest
+from .config import format_size
+from .errors import CapacityError, IntegrityError
+from .ids import BlockId, Key, block_name
+from .policy import LRUPolicy
+from .stats import Counters
+from .tiers import Tier
+
+log = logging.getLogger(__name__)
+
+WAIT_SLICE = 1.0  # seconds between re-checks while waiting on another thread's in-flight block
+
+
+class Placement:
+    """State shared with the store (set up by ``Store.__init__``)."""
+
+    _tiers: list[Tier]
+    _memory: list[int]
+    _memory_mask: int
+    _keys: dict[Key, Entry]
+    _blocks: dict[BlockId, Block]
+    _policy: LRUPolicy
+    _c: Counters
+    _demoting: list[int]
+    _lock: threading.Lock
+    _cond: threading.Condition
+
+    # ------------------------------------------------------------------ placement (lock held)
+    def _allocate(self, b: Block, allowed: list[int]) -> int:
+        """Allocate ``b`` in the fastest allowed tier that has or can make room; may release the lock."""
+        for t in allowed:
+            if self._tiers[t].fits(b.nbytes) and self._make_room(t, b):
+                return t
+        names = "/".join(self._tiers[t].traits.name for t in allowed)
+        raise CapacityError(f"put: no room for a block of {format_size(b.nbytes)} ({b.nbytes} B) in the {names} "
+                            f"tier(s): " + ", ".join(self._room_report(t) for t in allowed))
+
+    def _room_report(self, t: int) -> str:
+        tier = self._tiers[t]
+        protected = sum(b.nbytes for b in self._blocks.values() if b.protected and b.where >> t & 1)
+        return (f"{tier.traits.name}: {tier.used} B used of {tier.capacity} B, "
+                f"{protected} B protected")
+
+    def _make_room(self, t: int, b: Block) -> bool:
+        """Allocate ``b`` in tier ``t``, evicting LRU victims down a tier until it fits."""
+        tier = self._tiers[t]
+        while not tier.allocate(b.id, b.nbytes):
+            victim = self._pick_victim(t)
+            if victim is None:
+                if self._demoting[t]:
+                    self._cond.wait(WAIT_SLICE)  # another thread's demotion will free room
+                    continue
+                return False
+            self._evict(victim, t)
+        return True
+
+    def _pick_victim(self, t: int) -> Block | None:
+        for bid in self._policy.victims(t):
+            v = self._blocks[bid]
+            if v.pins == 0 and not v.moving and v.ready:
+                return v
+        return None
+
+    def _evict(self, v: Block, t: int) -> None:
+        """Remove ``v``'s copy from tier ``t``: free it if a lower copy exists, else demote it one tier
+        (or drop the block when ``t`` is the last tier or the lower tier cannot take it)."""
+        self._c.tiers[t].evictions += 1
+        if v.where >> (t + 1):
+            self._drop_copy(v, t)
+            return
+        dst = t + 1
+        if dst == len(self._tiers):
+            self._drop_block(v)
+            return
+        v.moving = True
+        try:
+            placed = self._make_room(dst, v)
+        finally:
+            v.moving = False
+        if not placed:
+            self._drop_block(v)
+            return
+        v.moving = True
+        v.pins += 1
+        self._demoting[t] += 1
+        try:
+            self._lock.release()
+            try:
+                self._copy_between(v, t, dst)
+            finally:
+                self._lock.acquire()
+        except BaseException:
+            self._tiers[dst].free(v.id)
+            raise
+        finally:
+            v.moving = False
+            v.pins -= 1
+            self._demoting[t] -= 1
+            self._cond.notify_all()
+        self._add_copy(v, dst)
+        self._c.demotions += 1
+        if v.pins == 0:
+            self._drop_copy(v, t)
+        self._maybe_release(v)
+
+    def _copy_between(self, b: Block, src: int, dst: int) -> None:
+        """Copy a pinned block from tier ``src`` to its allocated slot in ``dst`` (no lock held)."""
+        s, d = self._tiers[src], self._tiers[dst]
+        if s.traits.addressable:
+            d.write(b.id, s.view(b.id))
+        elif d.traits.addressable:
+            s.read_into(b.id, d.view(b.id))
+        else:
+            buf = np.empty(b.nbytes, dtype=np.uint8)
+            s.read_into(b.id, memoryview(buf))
+            d.write(b.id, memoryview(buf))
+
+    def _bring_to_memory(self, b: Block) -> None:
+        """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix)."""
+        t = self._allocate(b, self._memory)
+        src = fastest(b.where)
+        b.pins += 1
+        try:
+            self._lock.release()
+            try:
+                self._copy_between(b, src, t)
+            finally:
+                self._lock.acquire()
+        except IntegrityError:
+            self._tiers[t].free(b.id)
+            self._bad_copy(b, src)
+            raise
+        except BaseException:
+            self._tiers[t].free(b.id)
+            raise
+        finally:
+            b.pins -= 1
+        self._add_copy(b, t)
+        self._c.promotions += 1
+        self._maybe_release(b)
+
+    def _add_copy(self, b: Block, t: int) -> None:
+        b.where |= 1 << t
+        self._policy.added(t, b.id)
+        self._c.tiers[t].bytes_written += b.nbytes
+
+    def _drop_copy(self, b: Block, t: int) -> None:
+        self._tiers[t].free(b.id)
+        b.where &= ~(1 << t)
+        self._policy.removed(t, b.id)
+
+    def _drop_block(self, b: Block) -> None:
+        """The last tier is full: the block and every key referring to it go (counted, never silent)."""
+        log.debug("dropping block %s (%d B, %d keys)", block_name(b.id)[:16], b.nbytes, len(b.keys))
+        self._c.drops += 1
+        self._c.dropped_bytes += b.nbytes
+        for k in list(b.keys):
+            self._keys.pop(k, None)
+        b.keys.clear()
+        b.protected = 0
+        self._policy.set_protected(b.id, False)
+        self._maybe_release(b)
+
+    def _maybe_release(self, b: Block) -> None:
+        """Free a block no key refers to, once no copy of it is in flight."""
+        if b.keys or b.pins or b.moving or not b.ready:
+            return
+        for t in range(len(self._tiers)):
+            if b.where >> t & 1:
+                self._drop_copy(b, t)
+        self._policy.set_protected(b.id, False)
+        if self._blocks.get(b.id) is b:
+            del self._blocks[b.id]
+
+    def _unpin(self, b: Block) -> None:
+        b.pins -= 1
+        if b.pins == 0:
+            self._maybe_release(b)
+            self._cond.notify_all()
+
+    def _promote(self, b: Block, data: np.ndarray) -> None:
+        """Copy a block read often from a lower tier into the fastest tier with room (lock held)."""
+        b.lower_reads = 0
+        src = fastest(b.where)
+        for t in range(src):
+            if not self._tiers[t].fits(b.nbytes):
+                continue
+            b.pins += 1
+            try:
+                if not self._make_room(t, b):
+                    continue
+                self._lock.release()
+                try:
+                    self._tiers[t].write(b.id, byte_view(data))
+                except BaseException:
+                    self._lock.acquire()
+                    self._tiers[t].free(b.id)
+                    raise
+                self._lock.acquire()
+                self._add_copy(b, t)
+                self._c.promotions += 1
+                return
+            finally:
+                self._unpin(b)
+
+    def _bad_copy(self, b: Block, t: int) -> None:
+        """A copy failed its check: quarantine it; the block is lost if no other copy remains."""
+        self._c.integrity_errors += 1
+        tier = self._tiers[t]
+        if not (b.where >> t & 1) or not tier.contains(b.id):
+            return  # another reader got here first
+        quarantine = getattr(tier, "quarantine", None)
+        if quarantine is not None:
+            dst = quarantine(b.id)
+            self._c.quarantined += dst is not None
+            log.warning("block %s failed its digest check in the %s tier; moved to %s",
+                        block_name(b.id)[:16], tier.traits.name, dst)
+        else:
+            tier.free(b.id)
+        b.where &= ~(1 << t)
+        self._policy.removed(t, b.id)
+        if not b.where:
+            b.lost = True
