@@ -81,12 +81,15 @@ class Placement:
         """Remove ``v``'s copy from tier ``t``: free it if a lower copy exists, else demote it one tier
         (or drop the block when ``t`` is the last tier or the lower tier cannot take it)."""
         self._c.tiers[t].evictions += 1
-        if v.where >> (t + 1):
+        dst = t + 1
+        if v.where >> dst:  # a slower copy exists: this one can simply go
             self._drop_copy(v, t)
             return
-        dst = t + 1
         if dst == len(self._tiers):
-            self._drop_block(v)
+            if v.where & ~(1 << t) and not self._durable_copy(t):
+                self._drop_copy(v, t)  # a faster copy remains: nothing is lost
+            else:
+                self._drop_block(v)
             return
         v.moving = True
         try:
@@ -118,6 +121,11 @@ class Placement:
         if v.pins == 0:
             self._drop_copy(v, t)
         self._maybe_release(v)
+
+    def _durable_copy(self, t: int) -> bool:
+        """Whether tier ``t`` holds the copies a persistent store's journal relies on (they cannot
+        go while the block lives: a reopened store would lose the key)."""
+        return False
 
     def _copy_between(self, b: Block, src: int, dst: int) -> None:
         """Copy a pinned block from tier ``src`` to its allocated slot in ``dst`` (no lock held)."""

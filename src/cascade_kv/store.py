@@ -523,13 +523,19 @@ class Store(Placement):
                 self._unpin(b)
             if error is None:
                 for b, t, data in done:
-                    if (self._policy.should_promote(b.lower_reads) and b.ready and b.id in self._blocks
+                    if (self._policy.should_promote(b.lower_reads) and b.ready and self._blocks.get(b.id) is b
                             and not b.where & ((1 << t) - 1)):
-                        self._promote(b, data)
+                        try:
+                            self._promote(b, data)
+                        except StorageError as e:  # the read itself succeeded; only the optimisation failed
+                            log.warning("promotion of block %s failed: %s", block_name(b.id)[:16], e)
         if error is not None:
             raise error
 
     # ------------------------------------------------------------------ persistence
+    def _durable_copy(self, t: int) -> bool:
+        return self.config.persist and t == self._disk
+
     def _journal_append(self, records: list[bytes]) -> None:
         if self._journal is not None:
             self._journal.append(records, sync=True)
