@@ -84,10 +84,13 @@ def _records(data: bytes) -> Iterator[dict[str, object]]:
     while off + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, off)
         body = data[off + _HEADER.size: off + _HEADER.size + length]
-        if len(body) != length or zlib.crc32(body) != crc:
-            return
+        if length == 0 or len(body) != length or zlib.crc32(body) != crc:
+            return  # torn; a zero-filled tail (size reached disk, data did not) reads as length 0, crc 0
         off += _HEADER.size + length
-        yield json.loads(body)
+        try:
+            yield json.loads(body)
+        except ValueError:
+            return
 
 
 class Journal:

@@ -15,7 +15,8 @@ Integrity: every read checks the file's size; the bytes are hashed on the first
 read of a file and again whenever its identity changed (inode, size, mtime or
 ctime: any write, truncate, replace or ``utime`` through the file system changes
 one of them). A file whose ctime is too close to the moment it was verified is
-"racy" (a write in the same clock tick would leave ctime unchanged) and is hashed
+"racy" (a write in the same clock tick would leave ctime unchanged; the margin is 100 ms, or
+two seconds where timestamps have whole seconds only) and is hashed
 again, as git does for its index. ``verify="always"`` hashes every read.
 """
 from __future__ import annotations
@@ -36,8 +37,15 @@ from .base import Tier, TierTraits
 _DIRECT_ALIGN = 4096
 _BOUNCE = 8 << 20  # O_DIRECT staging buffer per thread
 _RACY_NS = 100_000_000  # a ctime within 100 ms of verification may hide a same-tick write
+_COARSE_RACY_NS = 2_000_000_000  # file systems that keep whole seconds (some Lustre, NFS setups)
 
 _Signature = tuple[int, int, int, int]  # (inode, size, mtime_ns, ctime_ns)
+
+
+def _racy_ns(ctime_ns: int) -> int:
+    """How close to its verification a ctime must not be. A ctime with no sub-second part comes from a
+    file system with one-second timestamps, where a same-second write leaves ctime unchanged."""
+    return _COARSE_RACY_NS if ctime_ns % 1_000_000_000 == 0 else _RACY_NS
 
 
 def _signature(st: os.stat_result) -> _Signature:
@@ -160,7 +168,7 @@ class DiskTier(Tier):
             sig = _signature(st)
             known = self._verified.get(block_id)
             trusted = (not self._verify_always and known is not None and known[0] == sig
-                       and sig[3] < known[1] - _RACY_NS)
+                       and sig[3] < known[1] - _racy_ns(sig[3]))
             got = self._read_direct(fd, out) if self._direct else _read_all(fd, out)
         except OSError as e:
             raise StorageError(e.errno, f"disk tier: cannot read {path}: {e.strerror}", str(path)) from e

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..ids import BlockId
-from .allocator import ArenaAllocator
+from .allocator import ArenaAllocator, align_up
 from .base import Tier, TierTraits
 
 _PAGE = mmap.PAGESIZE
@@ -69,6 +69,9 @@ class HostTier(Tier):
     def used(self) -> int:
         return self._alloc.capacity - self._alloc.free_bytes
 
+    def fits(self, nbytes: int) -> bool:
+        return align_up(max(nbytes, 1)) <= self._alloc.capacity  # the allocator rounds every block up
+
     @property
     def largest_hole(self) -> int:
         """Largest block that can be allocated right now (fragmentation shows as largest_hole < free)."""
@@ -98,7 +101,7 @@ class HostTier(Tier):
         src = self.view(block_id)
         if src.nbytes != out.nbytes:
             raise ValueError(f"host tier: block is {src.nbytes} B, buffer is {out.nbytes} B")
-        out[:] = src
+        out[:] = src if out.format == "B" and out.ndim == 1 else src.cast(out.format, out.shape) if out.shape else src.cast(out.format)
 
     def free(self, block_id: BlockId) -> None:
         with self._lock:

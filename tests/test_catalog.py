@@ -1,0 +1,259 @@
+"""The key journal: records round-trip, a torn tail is dropped, and load() compacts the file."""
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cascade_kv.catalog import Journal, KeyRecord, delete_record, protect_record, put_record
+from cascade_kv.errors import StorageError
+from cascade_kv.ids import BlockId, Key
+
+DTYPES = [
+    np.dtype(np.float16),
+    np.dtype(">f2"),
+    np.dtype(np.float32),
+    np.dtype(np.int64),
+    np.dtype(np.bool_),
+    np.dtype(np.complex64),
+    np.dtype("V7"),
+    np.dtype("<U3"),
+    np.dtype("M8[ns]"),
+    np.dtype([("k", "<f2"), ("v", "<f2")]),
+    np.dtype([("a", "<i4"), ("b", "<f8", (2, 3)), ("c", [("x", "u1"), ("y", ">i2")])]),
+    np.dtype([("a", "u1"), ("b", "<i8")], align=True),  # padding between and after fields
+]
+SHAPES = [(), (0,), (3, 0, 2), (4,), (2, 3)]
+F16 = np.dtype(np.float16)
+
+
+def record(key: Key, i: int = 0, dtype: np.dtype = F16, shape: tuple[int, ...] = (4,),
+           prefix: bool = False) -> KeyRecord:
+    nbytes = dtype.itemsize * int(np.prod(shape))
+    return KeyRecord(key, BlockId(bytes([i % 256]) * 32), nbytes, dtype, shape, prefix)
+
+
+def reopen(path: Path) -> dict[Key, KeyRecord]:
+    j = Journal(path)
+    try:
+        return j.load()
+    finally:
+        j.close()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "keys.journal"
+
+
+@pytest.fixture
+def journal(path: Path):
+    j = Journal(path)
+    assert j.load() == {}
+    yield j
+    j.close()
+
+
+def test_load_of_missing_file_is_empty(path: Path):
+    assert reopen(path) == {}
+    assert path.exists() and path.read_bytes() == b""
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_put_round_trip(journal: Journal, path: Path, dtype: np.dtype, shape: tuple[int, ...]):
+    rec = record("k", 1, dtype, shape, prefix=True)
+    journal.append([put_record(rec)], sync=True)
+    journal.close()
+    state = reopen(path)
+    assert state == {"k": rec}
+    got = state["k"]
+    assert got.dtype == dtype and got.dtype.itemsize == dtype.itemsize
+    assert got.shape == shape and type(got.shape) is tuple
+
+
+@pytest.mark.parametrize("key", ["", "plain", "ünïcödé ✓", b"", b"raw", bytes(range(256)), "a/b\n\"q\""],
+                         ids=repr)
+def test_keys_round_trip(journal: Journal, path: Path, key: Key):
+    journal.append([put_record(record(key, 3))], sync=True)
+    journal.close()
+    state = reopen(path)
+    assert list(state) == [key] and type(next(iter(state))) is type(key)
+
+
+def test_str_and_bytes_keys_are_different_keys(journal: Journal, path: Path):
+    journal.append([put_record(record("a", 1)), put_record(record(b"a", 2))], sync=True)
+    journal.append([delete_record("a")], sync=False)
+    journal.close()
+    assert reopen(path) == {b"a": record(b"a", 2)}
+
+
+def test_put_delete_protect_replay(journal: Journal, path: Path):
+    journal.append([put_record(record("a", 1)), put_record(record("b", 2)), put_record(record(b"c", 3))],
+                   sync=True)
+    journal.append([put_record(record("a", 4, shape=(8,)))], sync=False)  # a later put replaces
+    journal.append([delete_record("b"), protect_record(b"c", True)], sync=True)
+    journal.append([protect_record("a", True), protect_record("a", False)], sync=True)
+    journal.append([delete_record("never"), protect_record("never", True)], sync=True)  # no-ops
+    journal.close()
+    assert reopen(path) == {"a": record("a", 4, shape=(8,)), b"c": record(b"c", 3, prefix=True)}
+
+
+def test_delete_then_put_again(journal: Journal, path: Path):
+    journal.append([put_record(record("a", 1)), delete_record("a"), put_record(record("a", 2))], sync=True)
+    journal.close()
+    assert reopen(path) == {"a": record("a", 2)}
+
+
+def test_append_nothing_is_a_no_op(journal: Journal, path: Path):
+    journal.append([], sync=True)
+    assert path.read_bytes() == b""
+
+
+def test_appends_after_load_survive_the_next_load(path: Path):
+    j = Journal(path)
+    j.load()
+    j.append([put_record(record("a", 1))], sync=True)
+    j.close()
+    j = Journal(path)
+    assert j.load() == {"a": record("a", 1)}
+    j.append([put_record(record("b", 2))], sync=True)
+    j.close()
+    assert reopen(path) == {"a": record("a", 1), "b": record("b", 2)}
+
+
+# -- torn tails -------------------------------------------------------------------------------
+def write_history(path: Path) -> tuple[bytes, list[int], list[dict[Key, KeyRecord]]]:
+    """Journal a short history; its bytes, where each record ends, and the state after each record."""
+    history = [
+        (put_record(record("a", 1)), {"a": record("a", 1)}),
+        (put_record(record(b"b", 2, np.dtype([("k", "<f2")]), ())),
+         {"a": record("a", 1), b"b": record(b"b", 2, np.dtype([("k", "<f2")]), ())}),
+        (protect_record("a", True),
+         {"a": record("a", 1, prefix=True), b"b": record(b"b", 2, np.dtype([("k", "<f2")]), ())}),
+        (delete_record(b"b"), {"a": record("a", 1, prefix=True)}),
+        (put_record(record("c", 3, shape=(0,))), {"a": record("a", 1, prefix=True), "c": record("c", 3, shape=(0,))}),
+    ]
+    j = Journal(path)
+    j.load()
+    for rec, _ in history:
+        j.append([rec], sync=False)
+    j.close()
+    ends, total = [], 0
+    for rec, _ in history:
+        total += len(rec)
+        ends.append(total)
+    return path.read_bytes(), ends, [state for _, state in history]
+
+
+def expected_at(cut: int, ends: list[int], states: list[dict[Key, KeyRecord]]) -> dict[Key, KeyRecord]:
+    complete = [s for end, s in zip(ends, states, strict=True) if end <= cut]
+    return complete[-1] if complete else {}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_truncated_anywhere_keeps_every_complete_record(tmp_path: Path, data: st.DataObject):
+    path = tmp_path / "torn.journal"
+    path.unlink(missing_ok=True)  # hypothesis reuses tmp_path across examples
+    full, ends, states = write_history(path)
+    cut = data.draw(st.integers(0, len(full)), label="cut")
+    path.write_bytes(full[:cut])
+    assert reopen(path) == expected_at(cut, ends, states)
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(b"\x07", id="shorter-than-a-header"),
+    pytest.param(b"\xff\xff\xff\x7f\x00\x00\x00\x00", id="length-never-written"),
+    pytest.param(b"\x05\x00\x00\x00\xde\xad\xbe\xef{\"op\"", id="crc-mismatch"),
+    # a zero-filled tail is what a crash leaves when the file size reached the disk but the data
+    # did not (ext4/XFS delayed allocation): it reads as length 0, crc32(b"") == 0
+    pytest.param(b"\x00" * 8, id="zeros-one-header"),
+    pytest.param(b"\x00" * 4096, id="zeros-one-page"),
+    pytest.param(b"\x00" * 3, id="zeros-short"),
+])
+def test_garbage_tail_is_ignored(path: Path, garbage: bytes):
+    full, ends, states = write_history(path)
+    path.write_bytes(full + garbage)
+    assert reopen(path) == states[-1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.binary(min_size=1, max_size=64))
+def test_random_garbage_tail_is_ignored(tmp_path: Path, garbage: bytes):
+    path = tmp_path / "garbage.journal"
+    path.unlink(missing_ok=True)  # hypothesis reuses tmp_path across examples
+    full, ends, states = write_history(path)
+    path.write_bytes(full + garbage)
+    assert reopen(path) == states[-1]
+
+
+def test_torn_record_in_the_middle_hides_the_rest(path: Path):
+    # replay stops at the first bad record: nothing after it is trusted
+    full, ends, states = write_history(path)
+    broken = bytearray(full)
+    broken[ends[1] + 9] ^= 0xFF  # a byte inside the third record's payload
+    path.write_bytes(bytes(broken))
+    assert reopen(path) == states[1]
+
+
+# -- compaction -------------------------------------------------------------------------------
+def test_load_compacts_to_one_put_per_live_key(path: Path):
+    full, ends, states = write_history(path)
+    path.write_bytes(full + b"\xff\xff\xff\x7f torn")
+    state = reopen(path)
+    assert state == states[-1]
+    assert path.read_bytes() == b"".join(put_record(r) for r in state.values())
+    assert not path.with_suffix(".compact").exists()
+    assert reopen(path) == state  # the compacted file replays to the same state
+
+
+def test_load_drops_deleted_keys_from_the_file(journal: Journal, path: Path):
+    journal.append([put_record(record(f"k{i}", i)) for i in range(20)], sync=False)
+    journal.append([delete_record(f"k{i}") for i in range(20)], sync=True)
+    journal.close()
+    assert reopen(path) == {}
+    assert path.read_bytes() == b""
+
+
+# -- failed appends ---------------------------------------------------------------------------
+def test_failed_append_raises_storage_error_and_leaves_the_file(journal: Journal, path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch):
+    journal.append([put_record(record("a", 1))], sync=True)
+    before = path.read_bytes()
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StorageError) as info:
+        journal.append([put_record(record("b", 2))], sync=True)
+    monkeypatch.undo()
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before
+    journal.append([put_record(record("c", 3))], sync=True)  # the journal still works
+    journal.close()
+    assert reopen(path) == {"a": record("a", 1), "c": record("c", 3)}
+
+
+def test_short_append_is_rolled_back(journal: Journal, path: Path, monkeypatch: pytest.MonkeyPatch):
+    journal.append([put_record(record("a", 1))], sync=True)
+    before = path.read_bytes()
+    real_write = os.write
+
+    def short(fd: int, data: bytes) -> int:
+        return real_write(fd, data[: len(data) // 2])  # the disk filled up halfway
+
+    monkeypatch.setattr(os, "write", short)
+    with pytest.raises(StorageError):
+        journal.append([put_record(record("b", 2)), put_record(record("c", 3))], sync=True)
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # no torn record left mid-file to hide later ones
+    journal.append([put_record(record("d", 4))], sync=True)
+    journal.close()
+    assert reopen(path) == {"a": record("a", 1), "d": record("d", 4)}
