@@ -133,8 +133,9 @@ class Store(Placement):
                 plan = self._plan_put(items, ids)
             try:
                 self._place_all(plan, items, ids)
-                self._journal_append([catalog.put_record(catalog.KeyRecord(k, bid, a.nbytes, a.dtype, a.shape, p))
-                                      for (k, a, p), bid in zip(items, ids)])
+                if self._journal is not None:  # records cost ~5 us each: build them only to write them
+                    self._journal_append([catalog.put_record(catalog.KeyRecord(k, bid, a.nbytes, a.dtype, a.shape, p))
+                                          for (k, a, p), bid in zip(items, ids)])
             except BaseException:
                 with self._lock:
                     self._abandon(plan)

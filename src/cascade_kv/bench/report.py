@@ -1,0 +1,176 @@
+"""What ``cascade bench`` reports: figures beside their ceilings, as a rich table and as JSON.
+
+A :class:`Figure` holds only measured numbers; the target is the one thing written
+down in advance (it is the goal, not a result), and the verdict compares the two.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Literal
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ..config import format_size
+from .ceilings import Spread
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A figure's goal: at least ``value`` times its ceiling, or at least ``value`` in its own unit."""
+
+    kind: Literal["ratio", "value"]
+    value: float
+
+    def text(self, unit: str) -> str:
+        return f">= {self.value:g}x" if self.kind == "ratio" else f">= {_num(self.value, unit)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured rate (median and range over reps), with the ceiling measured beside it."""
+
+    key: str
+    """Stable name in the JSON."""
+    label: str
+    unit: str
+    """``GB/s`` or ``/s`` (operations per second)."""
+    value: Spread
+    ceiling: Spread | None = None
+    ceiling_label: str = ""
+    target: Target | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.ceiling is None else self.value.median / self.ceiling.median
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None:
+            return None
+        got = self.ratio if self.target.kind == "ratio" else self.value.median
+        return got is not None and got >= self.target.value
+
+    def as_dict(self) -> dict[str, object]:
+        return {"label": self.label, "unit": self.unit, **self.value.as_dict(),
+                "ceiling": None if self.ceiling is None else {"what": self.ceiling_label, **self.ceiling.as_dict()},
+                "ratio": self.ratio,
+                "target": None if self.target is None else {"kind": self.target.kind, "value": self.target.value},
+                "passed": self.passed, "note": self.note}
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything one run measured."""
+
+    settings: dict[str, object]
+    figures: list[Figure] = field(default_factory=list)
+    mixed: dict[str, object] = field(default_factory=dict)
+    open_seconds: dict[str, float] = field(default_factory=dict)
+    """Seconds each store took to open (arena allocation and touch): never inside a timed pass."""
+    reads_checked: int = 0
+    reads_wrong: int = 0
+    wall_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {"cascade_kv": _version("cascade-kv"), "command": shlex.join(sys.argv), "argv": sys.argv,
+                "machine": machine(), "settings": self.settings,
+                "figures": {f.key: f.as_dict() for f in self.figures}, "mixed": self.mixed,
+                "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
+                "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "w") as f:
+            json.dump(self.as_dict(), f, indent=2)
+            f.write("\n")
+
+
+def machine() -> dict[str, object]:
+    pages = os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {"cores": os.cpu_count(), "memory_bytes": pages * os.sysconf("SC_PAGE_SIZE"),
+            "platform": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version(), "numpy": _version("numpy"), "blake3": _version("blake3"),
+            "rich": _version("rich")}
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _num(x: float, unit: str) -> str:
+    if unit == "GB/s":
+        return f"{x:.2f} GB/s"
+    return f"{x:,.0f}{unit}"
+
+
+def _spread(s: Spread, unit: str) -> str:
+    lo, hi = (f"{s.low:.2f}", f"{s.high:.2f}") if unit == "GB/s" else (f"{s.low:,.0f}", f"{s.high:,.0f}")
+    return f"{_num(s.median, unit)}\n[dim]{lo} - {hi}[/dim]"
+
+
+def render(report: Report, console: Console) -> None:
+    """Print the figures table, the mixed-workload table and the notes."""
+    table = Table(title="cascade bench: single node (median of reps; range below)", show_lines=True)
+    for col, just in (("measurement", "left"), ("cascade-kv", "right"), ("ceiling (same run)", "right"),
+                      ("ratio", "right"), ("target", "right"), ("verdict", "center")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for f in report.figures:
+        ceiling = "-" if f.ceiling is None else f"{_spread(f.ceiling, f.unit)}\n[dim]{f.ceiling_label}[/dim]"
+        verdict = {None: "-", True: "[green]pass[/green]", False: "[red]below[/red]"}[f.passed]
+        label = f.label + (f"\n[dim]{f.note}[/dim]" if f.note else "")
+        table.add_row(label, _spread(f.value, f.unit), ceiling, "-" if f.ratio is None else f"{f.ratio:.2f}x",
+                      "-" if f.target is None else f.target.text(f.unit), verdict)
+    console.print(table)
+    if report.mixed:
+        console.print(_mixed_table(report.mixed))
+    s = report.settings
+    console.print("Store open (arena allocated and touched), apart from every timed figure: " + ", ".join(
+        f"{name} {sec:.2f} s" for name, sec in report.open_seconds.items()))
+    console.print("Cold reads: before each measured pass the files were fsynced and dropped from the page "
+                  "cache with posix_fadvise(POSIX_FADV_DONTNEED), for the store and for the raw ceiling alike.")
+    console.print(f"Sizes: block {format_size(s['block_size'])}, host tier {format_size(s['host_capacity'])}, "
+                  f"{s['reps']} reps after warm-up; disk tier in {escape(str(s['dir']))} (removed).")
+    colour = "green" if report.reads_wrong == 0 else "red"
+    console.print(f"[{colour}]Reads checked against the written bytes: {report.reads_checked}, "
+                  f"wrong: {report.reads_wrong}[/{colour}]. Wall time {report.wall_seconds:.1f} s.")
+
+
+def _mixed_table(m: dict) -> Table:  # type: ignore[type-arg]
+    bs = m["block_size"]
+    t = Table(title=f"mixed workload: {m['requests']} requests x ({m['prefix_blocks']} shared prefix + "
+                    f"{m['unique_per_request']} unique blocks of {format_size(bs)}); {format_size(m['stored_bytes'])} "
+                    f"stored, host tier {format_size(m['host_capacity'])}, default config")
+    for col, just in (("figure", "left"), ("value", "right"), ("detail", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    t.add_row("put throughput", f"{m['put_gbps']:.2f} GB/s",
+              f"{format_size(m['put_bytes'])} put with put_many (dedup hits included), {m['put_seconds']:.2f} s")
+    t.add_row("get throughput", f"{m['get_gbps']:.2f} GB/s",
+              f"{m['reads']} gets, {m['read_rounds']} rounds over the requests, {m['get_seconds']:.2f} s")
+    ceilings = m["ceilings_gbps"]
+    for tier, gbps in m["get_gbps_by_tier"].items():
+        ceiling = ceilings.get(tier)
+        ratio = f"; {gbps / ceiling:.2f}x of the {'np.copyto' if tier == 'host' else 'warm readinto'} ceiling " \
+                f"({ceiling:.2f} GB/s)" if ceiling else ""
+        t.add_row(f"  get served by {tier}", f"{gbps:.2f} GB/s", f"{m['reads_by_tier'][tier]} gets{ratio}"
+                  + ("" if tier == "host" else f"; {m['disk_reads_hashed']} hashed (verify=auto: first read of a "
+                                               f"file); includes the promotions they trigger"))
+    t.add_row("hits per tier", ", ".join(f"{k} {v}" for k, v in m["hits_by_tier"].items()),
+              "evictions: " + ", ".join(f"{k} {v}" for k, v in m["evictions_by_tier"].items()))
+    t.add_row("dedup hits", str(m["dedup_hits"]), f"{format_size(m['dedup_bytes_saved'])} not stored again")
+    t.add_row("prefix retention", f"{m['prefix_retention']:.0%}",
+              f"{m['protected_in_memory']} of {m['protected_blocks']} prefix blocks in memory at the end")
+    t.add_row("promotions", str(m["promotions"]), f"disk -> host, after {m['promotion_threshold']} reads from disk")
+    t.add_row("demotions", str(m["demotions"]), "host -> disk, to make room")
+    t.add_row("drops", str(m["drops"]), "blocks lost because the last tier was full")
+    return t

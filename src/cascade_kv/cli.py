@@ -1,0 +1,103 @@
+"""The ``cascade`` command: ``cascade bench`` (single-node benchmark) and ``cascade --version``."""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from . import __version__
+from .config import format_size, parse_size
+from .errors import CascadeError, ConfigError
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cascade", description="cascade-kv: a tiered, content-addressed "
+                                     "KV-cache block store.")
+    parser.add_argument("--version", action="version", version=f"cascade-kv {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench", help="measure the store on this machine against raw ceilings",
+        description="Run a single-node workload on the embedded default store (host tier + a disk tier in a "
+                    "temporary directory): host and disk reads of large blocks, puts, small blocks, and a mixed "
+                    "workload of unique and shared prefix blocks larger than the host tier. Each figure is printed "
+                    "beside its ceiling measured in the same run (np.copyto for memory, open + readinto of the "
+                    "same files for disk). Every read is checked; the exit code is 1 if any was wrong.")
+    bench.set_defaults(subparser=bench)  # errors in bench's options print bench's usage
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds (for CI)")
+    bench.add_argument("--json", metavar="PATH", type=Path, help="also write every figure, the machine and the "
+                       "command line to PATH as JSON")
+    bench.add_argument("--dir", metavar="PATH", type=Path, default=Path(tempfile.gettempdir()),
+                       help="where the temporary disk tier is created (removed at the end; default %(default)s)")
+    bench.add_argument("--host-capacity", metavar="SIZE", type=_size,
+                       help="host tier size, e.g. 1GiB (default 1GiB; 32MiB with --quick)")
+    bench.add_argument("--block-size", metavar="SIZE", type=_size,
+                       help="size of the large blocks, e.g. 16MiB (default 16MiB; 1MiB with --quick)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "bench":
+        parser.print_help()
+        return 2
+    return _bench(args, args.subparser)
+
+
+def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .bench.report import render
+    from .bench.single import Bench, BenchError, Sizes
+
+    sizes = Sizes.for_run(quick=args.quick, block=args.block_size, host_capacity=args.host_capacity)
+    if sizes.block < 4096 or sizes.block % 8:
+        parser.error(f"--block-size must be at least 4 KiB and a multiple of 8 bytes, got {sizes.block}")
+    if sizes.host_capacity < 4 * sizes.block:
+        parser.error(f"--host-capacity ({format_size(sizes.host_capacity)}) must hold at least 4 blocks "
+                     f"of {format_size(sizes.block)}")
+    if not args.dir.is_dir():
+        parser.error(f"--dir {args.dir} is not a directory")
+    console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the wide table
+    root = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.dir))
+    t0 = time.perf_counter()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            task = progress.add_task("starting", total=sizes.ticks)
+
+            def tick(what: str) -> None:
+                progress.update(task, description=what, advance=1)
+
+            report = Bench(sizes, root, tick).run()
+    except (CascadeError, BenchError) as e:
+        console.print(f"cascade bench: the store failed: {type(e).__name__}: {e}", style="red", markup=False)
+        return 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report.wall_seconds = time.perf_counter() - t0
+    report.settings["quick"] = args.quick
+    render(report, console)
+    if args.json is not None:
+        report.write_json(args.json)
+        console.print(f"Figures written to {args.json}")
+    if report.reads_wrong:
+        console.print(f"[red]FAILED: {report.reads_wrong} of {report.reads_checked} reads returned wrong bytes[/red]")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

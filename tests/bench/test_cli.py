@@ -1,0 +1,89 @@
+"""``cascade`` command line: ``--version``, ``bench --help``, and a ``bench --quick`` run end to end."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cascade_kv import __version__, cli
+from cascade_kv.store import Store
+
+CLI = [sys.executable, "-m", "cascade_kv.cli"]
+FIGURES = ("host_get", "put_blake3", "put_sha256", "small_get", "small_put", "disk_put", "disk_get_hot",
+           "disk_get_cold", "disk_get_hot_verify_always")
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], check=False, capture_output=True, text=True, timeout=timeout)
+
+
+def test_version() -> None:
+    p = run("--version")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"cascade-kv {__version__}"
+
+
+def test_console_script_is_installed() -> None:
+    exe = shutil.which("cascade")
+    if exe is None:
+        pytest.skip("the cascade console script is not on PATH (package not installed)")
+    p = subprocess.run([exe, "--version"], check=False, capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and __version__ in p.stdout
+
+
+def test_bench_help() -> None:
+    p = run("bench", "--help")
+    assert p.returncode == 0, p.stderr
+    for option in ("--quick", "--json", "--dir", "--host-capacity", "--block-size"):
+        assert option in p.stdout
+
+
+@pytest.mark.parametrize("args", [("--block-size", "1000"), ("--block-size", "lots"),
+                                  ("--host-capacity", "1MiB", "--block-size", "1MiB")])
+def test_bench_rejects_bad_sizes(args: tuple[str, ...]) -> None:
+    p = run("bench", "--quick", *args)
+    assert p.returncode == 2
+    assert "error" in p.stderr
+
+
+def test_bench_quick_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    p = run("bench", "--quick", "--json", str(out), "--dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "ceiling" in p.stdout and "mixed workload" in p.stdout
+    assert not list(tmp_path.glob("cascade-bench-*")), "the temporary disk tier was not removed"
+    data = json.loads(out.read_text())
+    assert data["reads_wrong"] == 0 and data["reads_checked"] > 0
+    assert data["machine"]["cores"] > 0 and data["machine"]["memory_bytes"] > 0
+    assert data["machine"]["numpy"] == np.__version__
+    assert "bench" in data["argv"] and "--quick" in data["argv"]
+    assert data["wall_seconds"] > 0
+    for key in FIGURES:
+        f = data["figures"][key]
+        assert 0 < f["min"] <= f["median"] <= f["max"], key
+        assert f["ceiling"]["median"] > 0 and f["ratio"] > 0, key
+    assert data["figures"]["host_get"]["target"] == {"kind": "ratio", "value": 0.8}
+    assert all(s > 0 for s in data["open_seconds"].values())
+    mixed = data["mixed"]
+    for key in ("put_gbps", "get_gbps", "dedup_hits", "demotions", "stored_bytes"):
+        assert mixed[key] > 0, key
+    assert mixed["stored_bytes"] > mixed["host_capacity"]  # more data than the host tier holds
+    assert mixed["prefix_retention"] == 1.0
+    assert mixed["dedup_hits"] == (mixed["requests"] - 1) * mixed["prefix_blocks"]
+
+
+def test_a_wrong_read_fails_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Store.get_many
+
+    def corrupting(self: Store, keys, outs=None):  # type: ignore[no-untyped-def]
+        results = real(self, keys, outs)
+        results[0].reshape(-1).view(np.uint8)[0] ^= 0xFF
+        return results
+
+    monkeypatch.setattr(Store, "get_many", corrupting)
+    assert cli.main(["bench", "--quick", "--dir", str(tmp_path)]) == 1
