@@ -34,6 +34,7 @@ class Block:
     ready: bool = False  # False while the first copy is being written (other puts of these bytes wait)
     pins: int = 0  # copies in flight outside the lock; while > 0 no copy is freed or reused
     moving: bool = False  # being demoted: not a victim again until that finishes
+    rising: bool = False  # being copied up into memory (protect, promotion): one such copy at a time
     lower_reads: int = 0  # reads served below the top tier since the last promotion
     lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it
 

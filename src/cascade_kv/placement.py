@@ -57,8 +57,9 @@ class Placement:
         return (f"{tier.traits.name}: {tier.used} B used of {tier.capacity} B, "
                 f"{protected} B protected")
 
-    def _make_room(self, t: int, b: Block) -> bool:
-        """Allocate ``b`` in tier ``t``, evicting LRU victims down a tier until it fits."""
+    def _make_room(self, t: int, b: Block, may_drop: bool = True) -> bool:
+        """Allocate ``b`` in tier ``t``, evicting LRU victims down a tier until it fits; without
+        ``may_drop``, give up rather than drop a block (a promotion must never cost a key)."""
         tier = self._tiers[t]
         while not tier.allocate(b.id, b.nbytes):
             victim = self._pick_victim(t)
@@ -67,7 +68,8 @@ class Placement:
                     self._cond.wait(WAIT_SLICE)  # another thread's demotion will free room
                     continue
                 return False
-            self._evict(victim, t)
+            if not self._evict(victim, t, may_drop):
+                return False
         return True
 
     def _pick_victim(self, t: int) -> Block | None:
@@ -77,28 +79,36 @@ class Placement:
                 return v
         return None
 
-    def _evict(self, v: Block, t: int) -> None:
+    def _evict(self, v: Block, t: int, may_drop: bool = True) -> bool:
         """Remove ``v``'s copy from tier ``t``: free it if a lower copy exists, else demote it one tier
-        (or drop the block when ``t`` is the last tier or the lower tier cannot take it)."""
-        self._c.tiers[t].evictions += 1
+        (or drop the block when ``t`` is the last tier or the lower tier cannot take it). Without
+        ``may_drop``, answer False instead of dropping a block."""
         dst = t + 1
         if v.where >> dst:  # a slower copy exists: this one can simply go
+            self._c.tiers[t].evictions += 1
             self._drop_copy(v, t)
-            return
+            return True
         if dst == len(self._tiers):
             if v.where & ~(1 << t) and not self._durable_copy(t):
                 self._drop_copy(v, t)  # a faster copy remains: nothing is lost
+            elif not may_drop:
+                return False
             else:
                 self._drop_block(v)
-            return
+            self._c.tiers[t].evictions += 1
+            return True
         v.moving = True
         try:
-            placed = self._make_room(dst, v)
+            placed = self._make_room(dst, v, may_drop)
         finally:
             v.moving = False
         if not placed:
+            if not may_drop:
+                return False
+            self._c.tiers[t].evictions += 1
             self._drop_block(v)
-            return
+            return True
+        self._c.tiers[t].evictions += 1
         v.moving = True
         v.pins += 1
         self._demoting[t] += 1
@@ -121,6 +131,7 @@ class Placement:
         if v.pins == 0:
             self._drop_copy(v, t)
         self._maybe_release(v)
+        return True
 
     def _durable_copy(self, t: int) -> bool:
         """Whether tier ``t`` holds the copies a persistent store's journal relies on (they cannot
@@ -139,28 +150,43 @@ class Placement:
             s.read_into(b.id, memoryview(buf))
             d.write(b.id, memoryview(buf))
 
-    def _bring_to_memory(self, b: Block) -> None:
-        """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix)."""
-        t = self._allocate(b, self._memory)
-        src = fastest(b.where)
-        b.pins += 1
+    def _bring_to_memory(self, b: Block, data: memoryview | None = None) -> None:
+        """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix).
+        ``data``: the block's bytes when the caller holds them (a put), so a bad lower copy cannot fail it."""
+        while b.rising:  # another thread is copying it up: a second slot for it would clash
+            self._cond.wait(WAIT_SLICE)
+        if b.where & self._memory_mask:
+            return
+        if not b.where:
+            raise IntegrityError(f"every copy of block {block_name(b.id)[:16]} failed its digest check")
+        b.rising = True
         try:
-            self._lock.release()
+            t = self._allocate(b, self._memory)
+            src = fastest(b.where)
+            b.pins += 1
             try:
-                self._copy_between(b, src, t)
+                self._lock.release()
+                try:
+                    if data is not None:
+                        self._tiers[t].write(b.id, data)
+                    else:
+                        self._copy_between(b, src, t)
+                finally:
+                    self._lock.acquire()
+            except IntegrityError:
+                self._tiers[t].free(b.id)
+                self._bad_copy(b, src)
+                raise
+            except BaseException:
+                self._tiers[t].free(b.id)
+                raise
             finally:
-                self._lock.acquire()
-        except IntegrityError:
-            self._tiers[t].free(b.id)
-            self._bad_copy(b, src)
-            raise
-        except BaseException:
-            self._tiers[t].free(b.id)
-            raise
+                b.pins -= 1
+            self._add_copy(b, t)
+            self._c.promotions += 1
         finally:
-            b.pins -= 1
-        self._add_copy(b, t)
-        self._c.promotions += 1
+            b.rising = False
+            self._cond.notify_all()
         self._maybe_release(b)
 
     def _add_copy(self, b: Block, t: int) -> None:
@@ -204,28 +230,35 @@ class Placement:
 
     def _promote(self, b: Block, data: np.ndarray) -> None:
         """Copy a block read often from a lower tier into the fastest tier with room (lock held)."""
+        if b.rising:
+            return  # another thread is copying it up already
         b.lower_reads = 0
         src = fastest(b.where)
-        for t in range(src):
-            if not self._tiers[t].fits(b.nbytes):
-                continue
-            b.pins += 1
-            try:
-                if not self._make_room(t, b):
+        b.rising = True
+        try:
+            for t in range(src):
+                if not self._tiers[t].fits(b.nbytes):
                     continue
-                self._lock.release()
+                b.pins += 1
                 try:
-                    self._tiers[t].write(b.id, byte_view(data))
-                except BaseException:
+                    if not self._make_room(t, b, may_drop=False):
+                        continue
+                    self._lock.release()
+                    try:
+                        self._tiers[t].write(b.id, byte_view(data))
+                    except BaseException:
+                        self._lock.acquire()
+                        self._tiers[t].free(b.id)
+                        raise
                     self._lock.acquire()
-                    self._tiers[t].free(b.id)
-                    raise
-                self._lock.acquire()
-                self._add_copy(b, t)
-                self._c.promotions += 1
-                return
-            finally:
-                self._unpin(b)
+                    self._add_copy(b, t)
+                    self._c.promotions += 1
+                    return
+                finally:
+                    self._unpin(b)
+        finally:
+            b.rising = False
+            self._cond.notify_all()
 
     def _bad_copy(self, b: Block, t: int) -> None:
         """A copy failed its check: quarantine it; the block is lost if no other copy remains."""

@@ -326,8 +326,11 @@ class Store(Placement):
 
     def _precheck_capacity(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId],
                            plan: Plan) -> None:
-        """Refuse, before anything moves, a put that cannot fit whatever is evicted."""
-        protected_need = 0
+        """Refuse, before anything moves, a put that cannot fit whatever is evicted (evicting first and
+        failing then would have demoted or dropped blocks for nothing)."""
+        memory_only = len(self._memory) == len(self._tiers)  # no slower tier: every block needs memory
+        memory_need = lower_need = 0
+        counted: set[BlockId] = set()  # a block given twice in the batch needs its room once
         for (key, arr, prefix), bid in zip(items, ids):
             allowed = self._allowed_tiers(prefix)
             if not any(self._tiers[t].fits(arr.nbytes) for t in allowed):
@@ -335,28 +338,51 @@ class Store(Placement):
                 biggest = max((self._tiers[t].capacity or 0) for t in allowed)
                 raise CapacityError(f"put({key!r}): block of {arr.nbytes} B is larger than every {where} "
                                     f"(largest holds {biggest} B)")
-            if self._must_be_in_memory(prefix) and not (self._blocks[bid].where & self._memory_mask):
-                protected_need += arr.nbytes
-        if not protected_need:
+            b = self._blocks[bid]
+            if bid in counted or b.where & self._memory_mask:
+                continue
+            if self._must_be_in_memory(prefix) or memory_only:
+                counted.add(bid)
+                memory_need += arr.nbytes
+            elif not b.where and not any(self._tiers[t].fits(arr.nbytes) for t in self._memory):
+                counted.add(bid)
+                lower_need += arr.nbytes  # a new block too large for memory: only a lower tier can take it
+        self._check_room(self._memory, memory_need, "" if memory_only else "protected ")
+        lower = [t for t in range(len(self._tiers)) if t not in self._memory]
+        if lower_need and all(self._tiers[t].capacity is not None for t in lower):
+            self._check_room(lower, lower_need, "")
+
+    def _check_room(self, tiers: list[int], need: int, what: str) -> None:
+        """Raise CapacityError if ``need`` bytes cannot fit in ``tiers`` even after evicting every victim."""
+        free = sum(self._tiers[t].capacity - self._tiers[t].used for t in tiers)  # type: ignore[operator]
+        if need <= free:
             return
-        free = sum(self._tiers[t].capacity - self._tiers[t].used for t in self._memory)  # type: ignore[operator]
-        if protected_need <= free:
-            return
-        evictable = sum(self._blocks[b].nbytes for t in self._memory for b in self._policy.victims(t)
+        evictable = sum(self._blocks[b].nbytes for t in tiers for b in self._policy.victims(t)
                         if self._blocks[b].pins == 0)
-        if protected_need > free + evictable:
+        if need > free + evictable:
             protected = sum(b.nbytes for b in self._blocks.values()
-                            if b.protected and b.where & self._memory_mask)
-            raise CapacityError(f"put: {protected_need} B of protected blocks need memory; memory has {free} B "
-                                f"free, {evictable} B evictable and {protected} B protected "
-                                f"(capacity {sum(self._tiers[t].capacity or 0 for t in self._memory)} B)")
+                            if b.protected and any(b.where >> t & 1 for t in tiers))
+            names = "/".join(self._tiers[t].traits.name for t in tiers)
+            raise CapacityError(f"put: {need} B of {what}blocks need room in the {names} tier(s), which have "
+                                f"{free} B free, {evictable} B evictable and {protected} B protected "
+                                f"(capacity {sum(self._tiers[t].capacity or 0 for t in tiers)} B)")
 
     def _place_all(self, plan: Plan, items: list[tuple[Key, np.ndarray, bool]],
                    ids: list[BlockId]) -> None:
         """Write every new block into its tier (and, with persist, durably to disk)."""
         src = {bid: (arr, prefix) for (_, arr, prefix), bid in zip(items, ids)}
         needs_memory = {bid for (_, _, p), bid in zip(items, ids) if self._must_be_in_memory(p)}
-        for b in plan.fresh:
+        # dedup hits on blocks that must now be protected but sit on disk only: bring them up first, from
+        # the caller's bytes (a bad disk copy must not fail a put that carries good ones)
+        fresh = {b.id for b in plan.fresh}
+        with self._lock:
+            for bid in needs_memory - fresh:
+                b = self._blocks[bid]
+                if not b.where & self._memory_mask:
+                    self._bring_to_memory(b, byte_view(src[bid][0]))
+        # blocks that must be in memory before the others: a block of this batch placed in memory stays
+        # pinned until the commit, so it could not make room for them
+        for b in sorted(plan.fresh, key=lambda b: b.id not in needs_memory):
             arr, _ = src[b.id]
             with self._lock:
                 t = self._allocate(b, self._allowed_tiers(b.id in needs_memory))
@@ -368,12 +394,6 @@ class Store(Placement):
                         raise CapacityError(f"put: disk tier cannot hold {b.nbytes} B "
                                             f"({self._tiers[self._disk].used} B used of {self.config.disk_capacity} B)")
                 self._write_copy(b, self._disk, byte_view(arr))
-        # dedup hits on blocks that must now be protected but sit on disk only: bring them up
-        with self._lock:
-            for bid in needs_memory:
-                b = self._blocks[bid]
-                if not b.where & self._memory_mask:
-                    self._bring_to_memory(b)
 
     def _write_copy(self, b: Block, t: int, data: memoryview) -> None:
         """Copy ``data`` into the slot allocated for ``b`` in tier ``t`` (outside the lock; b is pinned)."""

@@ -22,6 +22,7 @@ again, as git does for its index. ``verify="always"`` hashes every read.
 from __future__ import annotations
 
 import errno
+import logging
 import mmap
 import os
 import threading
@@ -33,6 +34,8 @@ from ..errors import IntegrityError, StorageError
 from ..hashing import Hasher
 from ..ids import BlockId, block_name, digest_of, parse_block_name
 from .base import Tier, TierTraits
+
+log = logging.getLogger(__name__)
 
 _DIRECT_ALIGN = 4096
 _BOUNCE = 8 << 20  # O_DIRECT staging buffer per thread
@@ -298,7 +301,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
+    """Remove a file we no longer track. Failing to (a read-only or failing disk) must not fail the
+    operation that no longer needs it: the file is an orphan, removed when a persistent store reopens."""
     try:
         os.unlink(path)
     except FileNotFoundError:
         pass
+    except OSError as e:
+        log.warning("disk tier: cannot remove %s: %s", path, e.strerror)
