@@ -119,10 +119,12 @@ class Journal:
             elif op == "prot" and key in state:
                 old = state[key]
                 state[key] = KeyRecord(old.key, old.block_id, old.nbytes, old.dtype, old.shape, bool(rec["p"]))
-        self._rewrite(state.values())
+        self.compact(state.values())
         return state
 
-    def _rewrite(self, records: Iterable[KeyRecord]) -> None:
+    def compact(self, records: Iterable[KeyRecord]) -> None:
+        """Replace the journal by one put record per live key (written aside, then renamed over it)."""
+        self.close()
         tmp = self.path.with_suffix(".compact")
         try:
             with open(tmp, "wb") as f:

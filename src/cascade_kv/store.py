@@ -87,14 +87,10 @@ class Store(Placement):
         # persist: journal + commit of user mutations happen in one order
         self._write_order: contextlib.AbstractContextManager[object] = (
             threading.Lock() if cfg.persist else contextlib.nullcontext())
-        tiers: list[Tier] = [HostTier(cfg.host_capacity)]
-        self._disk: int | None = None
+        tiers = self._make_tiers(cfg)
         try:
-            if cfg.disk_path is not None:
-                tiers.append(DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity,
-                                      durable=cfg.persist, o_direct=cfg.o_direct, verify=cfg.verify_reads))
-                self._disk = len(tiers) - 1
             self._tiers = tiers
+            self._disk = next((i for i, t in enumerate(tiers) if t.traits.persistent), None)
             self._memory = [i for i, t in enumerate(tiers) if t.traits.memory]
             self._memory_mask = sum(1 << i for i in self._memory)
             self._policy = LRUPolicy(len(tiers), semantic=cfg.semantic_eviction,
@@ -110,6 +106,19 @@ class Store(Placement):
             raise
         self.open_seconds = time.perf_counter() - t0
         """Seconds to open: arena allocation and touch, journal replay, reloading protected blocks."""
+
+    def _make_tiers(self, cfg: CascadeConfig) -> list[Tier]:
+        """The tiers, fastest first. The store's logic sees only their order and traits, so a subclass
+        adds a GPU arena before the host tier, or peers' memory after it, by overriding this alone."""
+        tiers: list[Tier] = [HostTier(cfg.host_capacity)]
+        if cfg.disk_path is not None:
+            try:
+                tiers.append(DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity,
+                                      durable=cfg.persist, o_direct=cfg.o_direct, verify=cfg.verify_reads))
+            except BaseException:
+                tiers[0].close()
+                raise
+        return tiers
 
     # ------------------------------------------------------------------ public API: writes
     def put(self, key: Key, array: object, is_prefix: bool = False) -> None:
@@ -267,6 +276,11 @@ class Store(Placement):
             for bid in disk.block_ids():
                 disk.free(bid)
         if self._journal is not None:
+            try:  # a long-lived store's journal holds every change since it opened: keep only live keys
+                self._journal.compact(catalog.KeyRecord(k, e.block_id, self._blocks[e.block_id].nbytes, e.dtype,
+                                                        e.shape, e.prefix) for k, e in self._keys.items())
+            except StorageError as e:  # the old journal is intact (compaction writes aside, then renames)
+                log.warning("journal not compacted at close: %s", e)
             self._journal.close()
         for t in self._tiers:
             t.close()
