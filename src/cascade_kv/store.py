@@ -377,7 +377,7 @@ class Store(Placement):
             protected = sum(b.nbytes for b in self._blocks.values()
                             if b.protected and any(b.where >> t & 1 for t in tiers))
             names = "/".join(self._tiers[t].traits.name for t in tiers)
-            raise CapacityError(f"put: {need} B of {what}blocks need room in the {names} tier(s), which have "
+            raise CapacityError(f"{need} B of {what}blocks need room in the {names} tier(s), which have "
                                 f"{free} B free, {evictable} B evictable and {protected} B protected "
                                 f"(capacity {sum(self._tiers[t].capacity or 0 for t in tiers)} B)")
 
@@ -492,6 +492,7 @@ class Store(Placement):
                     return
                 b = self._blocks[e.block_id]
                 if prefix and self._must_be_in_memory(True) and not b.where & self._memory_mask:
+                    self._check_room(self._memory, b.nbytes, "protected ")  # refuse before demoting anything
                     b.pins += 1  # cannot be dropped while we make room for it
                     try:
                         self._bring_to_memory(b)

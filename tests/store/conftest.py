@@ -114,7 +114,10 @@ def check_consistent(store: Store) -> None:
     assert s.unique_bytes == sum(i.nbytes for i in by_digest.values())
     prefixed = {store.info(k).digest for k in keys if store.info(k).prefix}
     assert s.protected_blocks == len(prefixed) == s.protected_in_memory
-    align = lambda n: (max(n, 1) + 63) // 64 * 64  # noqa: E731 (the host arena's rounding)
+
+    def align(n: int) -> int:  # the host arena's rounding
+        return (max(n, 1) + 63) // 64 * 64
+
     host = [i for i in by_digest.values() if "host" in i.tiers]
     assert s.tier("host").blocks == len(host)
     assert s.tier("host").used_bytes == sum(align(i.nbytes) for i in host)

@@ -9,7 +9,13 @@ import pytest
 
 import cascade_kv.catalog as catalog_module
 import cascade_kv.tiers.disk as disk_module
-from cascade_kv import BlockNotFound, CapacityError, CascadeError, StorageError, Store, StoreClosed
+from cascade_kv import (
+    BlockNotFound,
+    CapacityError,
+    CascadeError,
+    StorageError,
+    StoreClosed,
+)
 
 from .conftest import BLOCK, HOST, KIB, block, same, snapshot, values
 

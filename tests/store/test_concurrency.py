@@ -212,6 +212,7 @@ def test_concurrent_persistent_puts_survive_reopen(make_store, disk_dir):
 def test_stats_snapshots_are_consistent_during_writes(make_store):
     store = make_store()
     writers_done = threading.Event()
+    watching = threading.Event()
     finished = []
     seen: list[tuple[int, int]] = []
 
@@ -223,7 +224,9 @@ def test_stats_snapshots_are_consistent_during_writes(make_store):
                 assert s.keys <= s.puts and s.blocks <= s.keys
                 assert s.tier("host").used_bytes <= HOST
                 assert s.protected_in_memory == s.protected_blocks
+                watching.set()
             return
+        assert watching.wait(JOIN_TIMEOUT)
         for j in range(150):
             store.put(f"w{i}-{j % 16}", block(2 * KIB, seed=i * 100 + j % 7), is_prefix=j % 16 == 0)
         finished.append(i)
@@ -233,4 +236,4 @@ def test_stats_snapshots_are_consistent_during_writes(make_store):
     run_threads(4, work)
     check_consistent(store)
     assert len(store) == 3 * 16
-    assert len({k for k, _ in seen}) > 1  # the snapshots really were taken while keys were added
+    assert seen[0][0] == 0 and len(seen) > 1

@@ -118,41 +118,64 @@ class StoreModel(RuleBasedStateMachine):
         """Whether the last tier drops blocks when full (no disk, or a bounded one)."""
         return not self.disk or self.disk_capacity is not None
 
-    def _refusal_is_legit(self, batch: list[tuple[object, Entry]]) -> bool:
-        """A CapacityError is right when memory cannot hold what must be in it, or when every block
-        that could be evicted was and the hole left is still too small (fragmentation)."""
+    def _refusal(self, batch: list[tuple[object, Entry]]) -> tuple[bool, bool]:
+        """Whether a CapacityError is right, and whether it must have come before anything moved.
+
+        Right and up front: memory (or a bounded disk) cannot hold what must be in it, whatever is
+        evicted. Right after evicting: every block that could be evicted was and the hole left is
+        still too small (fragmentation); a lossy store may have dropped blocks on the way."""
         if self._memory_need(batch) > HOST:
-            return True
+            return True, True
         batch_contents = {e.value.content for _, e in batch}
         # blocks the batch shares with stored keys are held in place while it runs (the store pins them:
         # they must not go before the new keys refer to them), so those in memory count as needed there
-        held = [e for e in self.model.values() if self.dedup and e.value.content in batch_contents]
-        in_memory = [e for e in held if any("host" in self.store.info(k).tiers
-                                            for k, x in self.model.items() if x is e)]
+        present = self.store.keys()  # a failed put may have dropped blocks on its way (lossy stores)
+        in_memory = [self.model[k] for k in present if self.dedup and self.model[k].value.content in batch_contents
+                     and "host" in self.store.info(k).tiers]
         entries = list(self.model.values()) + [e for _, e in batch]
         protected = self._contents(e for e in self.model.values() if e.prefix)
         needed = self._contents([e for _, e in batch if e.prefix or not self.disk] + in_memory)
         if self._size(protected | needed, entries) > HOST:
-            return True
+            return True, True
 
         def exhausted(tier: str) -> bool:  # nothing evictable is left in the tier
-            for k in self.store.keys():
+            for k in present:
                 info = self.store.info(k)
-                if tier in info.tiers and not info.prefix and not self._shares_protected(k):
-                    if not self.dedup or self.model[k].value.content not in batch_contents:
-                        return False  # an unprotected block that could have made room is still there
+                if (tier in info.tiers and not info.prefix and not self._shares_protected(k)
+                        and (not self.dedup or self.model[k].value.content not in batch_contents)):
+                    return False  # an unprotected block that could have made room is still there
             return True
 
-        if any(e.prefix or not self.disk for _, e in batch):
-            if not exhausted("host"):
+        def memory_refused() -> bool:  # a block that must be in memory found no hole big enough
+            if not any(e.prefix or not self.disk for _, e in batch) or not exhausted("host"):
                 return False
             if len(batch) > 1:
                 return True  # blocks of the batch placed before the failing one fragmented memory (then were freed)
             return self.store.tiers[0].largest_hole < batch[0][1].value.nbytes
-        # unprotected blocks over a disk: only a bounded disk with nothing left to evict may refuse them
-        # (and memory too, unless the block is larger than memory)
-        return (self.disk_capacity is not None and exhausted("disk")
-                and (exhausted("host") or any(e.value.nbytes > HOST for _, e in batch)))
+
+        def disk_refused() -> bool:  # an unprotected block found no room: only a bounded disk may refuse it
+            if self.disk_capacity is None or all(e.prefix for _, e in batch):
+                return False
+            big = any(e.value.nbytes > HOST for _, e in batch if not e.prefix)
+            return exhausted("disk") and (exhausted("host") or big)
+
+        def disk_full_up_front() -> bool:  # new blocks only a bounded disk can take, more than it can hold
+            if self.disk_capacity is None:
+                return False
+            stored = {e.value.content for e in self.model.values()}
+            big = {e.value.content: e.value.nbytes for _, e in batch
+                   if not e.prefix and e.value.nbytes > HOST and e.value.content not in stored}
+            fixed = {}  # disk copies that cannot make room: protected, or held by the batch
+            for k in present:
+                e = self.model[k]
+                if "disk" in self.store.info(k).tiers and (
+                        self._shares_protected(k) or e.prefix or e.value.content in batch_contents):
+                    fixed[e.value.content] = e.value.nbytes
+            return sum(big.values()) > self.disk_capacity - sum(fixed.values())
+
+        if disk_full_up_front():
+            return True, True
+        return memory_refused() or disk_refused(), False
 
     def _shares_protected(self, key) -> bool:
         return self.dedup and any(e.prefix and e.value.content == self.model[key].value.content
@@ -166,8 +189,12 @@ class StoreModel(RuleBasedStateMachine):
         try:
             call()
         except CapacityError as err:
-            assert too_big or self._refusal_is_legit(batch), f"refused without cause: {err}"
-            self._reconcile(before, may_drop=not too_big and (self._memory_need(batch) <= HOST or self.lossy))
+            if too_big:
+                self._reconcile(before, may_drop=False)
+                return
+            legit, up_front = self._refusal(batch)
+            assert legit, f"refused without cause: {err}"
+            self._reconcile(before, may_drop=not up_front)
             return
         assert not too_big, "a block larger than every tier it may live in was accepted"
         stored = self._contents(self.model.values())
@@ -268,9 +295,10 @@ class StoreModel(RuleBasedStateMachine):
         try:
             self.store.protect(key)
         except CapacityError as err:
-            assert self._refusal_is_legit([(key, Entry(e.value, True))]), f"refused without cause: {err}"
+            legit, up_front = self._refusal([(key, Entry(e.value, True))])
+            assert legit, f"refused without cause: {err}"
+            self._reconcile(drops, may_drop=not up_front)
             assert not self.store.info(key).prefix
-            self._reconcile(drops, may_drop=False)
             return
         e.prefix = True
         self._reconcile(drops, may_drop=False)

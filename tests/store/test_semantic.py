@@ -256,3 +256,21 @@ def test_protected_in_memory_after_mixed_workload(store):
     for k in store.keys():
         if store.info(k).prefix:
             assert "host" in store.info(k).tiers
+
+
+@pytest.mark.parametrize("disk_capacity", [None, 4 * BLOCK])
+def test_protect_that_can_never_fit_moves_and_drops_nothing(make_store, disk_capacity):
+    """7 protected blocks and one unprotected block fill the host tier; protecting a 16 KiB block can
+    never fit, so nothing may be demoted (or, over a bounded disk, dropped) before the refusal."""
+    store = make_store(disk_capacity=disk_capacity)
+    store.put("u", block(2 * BLOCK, seed=1))
+    store.put_many(["x", "y"], [block(seed=2), block(seed=3)])
+    for i in range(7):
+        store.put(f"p{i}", block(seed=10 + i), is_prefix=True)
+    store.put("d", block(seed=20))
+    before, vals = snapshot(store), values(store)
+    demotions = store.stats().demotions
+    with pytest.raises(CapacityError):
+        store.protect("u")
+    assert snapshot(store) == before and values(store) == vals
+    assert store.stats().demotions == demotions

@@ -246,6 +246,17 @@ class DiskTier(Tier):
             return None
         return dst
 
+    def close(self) -> None:
+        """A scratch (non-durable) tier removes the directories it made once they are empty."""
+        if self._durable:
+            return
+        subdirs = [d for d in self._blocks.iterdir() if d.is_dir()] if self._blocks.is_dir() else []
+        for d in [*subdirs, self._blocks, self._tmp]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # not empty (another store's files, or blocks not freed): leave it
+
     # -- O_DIRECT -----------------------------------------------------------------------------
     def _bounce(self) -> memoryview:
         buf = getattr(self._local, "buf", None)
