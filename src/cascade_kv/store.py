@@ -408,6 +408,14 @@ class Store(Placement):
                         raise CapacityError(f"put: disk tier cannot hold {b.nbytes} B "
                                             f"({self._tiers[self._disk].used} B used of {self.config.disk_capacity} B)")
                 self._write_copy(b, self._disk, byte_view(arr))
+        # dedup hits whose only copies are unchecked (files adopted at reopen or changed since their last
+        # check): rewrite them from the caller's bytes, hashed just now, so that an acknowledged put never
+        # rests on a copy that may be corrupt. Rare (a stat each), and it heals bad files for free.
+        for bid in plan.held.keys() - fresh:
+            b = self._blocks[bid]
+            for t in range(len(self._tiers)):
+                if b.where >> t & 1 and not self._tiers[t].trusted(bid) and not b.where & ~(1 << t):
+                    self._tiers[t].write(bid, byte_view(src[bid][0]))
 
     def _write_copy(self, b: Block, t: int, data: memoryview) -> None:
         """Copy ``data`` into the slot allocated for ``b`` in tier ``t`` (outside the lock; b is pinned)."""

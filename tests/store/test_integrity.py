@@ -191,3 +191,18 @@ def test_good_memory_copy_is_used_and_bad_disk_copy_found_after_reopen(make_stor
     assert reopened.stats().quarantined == 2
     reopened.put("again", block(seed=1))  # heals "a"
     assert same(reopened.get("a"), block(seed=1))
+
+
+def test_dedup_put_onto_an_unchecked_corrupt_copy_rewrites_it_from_the_callers_bytes(make_store):
+    """An acknowledged put must not rest on a copy nobody checked: after a reopen, the files are
+    unchecked, so a put of the same bytes (a dedup hit) rewrites the file from the caller's bytes."""
+    first = make_store(persist=True)
+    path = _on_disk_only(first, "a")
+    first.close()
+    flip_byte(path)  # damaged while no store had it open
+    again = make_store(persist=True)
+    again.put("b", block(seed=1))  # the same bytes as "a": a dedup hit
+    assert again.stats().dedup_hits == 1
+    assert same(again.get("b"), block(seed=1))
+    assert same(again.get("a"), block(seed=1))  # healed for every key that shares the block
+    assert again.stats().integrity_errors == 0

@@ -86,6 +86,11 @@ class Tier(ABC):
     def block_ids(self) -> Iterator[BlockId]:
         """Every block currently held (a snapshot)."""
 
+    def trusted(self, block_id: BlockId) -> bool:
+        """Whether the copy is known to match its digest without reading it. Memory tiers hold only bytes
+        the store copied in; a tier whose copies can change behind its back (files) checks."""
+        return True
+
     def fits(self, nbytes: int) -> bool:
         """Whether a block of ``nbytes`` could ever fit in this tier, empty."""
         return self.capacity is None or nbytes <= self.capacity

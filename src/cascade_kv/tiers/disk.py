@@ -169,9 +169,7 @@ class DiskTier(Tier):
             if st.st_size != nbytes:
                 raise IntegrityError(f"disk tier: {path} holds {st.st_size} B, block is {nbytes} B (truncated or replaced)")
             sig = _signature(st)
-            known = self._verified.get(block_id)
-            trusted = (not self._verify_always and known is not None and known[0] == sig
-                       and sig[3] < known[1] - _racy_ns(sig[3]))
+            trusted = self._trusts(block_id, sig)
             got = self._read_direct(fd, out) if self._direct else _read_all(fd, out)
         except OSError as e:
             raise StorageError(e.errno, f"disk tier: cannot read {path}: {e.strerror}", str(path)) from e
@@ -188,6 +186,17 @@ class DiskTier(Tier):
         with self._lock:
             if block_id in self._sizes:
                 self._verified[block_id] = (sig, verified_at)
+
+    def _trusts(self, block_id: BlockId, sig: _Signature) -> bool:
+        known = self._verified.get(block_id)
+        return (not self._verify_always and known is not None and known[0] == sig
+                and sig[3] < known[1] - _racy_ns(sig[3]))
+
+    def trusted(self, block_id: BlockId) -> bool:
+        try:
+            return self._trusts(block_id, _signature(os.stat(self.path(block_id))))
+        except OSError:
+            return False
 
     def free(self, block_id: BlockId) -> None:
         self._release(block_id)
