@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from cascade_kv.hashing import Hasher
+from cascade_kv.ids import BlockId
 from cascade_kv.tiers import HostTier
 from cascade_kv.tiers.allocator import ALIGNMENT
 
@@ -14,6 +15,32 @@ from .conformance import TierConformance, block_id, load, store
 class TestHostTier(TierConformance):
     def make_tier(self, capacity: int) -> HostTier:
         return HostTier(capacity)
+
+
+class TestHostTierOnCallersBuffer(TierConformance):
+    """The arena in memory the caller owns (how an MPI window's memory becomes the host tier)."""
+
+    def make_tier(self, capacity: int) -> HostTier:
+        return HostTier(capacity, bytearray(capacity + 100))
+
+
+def test_callers_buffer_holds_the_blocks_in_place():
+    buf = bytearray(1 << 16)
+    tier = HostTier(1 << 16, buf)
+    bid = BlockId(bytes(range(32)))
+    assert tier.allocate(bid, 5)
+    tier.write(bid, memoryview(b"hello"))
+    offset = offset_of(tier, tier.view(bid))
+    assert bytes(buf[offset:offset + 5]) == b"hello"
+    tier.close()
+    assert len(buf) == 1 << 16  # not freed: the caller owns it
+
+
+def test_callers_buffer_too_small_or_read_only_is_refused():
+    with pytest.raises(ValueError, match="capacity"):
+        HostTier(1 << 16, bytearray(100))
+    with pytest.raises(ValueError, match="writable"):
+        HostTier(64, bytes(64))
 
 
 def offset_of(tier: HostTier, view: memoryview) -> int:

@@ -46,12 +46,22 @@ class HostTier(Tier):
 
     traits = TierTraits(name="host", memory=True, persistent=False, addressable=True)
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, buffer: object | None = None) -> None:
+        """``buffer``: memory to use as the arena instead of a private mapping (at least ``capacity``
+        writable bytes, e.g. an MPI window's memory, so peers can read blocks where they lie). The tier
+        does not own it: the caller frees it after :meth:`close`."""
         t0 = time.perf_counter()
         self._alloc = ArenaAllocator(capacity)
         self._mmap: mmap.mmap | None = None
         self.arena = np.empty(0, dtype=np.uint8)
-        if self._alloc.capacity:
+        if buffer is not None:
+            arena = np.frombuffer(buffer, dtype=np.uint8)
+            if arena.nbytes < self._alloc.capacity or arena.flags.writeable is False:
+                raise ValueError(f"host tier: buffer holds {arena.nbytes} B (writable: {arena.flags.writeable}); "
+                                 f"capacity is {self._alloc.capacity} B")
+            self.arena = arena[:self._alloc.capacity]
+            _touch(self.arena)
+        elif self._alloc.capacity:
             self._mmap = mmap.mmap(-1, self._alloc.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.arena = np.frombuffer(self._mmap, dtype=np.uint8)
             _touch(self.arena)
