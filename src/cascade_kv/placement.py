@@ -8,8 +8,10 @@ it can be freed or reused meanwhile.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -40,6 +42,16 @@ class Placement:
     _demoting: list[int]
     _lock: threading.Lock
     _cond: threading.Condition
+
+    @contextlib.contextmanager
+    def _unlocked(self) -> Iterator[None]:
+        """The body runs without the store's lock (a bulk copy of a pinned block); the lock is held
+        again on the way out, error or not, as every caller of these methods expects."""
+        self._lock.release()
+        try:
+            yield
+        finally:
+            self._lock.acquire()
 
     # ------------------------------------------------------------------ placement (lock held)
     def _allocate(self, b: Block, allowed: list[int]) -> int:
@@ -113,11 +125,8 @@ class Placement:
         v.pins += 1
         self._demoting[t] += 1
         try:
-            self._lock.release()
-            try:
+            with self._unlocked():
                 self._copy_between(v, t, dst)
-            finally:
-                self._lock.acquire()
         except BaseException:
             self._tiers[dst].free(v.id)
             raise
@@ -165,14 +174,11 @@ class Placement:
             src = fastest(b.where)
             b.pins += 1
             try:
-                self._lock.release()
-                try:
+                with self._unlocked():
                     if data is not None:
                         self._tiers[t].write(b.id, data)
                     else:
                         self._copy_between(b, src, t)
-                finally:
-                    self._lock.acquire()
             except IntegrityError:
                 self._tiers[t].free(b.id)
                 self._bad_copy(b, src)
@@ -243,14 +249,12 @@ class Placement:
                 try:
                     if not self._make_room(t, b, may_drop=False):
                         continue
-                    self._lock.release()
                     try:
-                        self._tiers[t].write(b.id, byte_view(data))
+                        with self._unlocked():
+                            self._tiers[t].write(b.id, byte_view(data))
                     except BaseException:
-                        self._lock.acquire()
                         self._tiers[t].free(b.id)
                         raise
-                    self._lock.acquire()
                     self._add_copy(b, t)
                     self._c.promotions += 1
                     return
