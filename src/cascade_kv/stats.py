@@ -9,6 +9,7 @@ class TierCounters:
     """Mutable per-tier counters, updated under the store's lock (no atomics needed)."""
 
     hits: int = 0  # gets served from this tier
+    misses: int = 0  # gets that looked here first and were served by a slower tier
     bytes_read: int = 0  # bytes served to callers from this tier
     bytes_written: int = 0  # bytes written into this tier (puts, demotions, promotions)
     evictions: int = 0  # copies removed from this tier to make room
@@ -40,6 +41,9 @@ class TierStats:
     name: str
     hits: int
     """Gets served from this tier."""
+    misses: int
+    """Gets that found no copy here and were served by a slower tier (a get served by the disk tier is a
+    miss of every memory tier above it)."""
     bytes_read: int
     """Bytes copied from this tier to callers."""
     bytes_written: int

@@ -245,7 +245,7 @@ class Store(Placement):
         with self._lock:
             c = self._c
             tiers = tuple(
-                TierStats(t.traits.name, tc.hits, tc.bytes_read, tc.bytes_written, tc.evictions,
+                TierStats(t.traits.name, tc.hits, tc.misses, tc.bytes_read, tc.bytes_written, tc.evictions,
                           sum(1 for b in self._blocks.values() if b.where >> i & 1), t.used, t.capacity)
                 for i, (t, tc) in enumerate(zip(self._tiers, c.tiers)))
             protected = [b for b in self._blocks.values() if b.protected]
@@ -530,6 +530,8 @@ class Store(Placement):
     def _account_read(self, b: Block, t: int) -> None:
         tc = self._c.tiers[t]
         tc.hits += 1
+        for faster in self._c.tiers[:t]:
+            faster.misses += 1
         tc.bytes_read += b.nbytes
         self._policy.accessed(t, b.id)
 

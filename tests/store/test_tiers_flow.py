@@ -60,6 +60,7 @@ def test_hits_and_misses_are_counted_per_tier(store):
         store.get_many(["k1", "nope"])
     s = store.stats()
     assert s.tier("host").hits == 1 and s.tier("disk").hits == 1 and s.hits == 2
+    assert s.tier("host").misses == 1 and s.tier("disk").misses == 0  # k0 went past the host tier
     assert s.tier("host").bytes_read == BLOCK and s.tier("disk").bytes_read == BLOCK
     assert s.misses == 2 and s.gets == 2
 
