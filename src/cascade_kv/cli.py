@@ -1,4 +1,5 @@
-"""The ``cascade`` command: ``cascade bench`` (single-node benchmark) and ``cascade --version``."""
+"""The ``cascade`` command: ``cascade bench`` (single-node benchmark; ``--ranks N`` starts N MPI ranks)
+and ``cascade --version``."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ranks(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of ranks, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 rank, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="cascade-kv: a tiered, content-addressed "
                                      "KV-cache block store.")
@@ -46,16 +57,59 @@ def build_parser() -> argparse.ArgumentParser:
                        help="host tier size, e.g. 1GiB (default 1GiB; 32MiB with --quick)")
     bench.add_argument("--block-size", metavar="SIZE", type=_size,
                        help="size of the large blocks, e.g. 16MiB (default 16MiB; 1MiB with --quick)")
+    bench.add_argument("--ranks", metavar="N", type=_ranks,
+                       help="MPI ranks: N > 1 starts N ranks on this machine through the project's own mpiexec "
+                            "(on a cluster, let the site's launcher start them instead: srun -n N cascade bench). "
+                            "Default: as many as the launcher started, else 1")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command != "bench":
         parser.print_help()
         return 2
-    return _bench(args, args.subparser)
+    code = _bench_ranks(args, argv)
+    return _bench(args, args.subparser) if code is None else code
+
+
+def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
+    """Start or answer a run of several ranks; ``None`` when this process runs the single-node benchmark."""
+    from .cluster.launch import LaunchError, launched_as, relaunch  # imports no MPI
+
+    try:
+        started = launched_as()
+        if started is None:
+            if args.ranks is None or args.ranks == 1:
+                return None
+            # No time limit: a full benchmark takes minutes, more on a slow disk; Ctrl-C stops every rank.
+            return relaunch(args.ranks, argv, timeout=None)
+    except LaunchError as e:
+        print(f"cascade bench: {e}", file=sys.stderr)
+        return 2
+    size = started.size
+    if size is None:  # the launcher does not say; MPI knows
+        from mpi4py import MPI
+        size = MPI.COMM_WORLD.Get_size()
+    if args.ranks is not None and args.ranks != size:
+        code = 2
+        message = (f"--ranks {args.ranks}, but {started.launcher} started {size} rank(s); ask the launcher for the "
+                   f"ranks (e.g. srun -n {args.ranks} cascade bench) or leave out --ranks")
+    elif size == 1:
+        return None
+    else:
+        code = 3
+        message = (f"started as {size} ranks by {started.launcher}, but the distributed benchmark is not built yet "
+                   "(issue 3). For the single-node benchmark, run it as one rank: `cascade bench` (or "
+                   "`srun -n 1 cascade bench` on a compute node).")
+    # Rank 0 alone speaks and fails the job. Were every rank to exit non-zero, the launcher would tear the job
+    # down at the first such exit, which may come before rank 0 has printed anything.
+    if started.rank != 0:
+        return 0
+    print(f"cascade bench: {message}", file=sys.stderr)
+    return code
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

