@@ -5,6 +5,10 @@ The arena is an anonymous ``mmap``: page aligned (so a GPU tier can pin it with
 and returned to the OS on close. It is touched page by page at open because
 this class of VM faults fresh memory in at about 0.5 GB/s, forty times slower
 than a warm copy: paying that once at open keeps it out of every later put.
+
+With ``slot_headers`` on, each block carries a 64-byte header in front of its
+bytes (:mod:`.slots`) so that peers can read it over an MPI window while this
+process frees and reuses the space: callers see the same views and sizes.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 from ..ids import BlockId
 from .allocator import ArenaAllocator, align_up
 from .base import Tier, TierTraits
+from .slots import SLOT_HEADER, digest16_of, next_generation, pack_header, pack_tombstone, unpack_header
 
 _PAGE = mmap.PAGESIZE
 
@@ -46,12 +51,18 @@ class HostTier(Tier):
 
     traits = TierTraits(name="host", memory=True, persistent=False, addressable=True)
 
-    def __init__(self, capacity: int, buffer: object | None = None) -> None:
+    def __init__(self, capacity: int, buffer: object | None = None, *, slot_headers: bool = False) -> None:
         """``buffer``: memory to use as the arena instead of a private mapping (at least ``capacity``
         writable bytes, e.g. an MPI window's memory, so peers can read blocks where they lie). The tier
-        does not own it: the caller frees it after :meth:`close`."""
+        does not own it: the caller frees it after :meth:`close`.
+
+        ``slot_headers``: put a :mod:`.slots` header in front of every block, written last by
+        :meth:`write` and tombstoned first by :meth:`free`, so a peer reading the arena one-sidedly can
+        tell a live block from a freed or reused slot (see :meth:`location`). ``capacity`` and ``used``
+        leave the headers out: an empty tier still takes one block of ``capacity`` bytes."""
         t0 = time.perf_counter()
         self._alloc = ArenaAllocator(capacity)
+        self._header = SLOT_HEADER if slot_headers else 0
         self._mmap: mmap.mmap | None = None
         self.arena = np.empty(0, dtype=np.uint8)
         if buffer is not None:
@@ -66,35 +77,46 @@ class HostTier(Tier):
             self.arena = np.frombuffer(self._mmap, dtype=np.uint8)
             _touch(self.arena)
         self._mv = memoryview(self.arena)
-        self._slots: dict[BlockId, tuple[int, int]] = {}  # block -> (offset, nbytes)
+        self._slots: dict[BlockId, tuple[int, int]] = {}  # block -> (offset of its bytes, nbytes)
         self._lock = threading.Lock()  # guards the allocator and _slots; copies run outside it
         self.open_seconds = time.perf_counter() - t0
         """Time taken to allocate and touch the arena."""
 
     @property
+    def slot_headers(self) -> bool:
+        return self._header != 0
+
+    @property
     def capacity(self) -> int:
-        return self._alloc.capacity
+        return max(self._alloc.capacity - self._header, 0)
 
     @property
     def used(self) -> int:
-        return self._alloc.capacity - self._alloc.free_bytes
+        return self._alloc.capacity - self._alloc.free_bytes - self._header * len(self._slots)
+
+    def _span(self, nbytes: int) -> int:
+        """Arena bytes a block of ``nbytes`` takes: header, bytes, rounding."""
+        return align_up(max(nbytes + self._header, 1))  # the allocator rounds every block up
 
     def fits(self, nbytes: int) -> bool:
-        return align_up(max(nbytes, 1)) <= self._alloc.capacity  # the allocator rounds every block up
+        return self._span(nbytes) <= self._alloc.capacity
 
     @property
     def largest_hole(self) -> int:
         """Largest block that can be allocated right now (fragmentation shows as largest_hole < free)."""
-        return self._alloc.largest_hole
+        return max(self._alloc.largest_hole - self._header, 0)
 
     def allocate(self, block_id: BlockId, nbytes: int) -> bool:
         with self._lock:
             if block_id in self._slots:
                 raise KeyError(f"block {block_id.hex()[:16]} already allocated in host tier")
-            offset = self._alloc.allocate(nbytes)
+            offset = self._alloc.allocate(nbytes + self._header)
             if offset is None:
                 return False
-            self._slots[block_id] = (offset, nbytes)
+            if self._header:
+                # the range may hold an old header or another block's bytes: nothing there is readable
+                pack_tombstone(self._mv, offset)
+            self._slots[block_id] = (offset + self._header, nbytes)
             return True
 
     def view(self, block_id: BlockId) -> memoryview:
@@ -105,7 +127,37 @@ class HostTier(Tier):
         dst = self.view(block_id)
         if src.nbytes != dst.nbytes:
             raise ValueError(f"host tier: block is {dst.nbytes} B, source is {src.nbytes} B")
+        if self._header:
+            # a rewrite of a live block must not be read as the old generation: tombstone first. Making
+            # the header stores under the lock also orders them against the copy: on x86-64 no load or
+            # store is reordered across the lock's atomic instructions (and glibc's non-temporal copies
+            # end in sfence), so the tombstone is visible before any new byte, the bytes before the header.
+            with self._lock:
+                pack_tombstone(self._mv, self._slots[block_id][0] - self._header)
         dst[:] = src.cast("B") if src.format != "B" or src.ndim != 1 else src
+        if self._header:
+            self.seal(block_id)
+
+    def seal(self, block_id: BlockId) -> int:
+        """Publish the block's bytes as they are now under a fresh generation, and return it.
+        :meth:`write` seals; a caller that filled the block through :meth:`view` seals it itself,
+        else the header stays a tombstone and no peer can read the block."""
+        if not self._header:
+            raise ValueError("host tier: slot headers are off")
+        with self._lock:
+            offset, nbytes = self._slots[block_id]
+            generation = next_generation()
+            pack_header(self._mv, offset - self._header, generation, nbytes, digest16_of(block_id))
+            return generation
+
+    def location(self, block_id: BlockId) -> tuple[int, int, int]:
+        """``(header offset in the arena, nbytes, generation)`` of a block, for a directory to
+        publish; generation 0 means not readable yet (allocated but not written or sealed)."""
+        if not self._header:
+            raise ValueError("host tier: slot headers are off")
+        with self._lock:
+            offset, nbytes = self._slots[block_id]
+            return offset - self._header, nbytes, unpack_header(self._mv, offset - self._header).generation
 
     def read_into(self, block_id: BlockId, out: memoryview) -> None:
         src = self.view(block_id)
@@ -116,7 +168,11 @@ class HostTier(Tier):
     def free(self, block_id: BlockId) -> None:
         with self._lock:
             offset, nbytes = self._slots.pop(block_id)
-            self._alloc.free(offset, nbytes)
+            if self._header:
+                # before the range can be handed out again: a reader that copied bytes of the next
+                # block there will find this tombstone (or a newer header) when it checks again
+                pack_tombstone(self._mv, offset - self._header)
+            self._alloc.free(offset - self._header, nbytes + self._header)
 
     def contains(self, block_id: BlockId) -> bool:
         return block_id in self._slots

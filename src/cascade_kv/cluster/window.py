@@ -1,0 +1,222 @@
+"""Each rank's host arena as an MPI window, and the epochs that scope one-sided access to it.
+
+The window is made by ``MPI.Win.Allocate``, not by ``Win.Create`` over an arena
+the tier mapped itself: only memory MPI allocates can go to Open MPI's osc/sm
+component on one node, where a passive-target Get is a plain copy out of a
+shared mapping and so progresses while the owner computes. Over memory from
+``Win.Create`` a Get waits for the owner to enter MPI.
+
+Layout of every rank's window (displacement unit 1 byte)::
+
+    0              one page: window header (magic, layout version, arena capacity), rest zero
+    arena_offset   the arena: ``capacity`` bytes, rounded up to whole pages, handed to HostTier
+
+The header page lets a peer check what a displacement points into (:meth:`ArenaWindow.describe`);
+page rounding keeps every rank's arena page aligned, since osc/sm lays the ranks' memory end to end
+in one shared segment.
+
+Every epoch is a ``with``: ``with epoch(aw, rank) as win: win.Get(...)``; a bare Lock/Unlock pair
+would leave the target locked if the Get raised, and every later epoch on it would hang.
+"""
+from __future__ import annotations
+
+import mmap
+import struct
+import sys
+import threading
+from dataclasses import dataclass
+from types import TracebackType
+
+from mpi4py import MPI
+
+_PAGE = mmap.PAGESIZE
+_MAGIC = int.from_bytes(b"CKVARENA", "little")
+_VERSION = 1
+_WINDOW_HEADER = struct.Struct("<QQQQ")  # magic, version, arena capacity, arena offset
+
+ARENA_OFFSET = _PAGE
+"""Displacement of the arena in every rank's window (the header page comes first)."""
+
+
+def _round_page(n: int) -> int:
+    return (n + _PAGE - 1) // _PAGE * _PAGE
+
+
+@dataclass(frozen=True, slots=True)
+class WindowInfo:
+    """What a rank's window header says (read one-sidedly by :meth:`ArenaWindow.describe`)."""
+
+    rank: int
+    version: int
+    capacity: int
+    arena_offset: int
+
+
+class epoch:  # lower case: it reads as the statement it scopes, `with epoch(win, rank):`
+    """A passive-target access epoch on one target of an arena window: ``Lock`` on entry, ``Unlock``
+    on exit, even when the body raises; yields the ``MPI.Win``. ``shared=False`` locks exclusively.
+
+    Epochs of one process on one window take turns (:attr:`ArenaWindow.access`): MPI forbids a process
+    two epochs at once on the same target, and Open MPI answers a second thread's ``Lock`` with
+    MPI_ERR_RMA_SYNC. One ``Lock_all`` epoch held for the window's life, shared by every thread, was
+    rejected for now: it would let threads copy in parallel, but epochs would no longer be scoped.
+
+    A class rather than ``@contextmanager``: it is entered once per remote read, and a generator-based
+    manager costs a few microseconds, as much as a 4 KiB Get."""
+
+    __slots__ = ("_aw", "_rank", "_type")
+
+    def __init__(self, aw: ArenaWindow, rank: int, *, shared: bool = True) -> None:
+        self._aw = aw
+        self._rank = rank
+        self._type = MPI.LOCK_SHARED if shared else MPI.LOCK_EXCLUSIVE
+
+    def __enter__(self) -> MPI.Win:
+        win = self._aw.win
+        self._aw.access.acquire()
+        try:
+            win.Lock(self._rank, self._type)
+        except BaseException:
+            self._aw.access.release()
+            raise
+        return win
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self._aw.win.Unlock(self._rank)
+        finally:
+            self._aw.access.release()
+
+
+class lock_all:
+    """A shared passive-target epoch on every rank at once (``Lock_all``/``Unlock_all``), for batches
+    that read from several ranks: one epoch, many Gets, ``Flush_all`` where the order matters. Takes
+    turns with the process's other epochs on the window, as :class:`epoch` does."""
+
+    __slots__ = ("_aw",)
+
+    def __init__(self, aw: ArenaWindow) -> None:
+        self._aw = aw
+
+    def __enter__(self) -> MPI.Win:
+        win = self._aw.win
+        self._aw.access.acquire()
+        try:
+            win.Lock_all()
+        except BaseException:
+            self._aw.access.release()
+            raise
+        return win
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self._aw.win.Unlock_all()
+        finally:
+            self._aw.access.release()
+
+
+def _hints(same_size: bool) -> MPI.Info:
+    """Creation hints. Open MPI 5 acts on ``alloc_shared_noncontig`` and echoes only that one back;
+    the others are standard MPI hints that cost nothing where they are ignored. ``no_locks`` is not
+    set: passive-target epochs are the point of the window."""
+    info = MPI.Info.Create()
+    info.Set("alloc_shared_noncontig", "false")  # one segment, ranks end to end (each rounded to pages)
+    info.Set("same_disp_unit", "true")
+    info.Set("same_size", "true" if same_size else "false")
+    info.Set("accumulate_ordering", "none")  # no accumulates are ever issued on this window
+    return info
+
+
+class ArenaWindow:
+    """This rank's host arena, exposed to every rank of ``comm`` as one MPI window.
+
+    Creation and :meth:`close` are collective over ``comm``. Ranks may ask for different capacities.
+    """
+
+    def __init__(self, comm: MPI.Comm, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"arena window: capacity must be an int >= 0, got {capacity!r}")
+        self.comm = comm
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self.capacity = capacity
+        self.capacities: tuple[int, ...] = tuple(comm.allgather(capacity))
+        """Every rank's arena capacity, so a reader bounds-checks a location without asking its owner."""
+        self.access = threading.Lock()
+        """Held by this process's open epoch on the window (see :class:`epoch`)."""
+        info = _hints(same_size=len(set(self.capacities)) == 1)
+        try:
+            self.win: MPI.Win = MPI.Win.Allocate(ARENA_OFFSET + _round_page(capacity), 1, info, comm)
+        finally:
+            info.Free()
+        self._buffer: MPI.buffer | None = self.win.tomemory()
+        whole = memoryview(self._buffer)  # type: ignore[arg-type]  # mpi4py buffer: writable bytes
+        _WINDOW_HEADER.pack_into(whole, 0, _MAGIC, _VERSION, capacity, ARENA_OFFSET)
+        whole.release()
+        self._memory: memoryview | None = self._arena_view()
+        comm.Barrier()  # every header is written before any peer can describe() it
+
+    def _arena_view(self) -> memoryview:
+        assert self._buffer is not None
+        return memoryview(self._buffer)[ARENA_OFFSET:ARENA_OFFSET + self.capacity]  # type: ignore[arg-type]
+
+    @property
+    def memory(self) -> memoryview:
+        """The arena's bytes (writable, page aligned): pass as ``HostTier(capacity, buffer=...)``."""
+        if self._memory is None:
+            raise ValueError("arena window is closed")
+        return self._memory
+
+    @property
+    def closed(self) -> bool:
+        return self._memory is None
+
+    def describe(self, rank: int) -> WindowInfo:
+        """Read ``rank``'s window header one-sidedly (a check of the layout, not a hot path)."""
+        buf = bytearray(_WINDOW_HEADER.size)
+        with epoch(self, rank) as win:
+            win.Get([buf, MPI.BYTE], rank, (0, len(buf), MPI.BYTE))
+        magic, version, capacity, offset = _WINDOW_HEADER.unpack(buf)
+        if magic != _MAGIC:
+            raise ValueError(f"arena window: rank {rank}'s window holds no arena header (magic {magic:#x})")
+        return WindowInfo(rank, version, capacity, offset)
+
+    def close(self) -> None:
+        """Free the window on every rank (collective; a second call does nothing).
+
+        The tier built on :attr:`memory` must be closed first, and no view of it kept: freeing unmaps
+        the memory, and a view that outlived it would crash the process on its next access. A rank that
+        still holds one makes every rank raise ``BufferError`` instead, with the window left open."""
+        if self._memory is None:
+            return
+        # Every view of the arena, however derived (numpy arrays, memoryview slices), holds the one
+        # buffer our memoryview took from mpi4py's, and with it a reference to that object: once ours
+        # is released, a count above the baseline means a view is still alive. memoryview.release()
+        # alone was rejected: numpy's frombuffer does not keep an export on the view it was given.
+        try:
+            self._memory.release()
+            held = sys.getrefcount(self._buffer) > 2  # the attribute, and getrefcount's argument
+        except BufferError:  # something holds a buffer taken from our view itself
+            held = True
+        # decided together: a rank that skipped Win.Free would leave the others waiting in it forever
+        holders = self.comm.allgather(held)
+        if any(holders):
+            self._memory = self._arena_view()  # the window stays open and usable
+            raise BufferError(f"arena window: ranks {[r for r, h in enumerate(holders) if h]} still hold views "
+                              "of their arena; close the host tier and drop its views before the window")
+        self._memory = None
+        self._buffer = None
+        self.win.Free()
+
+    def __enter__(self) -> ArenaWindow:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"capacity={self.capacity}"
+        return f"<ArenaWindow rank {self.rank}/{self.size} {state}>"

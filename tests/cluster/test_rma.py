@@ -1,0 +1,102 @@
+"""One-sided reads over arena windows, run as real MPI jobs (``mpiexec -n 2`` and ``-n 4``).
+
+Each test starts :mod:`rma_worker` under ``mpiexec`` with a scenario; the ranks check their invariants,
+agree on them with collectives, and rank 0 prints one ``RESULT {json}`` line that the test asserts on.
+The last test runs the benchmark's entry point (``python -m cascade_kv.bench.rma``) on tiny blocks.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("rma_worker.py")
+MPIEXEC = Path(sys.executable).with_name("mpiexec")
+TIMEOUT_S = 60
+
+# What Open MPI needs to run several ranks on this machine (values already set are kept).
+_MPI_ENV = {
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",  # more ranks than cores
+    "OMPI_MCA_mpi_yield_when_idle": "1",  # oversubscribed ranks give their core away while they wait
+    "OMPI_MCA_osc": "^ucx",  # the wheel's UCX one-sided component fails on machines without UCX hardware
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",  # containers and CI runners are often root
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+}
+
+pytestmark = pytest.mark.skipif(not MPIEXEC.is_file(), reason=f"no mpiexec beside the interpreter ({MPIEXEC})")
+
+
+def run_worker(n: int, *args: str, timeout: float = TIMEOUT_S) -> dict[str, object]:
+    """Run the worker as ``n`` ranks; the result rank 0 printed."""
+    out = run([str(MPIEXEC), "-n", str(n), sys.executable, str(WORKER), *args], timeout)
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, f"expected one RESULT line\n{out}"
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
+def run(cmd: list[str], timeout: float = TIMEOUT_S) -> str:
+    """Run ``cmd`` (mpiexec and its ranks) with the environment Open MPI needs; its stdout. Fails the
+    test, with the job's output, when it fails or outlives ``timeout`` (then every process is killed)."""
+    env = {**_MPI_ENV, **os.environ}
+    # a session of its own, so one killpg reaches every rank (a rank stuck in a collective outlives mpiexec)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # every process of the group ended on its own meanwhile
+            pass
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s\n{out}\n{err}")
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{out}\n{err}")
+    return out
+
+
+def assert_nothing_left(result: dict[str, object]) -> None:
+    """Closing the windows unmapped them and left no file in /dev/shm, and the job's own shared-memory
+    segments went with it."""
+    assert result["shm_left"] == [[]] * len(result["shm_left"])  # type: ignore[arg-type]
+    assert result["osc_maps_left"] == [[]] * len(result["osc_maps_left"])  # type: ignore[arg-type]
+    seen = {path for paths in result["shm_files"] for path in paths}  # type: ignore[union-attr]
+    assert [path for path in seen if os.path.exists(path)] == []
+
+
+def test_reads_blocks_and_refuses_stale_locations():
+    result = run_worker(2, "basic")
+    checks = {k: v for k, v in result.items() if k.startswith("rank ")}
+    assert "rank 1: single_ok" in checks and "rank 1: race: reuse after bytes copied -> refused" in checks
+    assert [k for k, v in checks.items() if v is not True] == []
+    assert_nothing_left(result)
+
+
+def test_churning_owner_never_yields_another_blocks_bytes():
+    result = run_worker(2, "stress", "2")
+    assert result["torn"] == 0, result
+    assert result["ok"] > 0 and result["stale"] > 0 and result["batches"] > 0, result
+    assert result["owner_ops"] > 100, result
+    assert_nothing_left(result)
+
+
+def test_four_ranks_read_each_other_in_one_epoch():
+    result = run_worker(4, "many")
+    assert result["all_read_before"] is True
+    assert result["after_matches_frees"] is True
+    assert result["describe_ok"] is True
+    assert result["reads_per_rank"] == 18
+    assert_nothing_left(result)
+
+
+def test_bench_entry_relaunches_itself_as_two_ranks():
+    # started by hand (no launcher variables), it runs itself again under mpiexec -n 2
+    out = run([sys.executable, "-m", "cascade_kv.bench.rma", "--sizes", "64KiB", "--reps", "1", "--json"])
+    figures = json.loads(out)["sizes"][str(64 * 1024)]
+    assert figures["bare_get_GBps"]["median"] > 0 and figures["remote_read_GBps"]["median"] > 0
+    assert figures["ratio"] > 0
