@@ -37,3 +37,7 @@ class StorageError(CascadeError, OSError):
 
 class StoreClosed(CascadeError, RuntimeError):
     """The store was used after :meth:`Store.close`."""
+
+
+class PeerTimeout(CascadeError, TimeoutError):
+    """Another rank did not answer within the configured timeout (the message names the rank)."""

@@ -1,0 +1,429 @@
+"""A service thread per rank and a small request/response layer over MPI.
+
+Every rank runs one :class:`Service`: a daemon thread that blocks in a matched
+probe for requests on a private duplicate of the communicator, runs the handler
+registered for the request's op, and sends the reply back. Any thread of any
+rank can :meth:`~Service.call` a rank, or :meth:`~Service.call_many` several
+(all requests are sent first, then the replies collected: one round trip's
+latency for the whole batch). The global directory is built on this.
+
+Wire format. A message is a fixed 24-byte header (:data:`HEADER`) followed by
+the payload, sent as *one* message, so a small lookup costs one send each way
+and no pickling. The receiver sizes its buffer from a matched probe
+(``Mprobe``/``Improbe`` then ``Message.Recv``): a probe costs a microsecond or
+two and puts no limit on the payload. The alternative, a fixed maximum inline
+size with a follow-up message for larger payloads, was rejected: it saves that
+microsecond but needs a second protocol path, and a second matching problem,
+for the rare large reply. A matched probe (unlike ``Probe`` + ``Recv``) removes
+the message from the queue atomically, so concurrent receivers cannot steal
+each other's messages.
+
+Reply matching. Each ``call``/``call_many`` takes a fresh *reply tag* from a
+per-process counter and writes it into the header of every request it sends;
+the service thread replies with that tag. The caller then probes only its own
+tag, so MPI's matching engine routes each reply straight to the thread that is
+waiting for it, however many application threads call at once. Within a batch
+the header's request id (unique per process) says which request a reply
+answers. A reply dispatcher thread was rejected: every reply would pay a second
+thread hand-off (a GIL switch and a condition-variable wake-up, tens of
+microseconds on a busy rank). A reply that arrives after its caller timed out
+carries a tag nobody else uses (tags wrap only after 2**31 calls), so it can
+never be taken for another reply; it is received and dropped by a later call.
+
+Bounded waits. A caller polls for its replies (``Improbe``) until a deadline:
+it spins for :data:`SPIN_S` (a round trip between idle ranks takes ~20 us), then
+sleeps a quarter of the time waited so far, within :data:`FIRST_SLEEP_S` ..
+:data:`MAX_SLEEP_S`, so a slow peer does not cost a core on a machine where
+ranks share cores. Sleeping in proportion to the wait bounds the latency added
+to a late reply at about 25% of it; plain doubling was rejected because it adds
+up to 100%. Past the deadline it raises :class:`~cascade_kv.errors.PeerTimeout` naming the rank, the
+op and the time waited. ``close()`` bounds its barrier and its join the same way.
+
+The service thread itself blocks in ``Mprobe``, as the design asks. Open MPI's
+blocking calls poll, so an idle service thread keeps polling and, with
+``mpi_yield_when_idle=1``, calls ``sched_yield``: it steps aside for any runnable
+thread but still takes most of an otherwise idle core (~0.85 core-seconds per
+second measured here).
+
+The service thread needs the GIL to answer. A main thread that blocks in C code
+*holding* the GIL stops its rank from answering, and a peer waiting on that rank
+then gets ``PeerTimeout``. One such call is easy to make by accident: mpi4py's
+first pickle-based ``reduce``/``allreduce`` over a communicator creates a private
+duplicate of it (a collective ``MPI_Comm_dup``) with the GIL held, so a rank that
+enters one while a peer still waits on its service deadlocks both until the
+timeout (measured: it failed the 4-rank test every run). The constructor does
+that first reduction on ``comm`` itself, where every rank is in a collective
+anyway; other communicators need the same care (or buffer-based ``Allreduce``).
+
+Handlers run on the service thread, one at a time, and **must never block on
+another rank** (no ``call``, no collective, no blocking receive): two service
+threads each waiting in a handler for the other's answer would deadlock, and
+every request queued behind them would time out. A handler that needs another
+rank's data must return what it has and let the caller ask that rank. A call
+to one's own rank runs the handler directly on the calling thread (no MPI), so
+handlers must also be thread-safe.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from mpi4py import MPI
+
+from ..errors import CascadeError, PeerTimeout
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[int, memoryview], "bytes | bytearray | memoryview"]
+"""``handler(source_rank, payload) -> reply``. ``payload`` is valid only during the call: copy what you keep."""
+
+HEADER = struct.Struct("<HHIQII")
+"""op (u16), flags (u16, reserved, 0), payload length (u32), request id (u64), status (u32), reply tag (u32)."""
+
+MAX_OP = 0xFFEF
+"""Largest op a caller may register; ops above are the service's own."""
+
+MAX_PAYLOAD = (1 << 31) - 1 - HEADER.size
+"""Largest request or reply payload: one message of at most 2**31 - 1 bytes (an MPI ``int`` count)."""
+
+_OP_STOP = 0xFFFF  # sent by a rank to itself in close(): the service thread exits
+_REQUEST_TAG = 1
+_FIRST_REPLY_TAG = 2
+
+# Reply status. A handler's exception travels as "<type name>\0<message>" in the payload.
+_OK = 0
+_HANDLER_ERROR = 1
+_UNKNOWN_OP = 2
+_BAD_REQUEST = 3
+
+SPIN_S = 100e-6
+"""Poll without sleeping this long before backing off (several idle round trips)."""
+FIRST_SLEEP_S = 20e-6
+MAX_SLEEP_S = 2e-3
+"""Backoff bounds: the cap keeps a stalled wait to ~500 polls/s and a late reply's extra latency to ~2 ms."""
+
+SERVICE_SWITCH_INTERVAL = 0.0005
+"""GIL switch interval set while a service is open, if the interpreter's is still CPython's default (5 ms).
+
+A request that arrives while the rank's main thread runs pure Python may have to
+wait for the GIL, which the holder gives up only every switch interval. Measured
+with ``python -m cascade_kv.bench.directory_rtt`` (2 ranks on 2 shared cores), the
+median round trip to a busy peer stays ~15 us either way, but p99 falls from
+13-20 ms at 5 ms to 6-8 ms at 0.5 ms (the rest is the OS scheduler: four threads
+poll on two cores). The price is more frequent switches between the
+application's own threads. An interval the application set itself is left alone."""
+_DEFAULT_SWITCH_INTERVAL = 0.005
+
+
+class RemoteError(CascadeError, RuntimeError):
+    """A handler on ``rank`` raised (or no handler was registered for ``op``) while serving a call."""
+
+    def __init__(self, rank: int, op: int, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"rank {rank}: op {op} failed: {remote_type}: {remote_message}")
+        self.rank = rank
+        self.op = op
+        self.remote_type = remote_type
+        """Name of the exception type raised on ``rank`` (e.g. ``"KeyError"``)."""
+        self.remote_message = remote_message
+
+
+class ServiceClosed(CascadeError, RuntimeError):
+    """The service was used after :meth:`Service.close`."""
+
+
+# --------------------------------------------------------------- GIL switch interval
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_lowered = False
+
+
+def _lower_switch_interval() -> None:
+    global _switch_users, _switch_lowered
+    with _switch_lock:
+        if _switch_users == 0 and sys.getswitchinterval() == _DEFAULT_SWITCH_INTERVAL:
+            sys.setswitchinterval(SERVICE_SWITCH_INTERVAL)
+            _switch_lowered = True
+        _switch_users += 1
+
+
+def _restore_switch_interval() -> None:
+    global _switch_users, _switch_lowered
+    with _switch_lock:
+        _switch_users -= 1
+        if _switch_users == 0 and _switch_lowered:
+            if sys.getswitchinterval() == SERVICE_SWITCH_INTERVAL:  # unless someone changed it since
+                sys.setswitchinterval(_DEFAULT_SWITCH_INTERVAL)
+            _switch_lowered = False
+
+
+def _wait(test: Callable[[], bool], deadline: float) -> bool:
+    """Poll ``test`` until it returns True (-> True) or ``deadline`` passes (-> False); spin, then back off."""
+    started = time.perf_counter()
+    while not test():
+        now = time.perf_counter()
+        if now >= deadline:
+            return False
+        waited = now - started
+        if waited >= SPIN_S:
+            time.sleep(min(max(waited / 4, FIRST_SLEEP_S), MAX_SLEEP_S, deadline - now))
+    return True
+
+
+def _error_payload(exc: BaseException) -> bytes:
+    return f"{type(exc).__qualname__}\0{exc}".encode("utf-8", "replace")
+
+
+class Service:
+    """The request/response service of one rank. Collective: every rank of ``comm`` builds one.
+
+    ``timeout`` bounds every wait on a peer (seconds). ``handlers`` are registered
+    before the service thread starts, so no request, even one from a rank that is
+    already calling, can find its op unregistered; :meth:`register` adds more later.
+    """
+
+    def __init__(self, comm: MPI.Comm, *, timeout: float = 30.0,
+                 handlers: Mapping[int, Handler] | None = None) -> None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise CascadeError("the service thread needs MPI_THREAD_MULTIPLE; MPI was initialised with "
+                               f"level {MPI.Query_thread()} (leave mpi4py.rc.thread_level at 'multiple')")
+        self.timeout = float(timeout)
+        self._handlers: dict[int, Handler] = {}
+        for op, handler in (handlers or {}).items():
+            self.register(op, handler)
+        # Warm mpi4py's lazily built context for object reductions on comm (see the module docstring).
+        comm.allreduce(0)
+        self._comm = comm.Dup()  # collective; our traffic can never match the application's receives
+        self.rank: int = self._comm.Get_rank()
+        self.size: int = self._comm.Get_size()
+        tag_ub = self._comm.Get_attr(MPI.TAG_UB)
+        self._tag_span = int(tag_ub) - _FIRST_REPLY_TAG + 1
+        # next() on itertools.count is atomic under the GIL: no lock on the call path.
+        self._tags = itertools.count()
+        self._ids = itertools.count(1)
+        # Reply tag -> [replies still to come, (send request, buffer) pairs still in flight] of
+        # timed-out calls; drained by later calls so late replies do not pile up unreceived.
+        self._abandoned: dict[int, list[Any]] = {}
+        self._abandoned_lock = threading.Lock()
+        self._close_lock = threading.Lock()
+        self._closed = False
+        _lower_switch_interval()
+        self._thread = threading.Thread(target=self._serve, name=f"cascade-service-{self.rank}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ handlers
+    def register(self, op: int, handler: Handler) -> None:
+        """Serve ``op`` with ``handler`` (see the module docstring: it must not block on other ranks).
+
+        A request for an op not yet registered fails with :class:`RemoteError`; register
+        on every rank before any rank calls (or pass ``handlers=`` to the constructor).
+        """
+        if isinstance(op, bool) or not isinstance(op, int) or not 0 <= op <= MAX_OP:
+            raise ValueError(f"op must be an int in 0..{MAX_OP}, got {op!r}")
+        if not callable(handler):
+            raise TypeError(f"handler for op {op} must be callable, got {type(handler).__name__}")
+        if op in self._handlers:
+            raise ValueError(f"op {op} already has a handler ({self._handlers[op]!r})")
+        self._handlers[op] = handler
+
+    def _dispatch(self, source: int, op: int, payload: memoryview) -> tuple[int, bytes | bytearray | memoryview,
+                                                                           BaseException | None]:
+        """Run the handler: (status, reply payload, the exception it raised if any)."""
+        handler = self._handlers.get(op)
+        if handler is None:
+            return _UNKNOWN_OP, f"LookupError\0no handler registered for op {op}".encode(), None
+        try:
+            reply = handler(source, payload)
+        except Exception as exc:  # travels to the caller as RemoteError
+            log.debug("rank %d: handler for op %d (from rank %d) raised", self.rank, op, source, exc_info=True)
+            return _HANDLER_ERROR, _error_payload(exc), exc
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            exc = TypeError(f"handler returned {type(reply).__name__}, not bytes")
+            return _HANDLER_ERROR, _error_payload(exc), exc
+        if len(reply) > MAX_PAYLOAD:
+            exc = ValueError(f"handler returned {len(reply)} B, more than a message holds ({MAX_PAYLOAD} B)")
+            return _HANDLER_ERROR, _error_payload(exc), exc
+        return _OK, reply, None
+
+    # ------------------------------------------------------------- service thread
+    def _serve(self) -> None:
+        comm, status = self._comm, MPI.Status()
+        buf = bytearray(4096)
+        sending: list[tuple[MPI.Request, bytes]] = []  # replies whose Isend has not completed
+        try:
+            while True:
+                msg = comm.Mprobe(MPI.ANY_SOURCE, _REQUEST_TAG, status)
+                n, source = status.Get_count(MPI.BYTE), status.Get_source()
+                if n > len(buf):
+                    buf = bytearray(max(n, 2 * len(buf)))  # a handler may still hold a view of the old one
+                msg.Recv([buf, n, MPI.BYTE])
+                if n < HEADER.size:
+                    log.warning("rank %d: dropped a %d-byte request from rank %d (shorter than a header)",
+                                self.rank, n, source)
+                    continue
+                op, _flags, length, request_id, _status, reply_tag = HEADER.unpack_from(buf)
+                if op == _OP_STOP and source == self.rank:
+                    break
+                if length != n - HEADER.size:
+                    code, reply = _BAD_REQUEST, _error_payload(
+                        ValueError(f"header says {length} B of payload, message has {n - HEADER.size} B"))
+                else:
+                    code, reply, _exc = self._dispatch(source, op, memoryview(buf)[HEADER.size:n])
+                out = HEADER.pack(op, 0, len(reply), request_id, code, reply_tag) + reply
+                # Isend, not Send: a large reply to a rank that stopped receiving must not
+                # block this thread (and every request queued behind it) forever.
+                sending.append((comm.Isend([out, MPI.BYTE], source, reply_tag), out))
+                sending = [(r, b) for r, b in sending if not r.Test()]
+        except Exception:  # an MPI failure: peers get PeerTimeout from now on, close() still works
+            log.exception("rank %d: service thread stopped", self.rank)
+
+    # ------------------------------------------------------------------- calling
+    def call(self, rank: int, op: int, payload: bytes) -> bytes:
+        """Send ``payload`` to ``op`` on ``rank`` and return the reply."""
+        return self.call_many([(rank, op, payload)])[0]
+
+    def call_many(self, requests: Sequence[tuple[int, int, bytes]]) -> list[bytes]:
+        """Send every ``(rank, op, payload)`` request, then collect the replies, in request order.
+
+        Requests to this rank run here, while the others are in flight. If any request
+        fails, the first failure is raised (:class:`RemoteError`) after all replies are in;
+        if any rank does not answer within ``timeout``, :class:`PeerTimeout` is raised.
+        """
+        if self._closed:
+            raise ServiceClosed(f"rank {self.rank}: service used after close()")
+        if self._abandoned:
+            self._drain_abandoned()
+        for rank, op, payload in requests:
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.size:
+                raise ValueError(f"rank must be an int in 0..{self.size - 1}, got {rank!r}")
+            if isinstance(op, bool) or not isinstance(op, int) or not 0 <= op <= MAX_OP:
+                raise ValueError(f"op must be an int in 0..{MAX_OP}, got {op!r}")
+            if not isinstance(payload, (bytes, bytearray, memoryview)):
+                raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
+            if len(payload) > MAX_PAYLOAD:
+                raise ValueError(f"payload of {len(payload)} B is over the {MAX_PAYLOAD} B a request holds")
+        started = time.perf_counter()
+        tag = _FIRST_REPLY_TAG + next(self._tags) % self._tag_span
+        replies: list[bytes | None] = [None] * len(requests)
+        errors: dict[int, RemoteError] = {}
+        waiting: dict[int, int] = {}  # request id -> index into requests
+        sends: list[MPI.Request] = []
+        buffers: list[bytes] = []  # kept alive until their sends complete
+        local: list[int] = []
+        for i, (rank, op, payload) in enumerate(requests):
+            if rank == self.rank:
+                local.append(i)
+                continue
+            request_id = next(self._ids)
+            out = HEADER.pack(op, 0, len(payload), request_id, 0, tag) + payload
+            sends.append(self._comm.Isend([out, MPI.BYTE], rank, _REQUEST_TAG))
+            buffers.append(out)
+            waiting[request_id] = i
+        for i in local:
+            op, payload = requests[i][1], requests[i][2]
+            code, reply, exc = self._dispatch(self.rank, op, memoryview(payload))
+            self._settle(i, op, self.rank, code, reply, replies, errors)
+            if exc is not None:
+                errors[i].__cause__ = exc  # here the traceback is at hand: keep it
+
+        status = MPI.Status()
+
+        def progress() -> bool:
+            while waiting:
+                msg = self._comm.Improbe(MPI.ANY_SOURCE, tag, status)
+                if msg is None:
+                    return False
+                buf = bytearray(status.Get_count(MPI.BYTE))
+                msg.Recv([buf, MPI.BYTE])
+                op, _flags, length, request_id, code, _tag = HEADER.unpack_from(buf)
+                i = waiting.pop(request_id)
+                assert requests[i][1] == op and length == len(buf) - HEADER.size, (op, length, len(buf))
+                self._settle(i, op, status.Get_source(), code, memoryview(buf)[HEADER.size:], replies, errors)
+            # Every reply is in, so every request was received; the sends finish at once.
+            return MPI.Request.Testall(sends)
+
+        if not _wait(progress, started + self.timeout):
+            self._abandon(tag, len(waiting), sends, buffers)
+            raise self._timeout_error(requests, waiting.values(), time.perf_counter() - started)
+        if errors:
+            raise errors[min(errors)]
+        return replies  # type: ignore[return-value]  # every slot is filled: waiting is empty
+
+    def _settle(self, i: int, op: int, rank: int, code: int, reply: bytes | bytearray | memoryview,
+                replies: list[bytes | None], errors: dict[int, RemoteError]) -> None:
+        if code == _OK:
+            replies[i] = bytes(reply)
+        else:
+            remote_type, _, message = bytes(reply).decode("utf-8", "replace").partition("\0")
+            errors[i] = RemoteError(rank, op, remote_type, message)
+
+    def _timeout_error(self, requests: Sequence[tuple[int, int, bytes]], pending: Any, waited: float) -> PeerTimeout:
+        late = sorted(pending)
+        rank, op, _ = requests[late[0]]
+        more = ""
+        if len(late) > 1:
+            more = f" (and {len(late) - 1} more request(s) to rank(s) {sorted({requests[i][0] for i in late[1:]})})"
+        return PeerTimeout(f"rank {self.rank}: no reply from rank {rank} to op {op} after {waited:.3f} s "
+                           f"(timeout {self.timeout:g} s){more}")
+
+    def _abandon(self, tag: int, replies_due: int, sends: list[MPI.Request], buffers: list[bytes]) -> None:
+        with self._abandoned_lock:
+            self._abandoned[tag] = [replies_due, list(zip(sends, buffers, strict=True))]
+
+    def _drain_abandoned(self) -> None:
+        """Receive and drop late replies to timed-out calls; never waits."""
+        if not self._abandoned_lock.acquire(blocking=False):
+            return  # another thread is draining
+        try:
+            status = MPI.Status()
+            for tag, entry in list(self._abandoned.items()):
+                while entry[0] and (msg := self._comm.Improbe(MPI.ANY_SOURCE, tag, status)) is not None:
+                    msg.Recv([bytearray(status.Get_count(MPI.BYTE)), MPI.BYTE])
+                    entry[0] -= 1
+                entry[1] = [(r, b) for r, b in entry[1] if not r.Test()]
+                if not entry[0] and not entry[1]:
+                    del self._abandoned[tag]
+        finally:
+            self._abandoned_lock.release()
+
+    # ------------------------------------------------------------------- closing
+    def close(self) -> None:
+        """Stop the service thread and free the communicator. Collective; a second call does nothing.
+
+        Call it when this rank makes no more calls. The barrier first makes sure every
+        rank has stopped calling (calls are synchronous, so every request has been
+        answered), so stopping the thread then loses no request.
+        """
+        with self._close_lock:
+            if self._closed:
+                return
+            started = time.perf_counter()
+            barrier = self._comm.Ibarrier()
+            if not _wait(barrier.Test, started + self.timeout):
+                raise PeerTimeout(f"rank {self.rank}: close() waited {time.perf_counter() - started:.3f} s "
+                                  f"for the other ranks; not all {self.size} ranks reached close()")
+            self._comm.Send([HEADER.pack(_OP_STOP, 0, 0, 0, 0, 0), MPI.BYTE], self.rank, _REQUEST_TAG)
+            self._thread.join(self.timeout)
+            if self._thread.is_alive():
+                raise PeerTimeout(f"rank {self.rank}: the service thread did not stop within {self.timeout:g} s "
+                                  "(a handler is still running); its communicator stays allocated")
+            self._closed = True
+            self._drain_abandoned()
+            self._comm.Free()
+            _restore_switch_interval()
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+__all__ = ["HEADER", "MAX_OP", "MAX_PAYLOAD", "Handler", "PeerTimeout", "RemoteError", "Service", "ServiceClosed"]
