@@ -52,7 +52,40 @@ class WindowInfo:
     arena_offset: int
 
 
-class epoch:  # lower case: it reads as the statement it scopes, `with epoch(win, rank):`
+class _Epoch:
+    """What both epoch kinds share: take the process's turn on the window, open the epoch, and on exit
+    close it and give the turn back, even when the body raises. Subclasses say how to lock and unlock."""
+
+    __slots__ = ("_aw",)
+
+    def __init__(self, aw: ArenaWindow) -> None:
+        self._aw = aw
+
+    def _lock(self, win: MPI.Win) -> None:
+        raise NotImplementedError
+
+    def _unlock(self, win: MPI.Win) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> MPI.Win:
+        win = self._aw.win
+        self._aw.access.acquire()
+        try:
+            self._lock(win)
+        except BaseException:
+            self._aw.access.release()
+            raise
+        return win
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self._unlock(self._aw.win)
+        finally:
+            self._aw.access.release()
+
+
+class epoch(_Epoch):  # lower case: it reads as the statement it scopes, `with epoch(win, rank):`
     """A passive-target access epoch on one target of an arena window: ``Lock`` on entry, ``Unlock``
     on exit, even when the body raises; yields the ``MPI.Win``. ``shared=False`` locks exclusively.
 
@@ -64,57 +97,32 @@ class epoch:  # lower case: it reads as the statement it scopes, `with epoch(win
     A class rather than ``@contextmanager``: it is entered once per remote read, and a generator-based
     manager costs a few microseconds, as much as a 4 KiB Get."""
 
-    __slots__ = ("_aw", "_rank", "_type")
+    __slots__ = ("_rank", "_type")
 
     def __init__(self, aw: ArenaWindow, rank: int, *, shared: bool = True) -> None:
-        self._aw = aw
+        super().__init__(aw)
         self._rank = rank
         self._type = MPI.LOCK_SHARED if shared else MPI.LOCK_EXCLUSIVE
 
-    def __enter__(self) -> MPI.Win:
-        win = self._aw.win
-        self._aw.access.acquire()
-        try:
-            win.Lock(self._rank, self._type)
-        except BaseException:
-            self._aw.access.release()
-            raise
-        return win
+    def _lock(self, win: MPI.Win) -> None:
+        win.Lock(self._rank, self._type)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self._aw.win.Unlock(self._rank)
-        finally:
-            self._aw.access.release()
+    def _unlock(self, win: MPI.Win) -> None:
+        win.Unlock(self._rank)
 
 
-class lock_all:
+class lock_all(_Epoch):
     """A shared passive-target epoch on every rank at once (``Lock_all``/``Unlock_all``), for batches
     that read from several ranks: one epoch, many Gets, ``Flush_all`` where the order matters. Takes
     turns with the process's other epochs on the window, as :class:`epoch` does."""
 
-    __slots__ = ("_aw",)
+    __slots__ = ()
 
-    def __init__(self, aw: ArenaWindow) -> None:
-        self._aw = aw
+    def _lock(self, win: MPI.Win) -> None:
+        win.Lock_all()
 
-    def __enter__(self) -> MPI.Win:
-        win = self._aw.win
-        self._aw.access.acquire()
-        try:
-            win.Lock_all()
-        except BaseException:
-            self._aw.access.release()
-            raise
-        return win
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        try:
-            self._aw.win.Unlock_all()
-        finally:
-            self._aw.access.release()
+    def _unlock(self, win: MPI.Win) -> None:
+        win.Unlock_all()
 
 
 def _hints(same_size: bool) -> MPI.Info:
