@@ -154,6 +154,7 @@ class Placement:
             d.write(b.id, s.view(b.id))
         elif d.traits.addressable:
             s.read_into(b.id, d.view(b.id))
+            d.filled(b.id)
         else:
             buf = np.empty(b.nbytes, dtype=np.uint8)
             s.read_into(b.id, memoryview(buf))

@@ -108,6 +108,24 @@ def test_generations_increase_and_a_rewrite_takes_a_new_one(slotted: HostTier, h
     assert load(slotted, ids[0]) == data
 
 
+def test_filled_publishes_bytes_written_through_the_view(slotted: HostTier, hasher: Hasher):
+    """What the store calls after copying a block from disk straight into the arena."""
+    bid = BlockId(hasher.digest(memoryview(b"xyz")))
+    assert slotted.allocate(bid, 3)
+    slotted.view(bid)[:] = b"xyz"
+    slotted.filled(bid)
+    assert slotted.location(bid)[2] > 0
+
+
+def test_filled_is_a_no_op_without_slot_headers(hasher: Hasher):
+    tier = HostTier(4096)
+    bid = BlockId(hasher.digest(memoryview(b"xyz")))
+    assert tier.allocate(bid, 3)
+    tier.view(bid)[:] = b"xyz"
+    tier.filled(bid)  # no header to publish, nothing to fail
+    tier.close()
+
+
 def test_seal_publishes_bytes_written_through_the_view(slotted: HostTier, hasher: Hasher):
     bid = BlockId(hasher.digest(memoryview(b"abc")))
     assert slotted.allocate(bid, 3)

@@ -99,6 +99,10 @@ class Tier(ABC):
         """The block's bytes in place; only for ``traits.addressable`` tiers."""
         raise NotImplementedError(f"{self.traits.name} tier is not addressable")
 
+    def filled(self, block_id: BlockId) -> None:
+        """The block's bytes were written in place through :meth:`view` (a copy from another tier);
+        a tier that publishes its blocks to peers (slot headers) publishes this one now."""
+
     def read_many(self, block_ids: Sequence[BlockId], outs: Sequence[memoryview]) -> None:
         for block_id, out in zip(block_ids, outs, strict=True):
             self.read_into(block_id, out)

@@ -138,6 +138,10 @@ class HostTier(Tier):
         if self._header:
             self.seal(block_id)
 
+    def filled(self, block_id: BlockId) -> None:
+        if self._header:
+            self.seal(block_id)
+
     def seal(self, block_id: BlockId) -> int:
         """Publish the block's bytes as they are now under a fresh generation, and return it.
         :meth:`write` seals; a caller that filled the block through :meth:`view` seals it itself,
