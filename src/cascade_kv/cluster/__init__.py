@@ -6,8 +6,10 @@
 - ``window``: the MPI RMA windows that expose each rank's host tier to the others, and the epochs around them.
 - ``rma``: one-sided reads of blocks out of peers' arenas, safe against the owner freeing or reusing a slot.
 - ``service``: the per-rank service that answers for the blocks a rank owns.
-- ``homes``: which rank is home to a digest or a key, the placement rule of the global directory (to come)
-  that says which rank holds which block.
+- ``homes``: which rank is home to a digest or a key.
+- ``directory``: the global directory over the service: per digest its copies, references and protection
+  (claims make dedup at ingestion atomic), per key its digest, dtype, shape and prefix flag.
+- ``DistributedStore`` (to come) wires these into the store's tiers; see ``docs/distributed-design.md``.
 
 Importing this package imports nothing from MPI: ``mpi4py.MPI`` initialises MPI when it is imported, which a
 process that only starts or recognises ranks must not pay for. Import the modules you need by name.

@@ -1,0 +1,186 @@
+"""The global directory over real ranks.
+
+Like ``test_service.py``, this file is also the MPI program (``python -m mpi4py
+test_directory.py <scenario>``). MPI is imported only inside the scenario:
+importing it here would initialise MPI in the pytest process.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+_MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
+    "OMPI_MCA_osc": "^ucx",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+}
+
+
+def _mpirun(n: int, scenario: str, timeout: float = 60.0) -> str:
+    """Run a scenario of this file on ``n`` ranks and return its output. Kills the job on timeout."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"no mpiexec next to {sys.executable}")
+    cmd = [str(mpiexec), "-n", str(n), sys.executable, "-m", "mpi4py", __file__, scenario]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **_MPI_ENV}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{scenario} on {n} ranks did not finish within {timeout:g} s:\n{out}")
+    assert proc.returncode == 0, f"{scenario} on {n} ranks exited with {proc.returncode}:\n{out}"
+    for rank in range(n):
+        assert f"rank {rank}: ok" in out, out
+    return out
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_directory_protocol(n):
+    _mpirun(n, "protocol")
+
+
+# ------------------------------------------------------------------ scenarios
+def _scenario_protocol() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import blake3
+    from mpi4py import MPI
+
+    from cascade_kv.cluster.directory import ClaimStatus, Directory, KeyRecord, Location
+    from cascade_kv.cluster.homes import home_of_digest, home_of_key
+    from cascade_kv.cluster.service import RemoteError, Service
+    from cascade_kv.errors import PeerTimeout
+    from cascade_kv.ids import Digest
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    svc = Service(comm, timeout=20)
+    directory = Directory(svc)
+    comm.Barrier()  # every rank has registered the handlers before anyone calls
+
+    # 1. Every rank claims the same digest at once: one grant cluster-wide, the rest wait for it.
+    shared = Digest(blake3.blake3(b"shared block").digest())
+    nbytes = 1 << 20
+    comm.Barrier()
+    first = directory.claim(shared, nbytes)
+    granted = first.status is ClaimStatus.GRANTED
+    assert first.status in (ClaimStatus.GRANTED, ClaimStatus.PENDING), first
+    assert comm.allreduce(int(granted)) == 1
+    owner = comm.allreduce(rank if granted else 0)
+    loc = Location(rank=owner, tier=0, offset=64 * owner, nbytes=nbytes, generation=1000 + owner)
+    if granted:
+        directory.publish(shared, loc)
+    else:
+        assert first.pending_rank == owner, (first, owner)
+        settled = directory.claim_settled(shared, nbytes, timeout=10)
+        assert settled.status is ClaimStatus.EXISTS and settled.locations == (loc,), settled
+
+    # Again with 4 threads per rank: the home's own threads race with its service thread.
+    contested = Digest(blake3.blake3(b"contested block").digest())
+    comm.Barrier()
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: directory.claim(contested, 10), range(4)))
+    grants = sum(a.status is ClaimStatus.GRANTED for a in answers)
+    assert comm.allreduce(grants) == 1
+    assert comm.allreduce(sum(a.status is ClaimStatus.PENDING for a in answers)) == 4 * size - 1
+    holder = comm.allreduce(rank if grants else 0)
+    if grants:
+        for r in range(size):  # hold the grant until every other rank gave up waiting for it
+            if r != rank:
+                assert comm.recv(source=r) == "timed out"
+        directory.publish(contested, Location(rank, 0, 0, 10, 1))
+        # PENDING answers take no reference: the grant's is the only one, so its unref frees the copy
+        assert directory.unref(contested) == (Location(rank, 0, 0, 10, 1),)
+    else:
+        t0 = time.monotonic()
+        try:
+            directory.claim_settled_many([(contested, 10)] * 3, timeout=0.05)
+        except PeerTimeout as e:
+            assert 0.05 <= time.monotonic() - t0 < 5, e
+            assert f"still pending on rank {holder} (3 claim(s) pending)" in str(e), e
+        else:
+            raise AssertionError("no PeerTimeout while the grant is held")
+        comm.send("timed out", dest=holder)
+    comm.Barrier()  # each rank reads its own state below: the granting rank's unref must be in
+    assert comm.allreduce(len(directory.state)) == 1  # only the shared digest is left
+
+    # 2. Rank 0 binds a key; the others look it up as soon as rank 0 says so (no barrier between).
+    record = KeyRecord(shared, "<f4", (256, 1024), prefix=False)
+    key = "layer0/block0"
+    if rank == 0:
+        assert directory.bind(key, record) is None
+        for r in range(1, size):
+            comm.send("bound", dest=r)
+    else:
+        assert comm.recv(source=0) == "bound"
+    found = directory.lookup(key)
+    assert found == record, found
+    where = directory.locate(found.digest)
+    assert comm.allgather((found, where)) == [(record, (loc,))] * size
+
+    # 3. Batches over every home: private digests, each granted to its claimant, then deduplicated.
+    mine = [Digest(blake3.blake3(f"{rank}/{i}".encode()).digest()) for i in range(8 * size)]
+    assert {home_of_digest(d, size) for d in mine} == set(range(size))
+    assert {c.status for c in directory.claim_many([(d, 100 + i) for i, d in enumerate(mine)])} == {
+        ClaimStatus.GRANTED}
+    locs = [Location(rank, 1, i, 100 + i, i) for i in range(len(mine))]
+    directory.publish_many(list(zip(mine, locs, strict=True)))
+    assert directory.locate_many(mine) == [(x,) for x in locs]
+    hits = directory.claim_many([(d, 100 + i) for i, d in enumerate(mine)])
+    assert [c.locations for c in hits] == [(x,) for x in locs]
+    keys = [f"r{rank}/k{i}" if i % 2 else f"r{rank}/k{i}".encode() for i in range(len(mine))]
+    assert {home_of_key(k, size) for k in keys} == set(range(size))
+    records = [KeyRecord(d, "|u1", (100 + i,), prefix=bool(i % 3 == 0)) for i, d in enumerate(mine)]
+    assert directory.bind_many(list(zip(keys, records, strict=True))) == [None] * len(keys)
+    assert directory.lookup_many(keys) == records
+    # rebinding returns the old digest, and unbind the current one
+    assert directory.bind(keys[0], records[1]) == mine[0]
+    assert directory.unbind(keys[0]) == mine[1]
+    assert directory.lookup(keys[0]) is None and directory.unbind(keys[0]) is None
+    assert directory.unref_many(mine) == [()] * len(mine)  # two references each: one left
+    assert directory.unref_many(mine) == [(x,) for x in locs]  # zero: the copies to free
+    assert directory.locate_many(mine) == [()] * len(mine)
+
+    # moves and protection, at a remote home where there is one
+    d = next(x for x in mine if home_of_digest(x, size) == (rank + 1) % size)
+    assert directory.claim(d, 5).status is ClaimStatus.GRANTED
+    old, new = Location(rank, 0, 0, 5, 1), Location(rank, 0, 64, 5, 2)
+    directory.publish(d, old)
+    assert directory.move(d, old, new) and not directory.move(d, old, new)
+    assert directory.set_protected(d, 1) == 1
+    assert directory.unref(d) == (new,)
+    try:
+        directory.publish(d, old)  # forgotten: a failure at the home comes back as RemoteError
+    except RemoteError as e:
+        assert e.remote_type == "BlockNotFound", e
+    else:
+        raise AssertionError("publish of a forgotten digest accepted")
+
+    # 4. Unref to zero. Each rank's claim took one reference; rank 0's became the key's when it
+    # bound the key (as in a put), so rank 0 unbinds first, then every rank drops one.
+    comm.Barrier()
+    if rank == 0:
+        assert directory.unbind(key) == shared
+    freed = directory.unref(shared)
+    assert comm.allreduce(len(freed)) == 1  # exactly one unref reached zero, and it returned the one copy
+    assert freed in ((), (loc,)), freed
+    comm.Barrier()
+    assert directory.locate(shared) == ()
+    assert comm.allreduce(len(directory.state)) == 0  # nothing left anywhere
+
+    svc.close()
+    print(f"rank {rank}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    {"protocol": _scenario_protocol}[sys.argv[1]]()
