@@ -33,7 +33,7 @@ import numpy as np
 from . import catalog
 from .arrays import as_block, byte_view, check_key, check_out, needs_staging, normalize_flags
 from .config import CascadeConfig
-from .errors import BlockNotFound, CapacityError, IntegrityError, StorageError, StoreClosed
+from .errors import BlockNotFound, CapacityError, ConfigError, IntegrityError, StorageError, StoreClosed
 from .hashing import Hasher
 from .ids import BlockId, Key, block_name
 from .blocks import Block, Entry, Plan, fastest
@@ -597,6 +597,7 @@ class Store(Placement):
                                f"(its LOCK file is held)", str(root)) from None
         except OSError as e:  # Lustre mounted without flock: nothing to lock with; say so and go on
             log.warning("cannot lock %s (%s); make sure no other store opens it", root, e.strerror)
+        self._check_format(root)
         assert self._disk is not None
         disk = self._tiers[self._disk]
         assert isinstance(disk, DiskTier)
@@ -630,6 +631,25 @@ class Store(Placement):
                     except (CapacityError, IntegrityError) as e:
                         log.warning("protected block %s not reloaded into memory: %s", block_name(b.id)[:16], e)
             self._c.promotions = 0
+
+    def _check_format(self, root: Path) -> None:
+        """A persistent directory records the digest its block files are named by. Reopening it with
+        another ``hash_algorithm`` would fail every file's check and quarantine them all: refuse instead."""
+        marker = root / "FORMAT"
+        wanted = f"cascade-kv blocks v1 hash={self.config.hash_algorithm}\n"
+        try:
+            found = marker.read_text()
+        except FileNotFoundError:
+            try:
+                tmp = marker.with_suffix(".tmp")
+                tmp.write_text(wanted)
+                os.replace(tmp, marker)
+            except OSError as e:
+                raise StorageError(e.errno, f"cannot write {marker}: {e.strerror}", str(marker)) from e
+            return
+        if found != wanted:
+            raise ConfigError(f"{root} holds blocks written as {found.strip()!r}; this store is configured "
+                              f"for {wanted.strip()!r}: open it with the same hash_algorithm")
 
     def _release_dir_lock(self) -> None:
         if self._lock_fd >= 0:

@@ -259,3 +259,19 @@ def test_a_non_persistent_store_removes_its_files_on_close(make_store, disk_dir)
     assert any(p.is_file() for p in (disk_dir / "blocks").rglob("*"))
     store.close()
     assert not any(p.is_file() for p in (disk_dir / "blocks").rglob("*"))
+
+
+def test_reopening_with_another_hash_algorithm_is_refused_not_quarantined(tmp_path):
+    """Block files are named by their digest: a store hashing with another algorithm would find every
+    file 'corrupt'. The directory says which algorithm wrote it, and another one is refused."""
+    import numpy as np
+
+    from cascade_kv import CascadeConfig, ConfigError, Store
+
+    with Store(CascadeConfig(host_capacity=1 << 20, disk_path=tmp_path, persist=True)) as s:
+        s.put("k", np.arange(100))
+    with pytest.raises(ConfigError, match="hash_algorithm"):
+        Store(CascadeConfig(host_capacity=1 << 20, disk_path=tmp_path, persist=True, hash_algorithm="sha256"))
+    with Store(CascadeConfig(host_capacity=1 << 20, disk_path=tmp_path, persist=True)) as s:
+        assert (s.get("k") == np.arange(100)).all()
+        assert s.stats().quarantined == 0
