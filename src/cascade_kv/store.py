@@ -553,6 +553,8 @@ class Store(Placement):
                         self._tiers[t].read_into(b.id, byte_view(staged))
                         break
                     except IntegrityError:
+                        if staged is out:
+                            np.asarray(byte_view(out)).fill(0)  # scrub: no bad byte stays in the caller's buffer
                         with self._lock:
                             self._bad_copy(b, t)  # then retry from another copy, if one is left
                 if staged is not out:

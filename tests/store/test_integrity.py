@@ -206,3 +206,12 @@ def test_dedup_put_onto_an_unchecked_corrupt_copy_rewrites_it_from_the_callers_b
     assert same(again.get("b"), block(seed=1))
     assert same(again.get("a"), block(seed=1))  # healed for every key that shares the block
     assert again.stats().integrity_errors == 0
+
+
+def test_a_failed_read_leaves_no_bad_byte_in_the_callers_buffer(store):
+    path = _on_disk_only(store)
+    flip_byte(path)
+    out = np.full(BLOCK, 7, np.uint8)
+    with pytest.raises(IntegrityError):
+        store.get("a", out)
+    assert not out.any()  # scrubbed to zeros: neither the corrupt bytes nor stale ones look like data
