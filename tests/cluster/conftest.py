@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade_kv.cluster.launch import LaunchError, mpiexec_path, run_mpi
+from cascade_kv.cluster.launch import LaunchError, LaunchTimeout, mpiexec_path, run_mpi
 
 MpiRun = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -25,6 +25,30 @@ def require_mpiexec() -> None:
         mpiexec_path()
     except LaunchError as e:
         pytest.skip(f"cannot start MPI ranks: {e}")
+
+
+def run_ranks(n: int, args: list[str], timeout: float = 60) -> str:
+    """Run ``mpiexec -n n *args`` with the project's launch environment and return its stdout. Fails the
+    test, with the job's output, when a rank exits non-zero or the job outlives ``timeout`` (every
+    process is killed then). For test files that are their own MPI program."""
+    require_mpiexec()
+    try:
+        done = run_mpi(n, args, timeout=timeout)
+    except LaunchTimeout as e:
+        pytest.fail(f"mpiexec -n {n} {' '.join(args)} ran past {timeout:g} s\n{e.stdout}\n{e.stderr}")
+    if done.returncode != 0:
+        pytest.fail(f"mpiexec -n {n} {' '.join(args)} exited {done.returncode}\n"
+                    f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}")
+    return done.stdout
+
+
+def run_scenario(test_file: str, n: int, scenario: str, timeout: float = 60) -> str:
+    """Run ``scenario`` of a test file that is also its own MPI program (``python -m mpi4py FILE
+    SCENARIO``) on ``n`` ranks; its output. Every rank must print ``rank R: ok``."""
+    out = run_ranks(n, [sys.executable, "-m", "mpi4py", test_file, scenario], timeout)
+    for rank in range(n):
+        assert f"rank {rank}: ok" in out, out
+    return out
 
 
 @pytest.fixture

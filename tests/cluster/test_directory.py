@@ -6,42 +6,16 @@ importing it here would initialise MPI in the pytest process.
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-_MPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMPI_MCA_osc": "^ucx",
-    "OMPI_MCA_mpi_yield_when_idle": "1",
-}
-
-
 def _mpirun(n: int, scenario: str, timeout: float = 60.0) -> str:
-    """Run a scenario of this file on ``n`` ranks and return its output. Kills the job on timeout."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    if not mpiexec.exists():
-        pytest.skip(f"no mpiexec next to {sys.executable}")
-    cmd = [str(mpiexec), "-n", str(n), sys.executable, "-m", "mpi4py", __file__, scenario]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **_MPI_ENV}, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{scenario} on {n} ranks did not finish within {timeout:g} s:\n{out}")
-    assert proc.returncode == 0, f"{scenario} on {n} ranks exited with {proc.returncode}:\n{out}"
-    for rank in range(n):
-        assert f"rank {rank}: ok" in out, out
-    return out
+    # imported here: this file is also run as a plain MPI program, outside the test package
+    from .conftest import run_scenario
+
+    return run_scenario(__file__, n, scenario, timeout)
 
 
 @pytest.mark.parametrize("n", [2, 4])

@@ -15,37 +15,31 @@ from pathlib import Path
 
 import pytest
 
+from cascade_kv.cluster.launch import local_mpi_env
+
+from .conftest import run_ranks
+
 WORKER = Path(__file__).with_name("rma_worker.py")
 MPIEXEC = Path(sys.executable).with_name("mpiexec")
 TIMEOUT_S = 60
-
-# What Open MPI needs to run several ranks on this machine (values already set are kept).
-_MPI_ENV = {
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",  # more ranks than cores
-    "OMPI_MCA_mpi_yield_when_idle": "1",  # oversubscribed ranks give their core away while they wait
-    "OMPI_MCA_osc": "^ucx",  # the wheel's UCX one-sided component fails on machines without UCX hardware
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",  # containers and CI runners are often root
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-}
 
 pytestmark = pytest.mark.skipif(not MPIEXEC.is_file(), reason=f"no mpiexec beside the interpreter ({MPIEXEC})")
 
 
 def run_worker(n: int, *args: str, timeout: float = TIMEOUT_S) -> dict[str, object]:
     """Run the worker as ``n`` ranks; the result rank 0 printed."""
-    out = run([str(MPIEXEC), "-n", str(n), sys.executable, str(WORKER), *args], timeout)
+    out = run_ranks(n, [sys.executable, str(WORKER), *args], timeout)
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, f"expected one RESULT line\n{out}"
     return json.loads(lines[0].removeprefix("RESULT "))
 
 
 def run(cmd: list[str], timeout: float = TIMEOUT_S) -> str:
-    """Run ``cmd`` (mpiexec and its ranks) with the environment Open MPI needs; its stdout. Fails the
-    test, with the job's output, when it fails or outlives ``timeout`` (then every process is killed)."""
-    env = {**_MPI_ENV, **os.environ}
+    """Run ``cmd`` (a command that starts mpiexec itself) with the launch environment; its stdout. Fails
+    the test, with the output, when it fails or outlives ``timeout`` (then every process is killed)."""
     # a session of its own, so one killpg reaches every rank (a rank stuck in a collective outlives mpiexec)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, env=local_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import struct
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -63,33 +61,11 @@ def test_homes_with_one_rank_and_bad_input():
 
 
 # ---------------------------------------------------------------- MPI harness
-_MPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "PRTE_MCA_rmaps_default_mapping_policy": ":oversubscribe",
-    "OMPI_MCA_osc": "^ucx",
-    "OMPI_MCA_mpi_yield_when_idle": "1",
-}
+def _mpirun(n: int, scenario: str, timeout: float = 60.0) -> str:
+    # imported here: this file is also run as a plain MPI program, outside the test package
+    from .conftest import run_scenario
 
-
-def _mpirun(n: int, scenario: str, timeout: float = 60.0) -> tuple[str, float]:
-    """Run a scenario of this file on ``n`` ranks; (output, seconds). Kills the job on timeout."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    cmd = [str(mpiexec), "-n", str(n), sys.executable, "-m", "mpi4py", __file__, scenario]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **_MPI_ENV}, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{scenario} on {n} ranks did not finish within {timeout:g} s:\n{out}")
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, f"{scenario} on {n} ranks exited with {proc.returncode}:\n{out}"
-    for rank in range(n):
-        assert f"rank {rank}: ok" in out, out
-    return out, elapsed
+    return run_scenario(__file__, n, scenario, timeout)
 
 
 @pytest.mark.parametrize("n", [2, 4])
@@ -98,7 +74,7 @@ def test_service_api(n):
 
 
 def test_unresponsive_peer_times_out_naming_it():
-    out, _ = _mpirun(2, "timeout")
+    out = _mpirun(2, "timeout")
     assert "rank 1" in out
 
 
