@@ -8,18 +8,13 @@ while hashing, so hashing never holds up other threads of the store.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Protocol
+from typing import Callable
 
 import blake3
 
 from .ids import Digest
 
 _THREADED_MIN = 1 << 20  # below 1 MiB a single thread is faster than the pool start-up
-
-
-class IncrementalHash(Protocol):
-    def update(self, data: memoryview, /) -> object: ...
-    def digest(self) -> bytes: ...
 
 
 def _blake3_digest(buf: memoryview) -> Digest:
@@ -34,20 +29,14 @@ def _sha256_digest(buf: memoryview) -> Digest:
 class Hasher:
     """Digest function chosen once from the config."""
 
-    __slots__ = ("algorithm", "digest", "_new")
+    __slots__ = ("algorithm", "digest")
 
     def __init__(self, algorithm: str) -> None:
         self.algorithm = algorithm
         self.digest: Callable[[memoryview], Digest]
         if algorithm == "blake3":
             self.digest = _blake3_digest
-            self._new: Callable[[], IncrementalHash] = lambda: blake3.blake3(max_threads=blake3.blake3.AUTO)
         elif algorithm == "sha256":
             self.digest = _sha256_digest
-            self._new = hashlib.sha256
         else:
             raise ValueError(f"unknown hash algorithm {algorithm!r}")
-
-    def new(self) -> IncrementalHash:
-        """An incremental hash, for data that arrives in chunks (disk reads)."""
-        return self._new()

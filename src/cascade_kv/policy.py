@@ -60,9 +60,6 @@ class LRUPolicy:
                 del src[tier][block_id]
                 dst[tier][block_id] = None  # keeps no recency across the move: it was just (un)marked
 
-    def is_protected(self, block_id: BlockId) -> bool:
-        return block_id in self._protected
-
     # -- decisions --------------------------------------------------------------------------------
     def victims(self, tier: int) -> Iterator[BlockId]:
         """Unprotected copies in ``tier``, least recently used first. Protected copies are never offered.
