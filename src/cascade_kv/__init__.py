@@ -4,6 +4,9 @@
 >>> with Store(CascadeConfig(host_capacity="64MiB")) as store:
 ...     store.put("sys_prompt_v1", kv, is_prefix=True)
 ...     out = store.get("sys_prompt_v1", np.empty_like(kv))
+
+Across the ranks of an MPI job (``mpiexec -n 4 python app.py``), ``DistributedStore`` pools every rank's
+memory into one cache with the same API (imported lazily: ``import cascade_kv`` does not initialise MPI).
 """
 from .config import CascadeConfig, format_size, parse_size
 from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, StorageError,
@@ -14,8 +17,17 @@ from .store import KeyInfo, Store
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    # DistributedStore imports mpi4py.MPI, which initialises MPI: only a program that asks for it pays for that
+    if name == "DistributedStore":
+        from .cluster.store import DistributedStore
+
+        return DistributedStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
-    "CascadeConfig", "Store", "StoreStats", "TierStats", "KeyInfo",
+    "CascadeConfig", "Store", "DistributedStore", "StoreStats", "TierStats", "KeyInfo",
     "CascadeError", "ConfigError", "BlockNotFound", "CapacityError", "IntegrityError", "StorageError",
     "StoreClosed", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
 ]

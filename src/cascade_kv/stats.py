@@ -97,6 +97,12 @@ class StoreStats:
     """Bad copies moved aside to ``quarantine/``."""
     open_seconds: float
     """Time to open the store (arena allocation and touch, journal replay)."""
+    ranks: int = 1
+    """Ranks whose counters these are (a distributed store's ``cluster_stats()`` sums every rank's)."""
+    bytes_sent: int = 0
+    """Bytes this rank's memory gave to other ranks' arenas (victims moved to a peer). 0 on one node."""
+    bytes_received: int = 0
+    """Bytes that reached this rank from other ranks' memory: remote reads and victims adopted. 0 on one node."""
 
     def tier(self, name: str) -> TierStats:
         """The stats of the tier called ``name`` (``KeyError`` if there is none)."""

@@ -34,12 +34,15 @@ locations = ``u32 count`` + locations; array metadata = ``u8 len`` + numpy
 from __future__ import annotations
 
 import enum
+import math
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+import numpy as np
 
 from ..arrays import check_key
 from ..errors import BlockNotFound, PeerTimeout
@@ -60,21 +63,31 @@ OP_PROTECT = 21
 OP_BIND = 22
 OP_LOOKUP = 23
 OP_UNBIND = 24
+OP_FORGET = 25
+OP_DROP_COPY = 26
+OP_LOAD = 27
+OP_SET_PREFIX = 28
 OPS = range(16, 32)
 """The op numbers reserved for the directory."""
+
+TIER_MEMORY = 0
+"""A copy in a rank's arena window: ``offset`` is its slot header's offset, readable one-sidedly."""
+TIER_DISK = 1
+"""A copy in the shared content-addressed disk tier: any rank reads it by digest (offset, generation 0)."""
 
 LOCATION = struct.Struct("<iBQQQ")
 """rank (i32), tier (u8), offset (u64), nbytes (u64), generation (u64): 29 bytes."""
 
 DEFAULT_LEASE_S = 10.0
-"""How long a GRANTED claim holds a digest before the next caller is granted instead."""
+"""How long a grant (to store, to load from disk, to free) holds a digest before the next caller is granted."""
 
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
-_CLAIM_REQ = struct.Struct("<Q")  # nbytes, after the digest
-_CLAIM_REPLY = struct.Struct("<Bi")  # status, pending rank (-1 unless PENDING); then locations
+_CLAIM_REQ = struct.Struct("<QB")  # nbytes, prefix; after the digest
+_STATUS_REPLY = struct.Struct("<BiI")  # status, pending rank (-1 unless PENDING), protected count; then locations
+_UNREF_REPLY = struct.Struct("<BB")  # freed, unprotected; then locations
 _STR_TAG, _BYTES_TAG = b"s", b"b"
 _FIRST_POLL_S = 200e-6
 _MAX_POLL_S = 10e-3
@@ -86,9 +99,9 @@ class Location:
     """Where one copy of a block lies."""
 
     rank: int
-    """Rank whose tier holds the copy."""
+    """Rank whose tier holds the copy (for :data:`TIER_DISK`, the rank that wrote the file)."""
     tier: int
-    """Which tier of that rank (the store's numbering: memory, disk, ...)."""
+    """:data:`TIER_MEMORY` or :data:`TIER_DISK`."""
     offset: int
     """Offset of the slot in the tier (the slot header's offset in an arena)."""
     nbytes: int
@@ -98,6 +111,10 @@ class Location:
 
     def pack(self) -> bytes:
         return LOCATION.pack(self.rank, self.tier, self.offset, self.nbytes, self.generation)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.tier == TIER_MEMORY
 
 
 class ClaimStatus(enum.IntEnum):
@@ -109,6 +126,26 @@ class ClaimStatus(enum.IntEnum):
     """Another rank holds the grant and has not published: ask again later; no reference was taken."""
 
 
+class LoadStatus(enum.IntEnum):
+    IN_MEMORY = 0
+    """A memory copy exists: read it (``locations``)."""
+    GRANTED = 1
+    """Only a disk copy exists and the caller holds the load lease: read the file, keep it in memory, publish."""
+    PENDING = 2
+    """Another rank is loading it from disk: ask again (it will be in memory shortly)."""
+    MISSING = 3
+    """No copy at all: the block was dropped, or freed since the key was looked up."""
+
+
+class CopyStatus(enum.IntEnum):
+    REMOVED = 0
+    """The copy is no longer listed (another copy keeps the block where it must be): free it."""
+    LAST = 1
+    """The copy is the block's last one where it must be (memory, for a protected block): move it instead."""
+    GONE = 2
+    """The copy was not listed (the block was freed or moved meanwhile): free it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     """A home's answer to ``claim``."""
@@ -118,6 +155,39 @@ class Claim:
     """The copies, when ``status`` is EXISTS."""
     pending_rank: int = -1
     """The rank holding the grant, when ``status`` is PENDING."""
+    protected: int = 0
+    """Prefix references to the digest after this claim (0 when PENDING)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Located:
+    """A home's answer to ``locate``, ``load`` and ``set_protected``."""
+
+    locations: tuple[Location, ...]
+    protected: int
+    """Prefix keys (and prefix puts in flight) referring to the digest."""
+    status: LoadStatus = LoadStatus.IN_MEMORY
+    """For ``load``: what the caller must do."""
+    pending_rank: int = -1
+
+    @property
+    def memory(self) -> tuple[Location, ...]:
+        return tuple(loc for loc in self.locations if loc.tier == TIER_MEMORY)
+
+    @property
+    def disk(self) -> Location | None:
+        return next((loc for loc in self.locations if loc.tier == TIER_DISK), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    """A home's answer to ``unref``."""
+
+    freed: bool
+    """The last reference went: free ``locations`` (every copy), then ``forget`` the digest."""
+    unprotected: bool
+    """The last prefix reference went while others remain: tell ``locations``' owners."""
+    locations: tuple[Location, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,22 +202,45 @@ class KeyRecord:
     """The key is a prefix (its block is protected from leaving cluster memory)."""
 
 
+@dataclass(frozen=True, slots=True)
+class HomeStats:
+    """What one rank is home for (summed over ranks: the cluster's totals)."""
+
+    keys: int
+    blocks: int
+    """Digests with at least one reference."""
+    logical_bytes: int
+    unique_bytes: int
+    protected_blocks: int
+    protected_in_memory: int
+
+
 @dataclass(slots=True)
 class _DigestEntry:
     nbytes: int
     refs: int = 0
     """Keys bound to the digest plus puts in flight (claims answered EXISTS or GRANTED)."""
     protected: int = 0
-    """Prefix keys among the references."""
+    """Prefix keys (and prefix puts in flight) among the references."""
     locations: list[Location] = field(default_factory=list)
     pending_rank: int = -1
-    """Rank holding an unpublished grant, or -1."""
+    """Rank holding an unexpired grant (to store, load or free the block), or -1."""
     pending_deadline: float = 0.0
     """``now`` past which the grant lapses (the caller's clock: ``time.monotonic`` on the home)."""
 
+    def pending(self, now: float) -> bool:
+        return self.pending_rank >= 0 and now < self.pending_deadline
+
 
 class DirectoryState:
-    """The directory entries one rank is home for. Thread-safe; never talks to other ranks."""
+    """The directory entries one rank is home for. Thread-safe; never talks to other ranks.
+
+    Three kinds of grant share one lease per digest, since at most one can be live: a *store* grant
+    (a claim while no copy exists), a *load* grant (only a disk copy exists; one rank reads the file
+    and publishes its memory copy, so a hot block is read from disk once), and a *free* grant (the
+    last reference went; claims wait until the freeing rank has removed the copies and ``forget``s
+    the digest, so a new copy can never be deleted by the old block's cleanup).
+    """
 
     def __init__(self, *, lease_s: float = DEFAULT_LEASE_S) -> None:
         if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not lease_s > 0:
@@ -168,7 +261,7 @@ class DirectoryState:
         return entry
 
     # --------------------------------------------------------------- digests
-    def claim(self, digest: bytes, nbytes: int, rank: int, now: float) -> Claim:
+    def claim(self, digest: bytes, nbytes: int, rank: int, now: float, prefix: bool = False) -> Claim:
         with self._lock:
             entry = self._digests.get(digest)
             if entry is None:
@@ -176,76 +269,158 @@ class DirectoryState:
             elif entry.nbytes != nbytes:
                 raise ValueError(f"digest {digest.hex()}: claimed with {nbytes} B, known with {entry.nbytes} B")
             if entry.locations:
-                entry.refs += 1
-                return Claim(ClaimStatus.EXISTS, tuple(entry.locations))
-            if entry.pending_rank >= 0 and now < entry.pending_deadline:
+                status = ClaimStatus.EXISTS
+            elif entry.pending(now):
                 return Claim(ClaimStatus.PENDING, pending_rank=entry.pending_rank)
+            else:
+                status = ClaimStatus.GRANTED
+                entry.pending_rank, entry.pending_deadline = rank, now + self.lease_s
             entry.refs += 1
-            entry.pending_rank, entry.pending_deadline = rank, now + self.lease_s
-            return Claim(ClaimStatus.GRANTED)
+            entry.protected += bool(prefix)
+            return Claim(status, tuple(entry.locations), protected=entry.protected)
 
     def publish(self, digest: bytes, location: Location) -> None:
-        """Record a stored copy; it completes the claim (a lapsed claimant may publish too: one more copy)."""
+        """Record a stored copy; it completes a store or load grant (a lapsed grantee may publish too:
+        one more copy). A second disk copy is not listed: there is one shared file per digest."""
         with self._lock:
             entry = self._entry(digest)
             if location.nbytes != entry.nbytes:
                 raise ValueError(f"digest {digest.hex()}: published {location.nbytes} B, claimed {entry.nbytes} B")
-            if location not in entry.locations:
+            if location not in entry.locations and not (
+                    location.tier == TIER_DISK and any(loc.tier == TIER_DISK for loc in entry.locations)):
                 entry.locations.append(location)
             entry.pending_rank = -1
 
-    def locate(self, digest: bytes) -> list[Location]:
-        """The copies of ``digest``; empty for an unknown or not yet published digest (a miss)."""
+    def locate(self, digest: bytes) -> Located:
+        """The copies of ``digest``; none for an unknown or not yet published digest (a miss)."""
         with self._lock:
             entry = self._digests.get(digest)
-            return list(entry.locations) if entry is not None else []
+            return Located((), 0) if entry is None else Located(tuple(entry.locations), entry.protected)
 
-    def unref(self, digest: bytes) -> list[Location]:
-        """Drop a reference; at zero the digest is forgotten and its copies returned, for their owners to free."""
+    def load(self, digest: bytes, rank: int, now: float) -> Located:
+        """What a reader that found no memory copy should do (see :class:`LoadStatus`)."""
+        with self._lock:
+            entry = self._digests.get(digest)
+            if entry is None:
+                return Located((), 0, LoadStatus.MISSING)
+            locs = tuple(entry.locations)
+            if any(loc.tier == TIER_MEMORY for loc in locs):
+                return Located(locs, entry.protected, LoadStatus.IN_MEMORY)
+            if not locs:
+                return Located((), entry.protected, LoadStatus.MISSING)
+            if entry.pending(now) and entry.pending_rank != rank:
+                return Located(locs, entry.protected, LoadStatus.PENDING, entry.pending_rank)
+            entry.pending_rank, entry.pending_deadline = rank, now + self.lease_s
+            return Located(locs, entry.protected, LoadStatus.GRANTED)
+
+    def unref(self, digest: bytes, rank: int = -1, now: float = 0.0, prefix: bool = False) -> Released:
+        """Drop a reference (a prefix one if ``prefix``). At zero the copies are handed to the caller to
+        free, under a free grant: call :meth:`forget` when they are gone. A grantee's unref also gives
+        back its grant (a put that failed after its claim)."""
         with self._lock:
             entry = self._entry(digest)
-            assert entry.refs > 0, (digest.hex(), entry)  # an entry at zero refs is deleted below
+            assert entry.refs > 0, (digest.hex(), entry)  # an entry at zero refs holds no locations
+            if prefix and entry.protected <= 0:
+                raise ValueError(f"digest {digest.hex()}: unref of a prefix reference, but none is counted")
             entry.refs -= 1
-            if entry.refs:
-                return []
-            del self._digests[digest]
-            return entry.locations
+            entry.protected -= bool(prefix)
+            if entry.pending_rank == rank and not entry.locations:
+                entry.pending_rank = -1
+            if entry.refs == 0:
+                locations, entry.locations = tuple(entry.locations), []
+                if locations:
+                    entry.pending_rank, entry.pending_deadline = rank, now + self.lease_s
+                else:
+                    del self._digests[digest]
+                return Released(True, False, locations)
+            if prefix and entry.protected == 0:
+                return Released(False, True, tuple(entry.locations))
+            return Released(False, False)
+
+    def forget(self, digest: bytes, rank: int) -> None:
+        """End ``rank``'s grant on ``digest`` (its copies are freed, or its load failed); a digest that
+        nothing refers to any more is forgotten."""
+        with self._lock:
+            entry = self._digests.get(digest)
+            if entry is None:
+                return
+            if entry.pending_rank == rank:
+                entry.pending_rank = -1
+            if entry.refs == 0 and not entry.locations and entry.pending_rank < 0:
+                del self._digests[digest]
 
     def move(self, digest: bytes, old: Location, new: Location) -> bool:
-        """Replace copy ``old`` by ``new``; False (nothing changed) when ``old`` is not a copy any more."""
+        """Replace copy ``old`` by ``new``; False (nothing changed) when ``old`` is not a copy any more.
+        Moving to disk where the shared file is listed already just removes ``old``."""
         with self._lock:
             entry = self._digests.get(digest)
             if entry is None or old not in entry.locations:
                 return False
-            entry.locations[entry.locations.index(old)] = new
+            entry.locations.remove(old)
+            if new not in entry.locations and not (
+                    new.tier == TIER_DISK and any(loc.tier == TIER_DISK for loc in entry.locations)):
+                entry.locations.append(new)
             return True
 
-    def set_protected(self, digest: bytes, delta: int) -> int:
-        """Add ``delta`` to the count of prefix keys referencing ``digest``; returns the new count."""
+    def drop_copy(self, digest: bytes, location: Location, force: bool = False) -> tuple[CopyStatus, int]:
+        """An owner wants to free ``location`` (eviction): allowed when another copy keeps the block
+        where it must stay (memory if protected; memory or disk otherwise), or nothing refers to it, or
+        ``force`` (a drop: nowhere left to put it). Returns the answer and the protected count."""
+        with self._lock:
+            entry = self._digests.get(digest)
+            if entry is None or location not in entry.locations:
+                return CopyStatus.GONE, 0
+            others = [loc for loc in entry.locations if loc != location]
+            kept = any(loc.tier == TIER_MEMORY for loc in others) or (
+                entry.protected == 0 and any(loc.tier == TIER_DISK for loc in others))
+            if kept or entry.refs == 0 or force:
+                entry.locations.remove(location)
+                return CopyStatus.REMOVED, entry.protected
+            return CopyStatus.LAST, entry.protected
+
+    def set_protected(self, digest: bytes, delta: int) -> Located:
+        """Add ``delta`` to the count of prefix keys referencing ``digest``; the new count and the copies."""
         with self._lock:
             entry = self._entry(digest)
             if entry.protected + delta < 0:
                 raise ValueError(f"digest {digest.hex()}: protected count {entry.protected} {delta:+d} < 0")
             entry.protected += delta
-            return entry.protected
+            return Located(tuple(entry.locations), entry.protected)
 
     # ------------------------------------------------------------------ keys
-    def bind(self, key: Key, record: KeyRecord) -> Digest | None:
-        """Point ``key`` at ``record``; returns the digest it named before (for the caller to unref), or None."""
+    def bind(self, key: Key, record: KeyRecord) -> KeyRecord | None:
+        """Point ``key`` at ``record``; returns what it named before (for the caller to unref), or None."""
         with self._lock:
             old = self._keys.get(key)
             self._keys[key] = record
-            return old.digest if old is not None else None
+            return old
 
     def lookup(self, key: Key) -> KeyRecord | None:
         with self._lock:
             return self._keys.get(key)
 
-    def unbind(self, key: Key) -> Digest | None:
-        """Forget ``key``; returns its digest (for the caller to unref), or None if it was not bound."""
+    def unbind(self, key: Key) -> KeyRecord | None:
+        """Forget ``key``; returns its record (for the caller to unref), or None if it was not bound."""
         with self._lock:
-            old = self._keys.pop(key, None)
-            return old.digest if old is not None else None
+            return self._keys.pop(key, None)
+
+    def set_prefix(self, key: Key, prefix: bool) -> KeyRecord | None:
+        """Mark ``key`` as a prefix or not; returns its record *before* the change (None: not bound)."""
+        with self._lock:
+            old = self._keys.get(key)
+            if old is not None and old.prefix != prefix:
+                self._keys[key] = KeyRecord(old.digest, old.dtype, old.shape, prefix)
+            return old
+
+    def stats(self) -> HomeStats:
+        with self._lock:
+            live = [e for e in self._digests.values() if e.refs]
+            protected = [e for e in live if e.protected > 0]
+            return HomeStats(
+                keys=len(self._keys), blocks=len(live),
+                logical_bytes=sum(np.dtype(r.dtype).itemsize * math.prod(r.shape) for r in self._keys.values()),
+                unique_bytes=sum(e.nbytes for e in live), protected_blocks=len(protected),
+                protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected))
 
 
 # --------------------------------------------------------------------- encoding
@@ -327,15 +502,6 @@ def _record(record: KeyRecord) -> bytes:
             + b"".join(_U64.pack(d) for d in record.shape) + _U8.pack(record.prefix))
 
 
-def _optional_digest(digest: bytes | None) -> bytes:
-    return b"\x00" if digest is None else _digest(digest)
-
-
-def _read_optional_digest(r: _Reader) -> Digest | None:
-    n = r.u8()
-    return Digest(r.take(n)) if n else None
-
-
 # -------------------------------------------------------------------- directory
 class Directory:
     """One rank's directory: serves its :class:`DirectoryState` and calls the other homes.
@@ -350,16 +516,19 @@ class Directory:
         self.state = DirectoryState(lease_s=lease_s)
         s = self.state
         # Each handler: decode the batch, apply each record to the state, encode the results.
-        self._serve(OP_CLAIM, lambda src, r: self._claim_one(src, r.digest(), r.unpack(_CLAIM_REQ)[0]))
+        self._serve(OP_CLAIM, self._claim_one)
         self._serve(OP_PUBLISH, lambda src, r: (s.publish(self._mine(r.digest()), r.location()), b"")[1])
-        self._serve(OP_LOCATE, lambda src, r: _locations(s.locate(self._mine(r.digest()))))
-        self._serve(OP_UNREF, lambda src, r: _locations(s.unref(self._mine(r.digest()))))
+        self._serve(OP_LOCATE, lambda src, r: _located(s.locate(self._mine(r.digest()))))
+        self._serve(OP_LOAD, lambda src, r: _located(s.load(self._mine(r.digest()), src, time.monotonic())))
+        self._serve(OP_UNREF, self._unref_one)
+        self._serve(OP_FORGET, lambda src, r: (s.forget(self._mine(r.digest()), src), b"")[1])
         self._serve(OP_MOVE, lambda src, r: _U8.pack(s.move(self._mine(r.digest()), r.location(), r.location())))
-        self._serve(OP_PROTECT, lambda src, r: _U32.pack(s.set_protected(self._mine(r.digest()),
-                                                                         r.unpack(_I32)[0])))
-        self._serve(OP_BIND, lambda src, r: _optional_digest(s.bind(self._my_key(r.key()), r.record())))
-        self._serve(OP_LOOKUP, lambda src, r: self._lookup_one(self._my_key(r.key())))
-        self._serve(OP_UNBIND, lambda src, r: _optional_digest(s.unbind(self._my_key(r.key()))))
+        self._serve(OP_DROP_COPY, self._drop_copy_one)
+        self._serve(OP_PROTECT, lambda src, r: _located(s.set_protected(self._mine(r.digest()), r.unpack(_I32)[0])))
+        self._serve(OP_BIND, lambda src, r: _optional_record(s.bind(self._my_key(r.key()), r.record())))
+        self._serve(OP_LOOKUP, lambda src, r: _optional_record(s.lookup(self._my_key(r.key()))))
+        self._serve(OP_UNBIND, lambda src, r: _optional_record(s.unbind(self._my_key(r.key()))))
+        self._serve(OP_SET_PREFIX, lambda src, r: _optional_record(s.set_prefix(self._my_key(r.key()), bool(r.u8()))))
 
     # ---------------------------------------------------------------- serving
     def _serve(self, op: int, one: Callable[[int, _Reader], bytes]) -> None:
@@ -382,18 +551,28 @@ class Directory:
             raise ValueError(f"key {key!r:.80} is homed at rank {home_of_key(key, self.size)}, not {self.rank}")
         return key
 
-    def _claim_one(self, source: int, digest: bytes, nbytes: int) -> bytes:
-        c = self.state.claim(self._mine(digest), nbytes, source, time.monotonic())
-        return _CLAIM_REPLY.pack(c.status, c.pending_rank) + _locations(c.locations)
+    def _claim_one(self, source: int, r: _Reader) -> bytes:
+        digest = self._mine(r.digest())
+        nbytes, prefix = r.unpack(_CLAIM_REQ)
+        c = self.state.claim(digest, nbytes, source, time.monotonic(), bool(prefix))
+        return _STATUS_REPLY.pack(c.status, c.pending_rank, c.protected) + _locations(c.locations)
 
-    def _lookup_one(self, key: Key) -> bytes:
-        record = self.state.lookup(key)
-        return b"\x00" if record is None else b"\x01" + _record(record)
+    def _unref_one(self, source: int, r: _Reader) -> bytes:
+        digest = self._mine(r.digest())
+        out = self.state.unref(digest, source, time.monotonic(), bool(r.u8()))
+        return _UNREF_REPLY.pack(out.freed, out.unprotected) + _locations(out.locations)
+
+    def _drop_copy_one(self, source: int, r: _Reader) -> bytes:
+        digest = self._mine(r.digest())
+        status, protected = self.state.drop_copy(digest, r.location(), bool(r.u8()))
+        return _U8.pack(status) + _U32.pack(protected)
 
     # ---------------------------------------------------------------- calling
     def _fan_out(self, op: int, items: Sequence[T], home: Callable[[T], int], encode: Callable[[T], bytes],
                  decode: Callable[[_Reader], R]) -> list[R]:
         """One request per home rank holding ``items``' records; the results back in ``items``' order."""
+        if not items:
+            return []
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(home(item), []).append(i)
@@ -414,35 +593,37 @@ class Directory:
         return home_of_key(item[0], self.size)
 
     # put side
-    def claim_many(self, items: Sequence[tuple[bytes, int]]) -> list[Claim]:
-        """``claim`` each ``(digest, nbytes)`` at its home."""
+    def claim_many(self, items: Sequence[tuple[bytes, int] | tuple[bytes, int, bool]]) -> list[Claim]:
+        """``claim`` each ``(digest, nbytes[, prefix])`` at its home (a prefix claim counts as protected)."""
         def decode(r: _Reader) -> Claim:
-            status, pending = r.unpack(_CLAIM_REPLY)
-            return Claim(ClaimStatus(status), r.locations(), pending)
+            status, pending, protected = r.unpack(_STATUS_REPLY)
+            return Claim(ClaimStatus(status), r.locations(), pending, protected)
 
-        return self._fan_out(OP_CLAIM, items, self._by_digest, lambda it: _digest(it[0]) + _CLAIM_REQ.pack(it[1]),
+        return self._fan_out(OP_CLAIM, items, self._by_digest,
+                             lambda it: _digest(it[0]) + _CLAIM_REQ.pack(it[1], bool(it[2]) if len(it) > 2 else 0),
                              decode)
 
-    def claim(self, digest: bytes, nbytes: int) -> Claim:
-        return self.claim_many([(digest, nbytes)])[0]
+    def claim(self, digest: bytes, nbytes: int, prefix: bool = False) -> Claim:
+        return self.claim_many([(digest, nbytes, prefix)])[0]
 
-    def claim_settled_many(self, items: Sequence[tuple[bytes, int]], timeout: float | None = None) -> list[Claim]:
+    def claim_settled_many(self, items: Sequence[tuple[bytes, int] | tuple[bytes, int, bool]],
+                           timeout: float | None = None) -> list[Claim]:
         """``claim_many``, asking again for the PENDING ones until each is EXISTS or GRANTED (what a put does).
 
         Waits at most ``timeout`` seconds (default: the service's); a grant lapses after the
         home's lease, so a timeout above the lease only expires when the claimant keeps
         being replaced. Raises :class:`~cascade_kv.errors.PeerTimeout` naming the rank that
-        still holds a grant.
+        still holds a grant (the claims already settled keep their references: give them back).
         """
-        deadline = time.monotonic() + (self.service.timeout if timeout is None else timeout)
+        limit = self.service.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
         results = self.claim_many(items)
         sleep = _FIRST_POLL_S
         while waiting := [i for i, c in enumerate(results) if c.status is ClaimStatus.PENDING]:
             if time.monotonic() >= deadline:
                 c = results[waiting[0]]
                 raise PeerTimeout(f"rank {self.rank}: digest {bytes(items[waiting[0]][0]).hex()} still pending "
-                                  f"on rank {c.pending_rank} ({len(waiting)} claim(s) pending) after "
-                                  f"{self.service.timeout if timeout is None else timeout:g} s")
+                                  f"on rank {c.pending_rank} ({len(waiting)} claim(s) pending) after {limit:g} s")
             # The claimant is storing the bytes: polling faster than a store takes only loads the home.
             time.sleep(min(sleep, max(0.0, deadline - time.monotonic())))
             sleep = min(2 * sleep, _MAX_POLL_S)
@@ -450,8 +631,9 @@ class Directory:
                 results[i] = c
         return results
 
-    def claim_settled(self, digest: bytes, nbytes: int, timeout: float | None = None) -> Claim:
-        return self.claim_settled_many([(digest, nbytes)], timeout)[0]
+    def claim_settled(self, digest: bytes, nbytes: int, timeout: float | None = None,
+                      prefix: bool = False) -> Claim:
+        return self.claim_settled_many([(digest, nbytes, prefix)], timeout)[0]
 
     def publish_many(self, items: Sequence[tuple[bytes, Location]]) -> None:
         self._fan_out(OP_PUBLISH, items, self._by_digest, lambda it: _digest(it[0]) + it[1].pack(), lambda r: None)
@@ -459,53 +641,99 @@ class Directory:
     def publish(self, digest: bytes, location: Location) -> None:
         self.publish_many([(digest, location)])
 
-    def bind_many(self, items: Sequence[tuple[Key, KeyRecord]]) -> list[Digest | None]:
-        """Bind each key at its home; the digests they named before (to ``unref``), or None."""
+    def bind_many(self, items: Sequence[tuple[Key, KeyRecord]]) -> list[KeyRecord | None]:
+        """Bind each key at its home; what each named before (to ``unref``), or None."""
         return self._fan_out(OP_BIND, items, self._by_key, lambda it: _key(it[0]) + _record(it[1]),
-                             _read_optional_digest)
+                             _read_optional_record)
 
-    def bind(self, key: Key, record: KeyRecord) -> Digest | None:
+    def bind(self, key: Key, record: KeyRecord) -> KeyRecord | None:
         return self.bind_many([(key, record)])[0]
 
-    def unref_many(self, digests: Sequence[bytes]) -> list[tuple[Location, ...]]:
-        """Drop a reference to each digest; for those that reached zero, the copies to free."""
-        return self._fan_out(OP_UNREF, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),
-                             _Reader.locations)
+    def unref_many(self, items: Sequence[bytes | tuple[bytes, bool]]) -> list[Released]:
+        """Drop a reference to each digest (``(digest, prefix)`` to drop a prefix reference)."""
+        pairs = [(it, False) if isinstance(it, (bytes, bytearray)) else (it[0], bool(it[1])) for it in items]
 
-    def unref(self, digest: bytes) -> tuple[Location, ...]:
-        return self.unref_many([digest])[0]
+        def decode(r: _Reader) -> Released:
+            freed, unprotected = r.unpack(_UNREF_REPLY)
+            return Released(bool(freed), bool(unprotected), r.locations())
 
-    def unbind_many(self, keys: Sequence[Key]) -> list[Digest | None]:
+        return self._fan_out(OP_UNREF, pairs, self._by_digest, lambda it: _digest(it[0]) + _U8.pack(it[1]), decode)
+
+    def unref(self, digest: bytes, prefix: bool = False) -> Released:
+        return self.unref_many([(digest, prefix)])[0]
+
+    def forget_many(self, digests: Sequence[bytes]) -> None:
+        self._fan_out(OP_FORGET, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]), lambda r: None)
+
+    def unbind_many(self, keys: Sequence[Key]) -> list[KeyRecord | None]:
         return self._fan_out(OP_UNBIND, [(k,) for k in keys], self._by_key, lambda it: _key(it[0]),
-                             _read_optional_digest)
+                             _read_optional_record)
 
-    def unbind(self, key: Key) -> Digest | None:
+    def unbind(self, key: Key) -> KeyRecord | None:
         return self.unbind_many([key])[0]
+
+    def set_prefix(self, key: Key, prefix: bool) -> KeyRecord | None:
+        """Mark ``key`` as a prefix or not at its home; its record before the change (None: not bound)."""
+        return self._fan_out(OP_SET_PREFIX, [(key,)], self._by_key, lambda it: _key(it[0]) + _U8.pack(prefix),
+                             _read_optional_record)[0]
 
     # get side
     def lookup_many(self, keys: Sequence[Key]) -> list[KeyRecord | None]:
         return self._fan_out(OP_LOOKUP, [(k,) for k in keys], self._by_key, lambda it: _key(it[0]),
-                             lambda r: r.record() if r.u8() else None)
+                             _read_optional_record)
 
     def lookup(self, key: Key) -> KeyRecord | None:
         return self.lookup_many([key])[0]
 
-    def locate_many(self, digests: Sequence[bytes]) -> list[tuple[Location, ...]]:
+    def locate_many(self, digests: Sequence[bytes]) -> list[Located]:
         return self._fan_out(OP_LOCATE, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),
-                             _Reader.locations)
+                             _read_located)
 
-    def locate(self, digest: bytes) -> tuple[Location, ...]:
+    def locate(self, digest: bytes) -> Located:
         return self.locate_many([digest])[0]
 
+    def load_many(self, digests: Sequence[bytes]) -> list[Located]:
+        """Ask for a load lease on each digest found on disk only (see :class:`LoadStatus`)."""
+        return self._fan_out(OP_LOAD, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),
+                             _read_located)
+
     # moves and protection
+    def move_many(self, items: Sequence[tuple[bytes, Location, Location]]) -> list[bool]:
+        return self._fan_out(OP_MOVE, items, self._by_digest,
+                             lambda it: _digest(it[0]) + it[1].pack() + it[2].pack(), lambda r: bool(r.u8()))
+
     def move(self, digest: bytes, old: Location, new: Location) -> bool:
-        return self._fan_out(OP_MOVE, [(digest,)], self._by_digest,
-                             lambda it: _digest(it[0]) + old.pack() + new.pack(), lambda r: bool(r.u8()))[0]
+        return self.move_many([(digest, old, new)])[0]
 
-    def set_protected(self, digest: bytes, delta: int) -> int:
-        return self._fan_out(OP_PROTECT, [(digest,)], self._by_digest,
-                             lambda it: _digest(it[0]) + _I32.pack(delta), lambda r: r.u32())[0]
+    def drop_copy(self, digest: bytes, location: Location, force: bool = False) -> tuple[CopyStatus, int]:
+        return self._fan_out(OP_DROP_COPY, [(digest,)], self._by_digest,
+                             lambda it: _digest(it[0]) + location.pack() + _U8.pack(force),
+                             lambda r: (CopyStatus(r.u8()), r.u32()))[0]
+
+    def set_protected_many(self, items: Sequence[tuple[bytes, int]]) -> list[Located]:
+        return self._fan_out(OP_PROTECT, items, self._by_digest, lambda it: _digest(it[0]) + _I32.pack(it[1]),
+                             _read_located)
+
+    def set_protected(self, digest: bytes, delta: int) -> Located:
+        return self.set_protected_many([(digest, delta)])[0]
 
 
-__all__ = ["DEFAULT_LEASE_S", "LOCATION", "OPS", "Claim", "ClaimStatus", "Directory", "DirectoryState",
-           "KeyRecord", "Location"]
+def _located(x: Located) -> bytes:
+    return _STATUS_REPLY.pack(x.status, x.pending_rank, x.protected) + _locations(x.locations)
+
+
+def _read_located(r: _Reader) -> Located:
+    status, pending, protected = r.unpack(_STATUS_REPLY)
+    return Located(r.locations(), protected, LoadStatus(status), pending)
+
+
+def _optional_record(record: KeyRecord | None) -> bytes:
+    return b"\x00" if record is None else b"\x01" + _record(record)
+
+
+def _read_optional_record(r: _Reader) -> KeyRecord | None:
+    return r.record() if r.u8() else None
+
+
+__all__ = ["DEFAULT_LEASE_S", "LOCATION", "OPS", "TIER_DISK", "TIER_MEMORY", "Claim", "ClaimStatus", "CopyStatus",
+           "Directory", "DirectoryState", "HomeStats", "KeyRecord", "LoadStatus", "Located", "Location", "Released"]

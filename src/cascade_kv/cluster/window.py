@@ -8,7 +8,8 @@ shared mapping and so progresses while the owner computes. Over memory from
 
 Layout of every rank's window (displacement unit 1 byte)::
 
-    0              one page: window header (magic, layout version, arena capacity), rest zero
+    0              one page: window header (magic, layout version, arena capacity); at 64 the owner's
+                   room (largest free hole, evictable bytes), rewritten as it changes; rest zero
     arena_offset   the arena: ``capacity`` bytes, rounded up to whole pages, handed to HostTier
 
 The header page lets a peer check what a displacement points into (:meth:`ArenaWindow.describe`);
@@ -33,6 +34,8 @@ _PAGE = mmap.PAGESIZE
 _MAGIC = int.from_bytes(b"CKVARENA", "little")
 _VERSION = 1
 _WINDOW_HEADER = struct.Struct("<QQQQ")  # magic, version, arena capacity, arena offset
+_ROOM = struct.Struct("<QQ")  # largest free hole, evictable bytes: what a peer with victims to place reads
+_ROOM_OFFSET = 64  # its own cache line in the header page
 
 ARENA_OFFSET = _PAGE
 """Displacement of the arena in every rank's window (the header page comes first)."""
@@ -163,6 +166,7 @@ class ArenaWindow:
         whole = memoryview(self._buffer)  # type: ignore[arg-type]  # mpi4py buffer: writable bytes
         _WINDOW_HEADER.pack_into(whole, 0, _MAGIC, _VERSION, capacity, ARENA_OFFSET)
         whole.release()
+        self._room: memoryview | None = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
         self._memory: memoryview | None = self._arena_view()
         comm.Barrier()  # every header is written before any peer can describe() it
 
@@ -180,6 +184,21 @@ class ArenaWindow:
     @property
     def closed(self) -> bool:
         return self._memory is None
+
+    def set_room(self, largest_hole: int, evictable: int) -> None:
+        """Publish this rank's room for peers choosing where to move a victim. Advisory: a peer may read
+        it mid-update or stale, and the rank it picks still checks when asked to take the block."""
+        if self._room is not None:
+            _ROOM.pack_into(self._room, 0, largest_hole, evictable)
+
+    def rooms(self) -> list[tuple[int, int]]:
+        """Every rank's ``(largest free hole, evictable bytes)``: one 16-byte Get per rank, one epoch."""
+        buf = bytearray(_ROOM.size * self.size)
+        view = memoryview(buf)
+        with lock_all(self) as win:
+            for r in range(self.size):
+                win.Get(view[r * _ROOM.size:(r + 1) * _ROOM.size], r, (_ROOM_OFFSET, _ROOM.size, MPI.BYTE))
+        return [_ROOM.unpack_from(buf, r * _ROOM.size) for r in range(self.size)]
 
     def describe(self, rank: int) -> WindowInfo:
         """Read ``rank``'s window header one-sidedly (a check of the layout, not a hot path)."""
@@ -204,6 +223,9 @@ class ArenaWindow:
         # is released, a count above the baseline means a view is still alive. memoryview.release()
         # alone was rejected: numpy's frombuffer does not keep an export on the view it was given.
         try:
+            if self._room is not None:
+                self._room.release()
+                self._room = None
             self._memory.release()
             held = sys.getrefcount(self._buffer) > 2  # the attribute, and getrefcount's argument
         except BufferError:  # something holds a buffer taken from our view itself
@@ -212,6 +234,7 @@ class ArenaWindow:
         holders = self.comm.allgather(held)
         if any(holders):
             self._memory = self._arena_view()  # the window stays open and usable
+            self._room = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
             raise BufferError(f"arena window: ranks {[r for r, h in enumerate(holders) if h]} still hold views "
                               "of their arena; close the host tier and drop its views before the window")
         self._memory = None
