@@ -9,7 +9,8 @@
 - ``homes``: which rank is home to a digest or a key.
 - ``directory``: the global directory over the service: per digest its copies, references and protection
   (claims make dedup at ingestion atomic), per key its digest, dtype, shape and prefix flag.
-- ``DistributedStore`` (to come) wires these into the store's tiers; see ``docs/distributed-design.md``.
+- ``arena``: the copies one rank's window holds and which of them may go (replicas, unprotected, protected).
+- ``store``: ``DistributedStore``, the public API wiring these together; see ``docs/distributed-design.md``.
 
 Importing this package imports nothing from MPI: ``mpi4py.MPI`` initialises MPI when it is imported, which a
 process that only starts or recognises ranks must not pay for. Import the modules you need by name.

@@ -320,10 +320,13 @@ class DistributedStore:
     def barrier(self) -> None:
         """Wait until every rank reaches this call (bounded by the timeout: PeerTimeout past it)."""
         self._check_open()
+        self._bounded_barrier("barrier()")
+
+    def _bounded_barrier(self, what: str) -> None:
         started = time.perf_counter()
         request = self.comm.Ibarrier()
         if not _wait(request.Test, started + self.service.timeout):
-            raise PeerTimeout(f"rank {self.rank}: barrier() waited {self.service.timeout:g} s; not all "
+            raise PeerTimeout(f"rank {self.rank}: {what} waited {self.service.timeout:g} s; not all "
                               f"{self.size} ranks reached it")
 
     def close(self) -> None:
@@ -335,7 +338,7 @@ class DistributedStore:
         if self.disk is not None:
             for bid in self.disk.block_ids():  # blocks this rank wrote or read: removing twice is harmless
                 self.disk.free(bid)
-        self.comm.Barrier()  # every file is gone before any rank removes the directories
+        self._bounded_barrier("close()")  # every file is gone before any rank removes the directories
         if self.disk is not None:
             self.disk.close()
         self.arena.close()
