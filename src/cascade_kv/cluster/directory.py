@@ -281,11 +281,14 @@ class DirectoryState:
 
     def publish(self, digest: bytes, location: Location) -> None:
         """Record a stored copy; it completes a store or load grant (a lapsed grantee may publish too:
-        one more copy). A second disk copy is not listed: there is one shared file per digest."""
+        one more copy). A second disk copy is not listed: there is one shared file per digest. A digest
+        no key refers to any more (being freed) raises ``BlockNotFound``: the caller frees its copy."""
         with self._lock:
             entry = self._entry(digest)
             if location.nbytes != entry.nbytes:
                 raise ValueError(f"digest {digest.hex()}: published {location.nbytes} B, claimed {entry.nbytes} B")
+            if entry.refs == 0:  # a load or replica racing a delete: listing it would outlive every key
+                raise BlockNotFound(f"digest {digest.hex()} is being freed (no key refers to it)")
             if location not in entry.locations and not (
                     location.tier == TIER_DISK and any(loc.tier == TIER_DISK for loc in entry.locations)):
                 entry.locations.append(location)
