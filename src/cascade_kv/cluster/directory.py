@@ -67,6 +67,7 @@ OP_FORGET = 25
 OP_DROP_COPY = 26
 OP_LOAD = 27
 OP_SET_PREFIX = 28
+OP_KEYS = 29
 OPS = range(16, 32)
 """The op numbers reserved for the directory."""
 
@@ -86,7 +87,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
 _CLAIM_REQ = struct.Struct("<QB")  # nbytes, prefix; after the digest
-_STATUS_REPLY = struct.Struct("<BiI")  # status, pending rank (-1 unless PENDING), protected count; then locations
+_STATUS_REPLY = struct.Struct("<BiII")  # status, pending rank (-1 unless PENDING), protected, refs; then locations
 _UNREF_REPLY = struct.Struct("<BB")  # freed, unprotected; then locations
 _STR_TAG, _BYTES_TAG = b"s", b"b"
 _FIRST_POLL_S = 200e-6
@@ -169,6 +170,8 @@ class Located:
     status: LoadStatus = LoadStatus.IN_MEMORY
     """For ``load``: what the caller must do."""
     pending_rank: int = -1
+    refs: int = field(default=0, compare=False)
+    """References to the digest (keys bound and puts in flight): filled by ``locate`` only."""
 
     @property
     def memory(self) -> tuple[Location, ...]:
@@ -298,7 +301,8 @@ class DirectoryState:
         """The copies of ``digest``; none for an unknown or not yet published digest (a miss)."""
         with self._lock:
             entry = self._digests.get(digest)
-            return Located((), 0) if entry is None else Located(tuple(entry.locations), entry.protected)
+            return (Located((), 0) if entry is None
+                    else Located(tuple(entry.locations), entry.protected, refs=entry.refs))
 
     def load(self, digest: bytes, rank: int, now: float) -> Located:
         """What a reader that found no memory copy should do (see :class:`LoadStatus`)."""
@@ -414,6 +418,10 @@ class DirectoryState:
             if old is not None and old.prefix != prefix:
                 self._keys[key] = KeyRecord(old.digest, old.dtype, old.shape, prefix)
             return old
+
+    def keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._keys)
 
     def stats(self) -> HomeStats:
         with self._lock:
@@ -531,6 +539,7 @@ class Directory:
         self._serve(OP_BIND, lambda src, r: _optional_record(s.bind(self._my_key(r.key()), r.record())))
         self._serve(OP_LOOKUP, lambda src, r: _optional_record(s.lookup(self._my_key(r.key()))))
         self._serve(OP_UNBIND, lambda src, r: _optional_record(s.unbind(self._my_key(r.key()))))
+        self.service.register(OP_KEYS, lambda src, payload: b"".join(_key(k) for k in s.keys()))
         self._serve(OP_SET_PREFIX, lambda src, r: _optional_record(s.set_prefix(self._my_key(r.key()), bool(r.u8()))))
 
     # ---------------------------------------------------------------- serving
@@ -558,7 +567,7 @@ class Directory:
         digest = self._mine(r.digest())
         nbytes, prefix = r.unpack(_CLAIM_REQ)
         c = self.state.claim(digest, nbytes, source, time.monotonic(), bool(prefix))
-        return _STATUS_REPLY.pack(c.status, c.pending_rank, c.protected) + _locations(c.locations)
+        return _STATUS_REPLY.pack(c.status, c.pending_rank, c.protected, 0) + _locations(c.locations)
 
     def _unref_one(self, source: int, r: _Reader) -> bytes:
         digest = self._mine(r.digest())
@@ -599,7 +608,7 @@ class Directory:
     def claim_many(self, items: Sequence[tuple[bytes, int] | tuple[bytes, int, bool]]) -> list[Claim]:
         """``claim`` each ``(digest, nbytes[, prefix])`` at its home (a prefix claim counts as protected)."""
         def decode(r: _Reader) -> Claim:
-            status, pending, protected = r.unpack(_STATUS_REPLY)
+            status, pending, protected, _ = r.unpack(_STATUS_REPLY)
             return Claim(ClaimStatus(status), r.locations(), pending, protected)
 
         return self._fan_out(OP_CLAIM, items, self._by_digest,
@@ -688,6 +697,15 @@ class Directory:
     def lookup(self, key: Key) -> KeyRecord | None:
         return self.lookup_many([key])[0]
 
+    def keys(self) -> list[Key]:
+        """Every key bound anywhere (one request to every rank): a snapshot, in no particular order."""
+        out: list[Key] = []
+        for reply in self.service.call_many([(r, OP_KEYS, b"") for r in range(self.size)]):
+            r = _Reader(reply)
+            while r.pos < len(r.buf):
+                out.append(r.key())
+        return out
+
     def locate_many(self, digests: Sequence[bytes]) -> list[Located]:
         return self._fan_out(OP_LOCATE, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),
                              _read_located)
@@ -722,12 +740,12 @@ class Directory:
 
 
 def _located(x: Located) -> bytes:
-    return _STATUS_REPLY.pack(x.status, x.pending_rank, x.protected) + _locations(x.locations)
+    return _STATUS_REPLY.pack(x.status, x.pending_rank, x.protected, x.refs) + _locations(x.locations)
 
 
 def _read_located(r: _Reader) -> Located:
-    status, pending, protected = r.unpack(_STATUS_REPLY)
-    return Located(r.locations(), protected, LoadStatus(status), pending)
+    status, pending, protected, refs = r.unpack(_STATUS_REPLY)
+    return Located(r.locations(), protected, LoadStatus(status), pending, refs)
 
 
 def _optional_record(record: KeyRecord | None) -> bytes:

@@ -45,6 +45,7 @@ from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError,
 from ..hashing import Hasher
 from ..ids import BlockId, Key, block_name
 from ..stats import StoreStats, TierStats
+from ..store import KeyInfo
 from ..tiers import DiskTier
 from ..tiers.slots import SLOT_HEADER, digest16_of
 from .arena import Arena, Copy
@@ -280,6 +281,25 @@ class DistributedStore:
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, (str, bytes)) and self.contains(key)
+
+    def keys(self) -> list[Key]:
+        """Every key in the store, on any rank (asks every rank: a snapshot, in no particular order)."""
+        self._check_open()
+        return self.directory.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def info(self, key: Key) -> KeyInfo:
+        """Where ``key``'s block lives and what it holds. ``tiers``: ``host`` (a copy in this rank's memory),
+        ``remote`` (in another rank's memory), ``disk`` (the shared disk tier)."""
+        self._check_open()
+        r = self._records([check_key(key)])[0]
+        where = self.directory.locate(r.digest)
+        tiers = (("host",) * any(loc.rank == self.rank for loc in where.memory)
+                 + ("remote",) * any(loc.rank != self.rank for loc in where.memory) + ("disk",) * (where.disk is not None))
+        return KeyInfo(np.dtype(r.dtype), r.shape, self._nbytes(r), r.prefix, r.digest[:32].hex(), tiers,
+                       where.refs)
 
     def locations(self, key: Key) -> tuple[Location, ...]:
         """Where the copies of ``key``'s block lie right now (rank, tier, offset, size, generation)."""
