@@ -216,6 +216,9 @@ class HomeStats:
     unique_bytes: int
     protected_blocks: int
     protected_in_memory: int
+    disk_blocks: int = 0
+    """Digests with a copy in the shared disk tier."""
+    disk_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -431,7 +434,9 @@ class DirectoryState:
                 keys=len(self._keys), blocks=len(live),
                 logical_bytes=sum(np.dtype(r.dtype).itemsize * math.prod(r.shape) for r in self._keys.values()),
                 unique_bytes=sum(e.nbytes for e in live), protected_blocks=len(protected),
-                protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected))
+                protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected),
+                disk_blocks=len(on_disk := [e for e in live if any(loc.tier == TIER_DISK for loc in e.locations)]),
+                disk_bytes=sum(e.nbytes for e in on_disk))
 
 
 # --------------------------------------------------------------------- encoding

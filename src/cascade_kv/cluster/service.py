@@ -203,7 +203,9 @@ class Service:
         self._comm = comm.Dup()  # collective; our traffic can never match the application's receives
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
-        tag_ub = self._comm.Get_attr(MPI.TAG_UB)
+        # MPI promises TAG_UB on COMM_WORLD only (Open MPI 5 answers None on COMM_SELF and its duplicates);
+        # every communicator shares the same upper bound
+        tag_ub = self._comm.Get_attr(MPI.TAG_UB) or MPI.COMM_WORLD.Get_attr(MPI.TAG_UB)
         self._tag_span = int(tag_ub) - _FIRST_REPLY_TAG + 1
         # next() on itertools.count is atomic under the GIL: no lock on the call path.
         self._tags = itertools.count()

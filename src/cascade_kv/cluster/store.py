@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import random
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -235,8 +237,16 @@ class DistributedStore:
         for digest, data in zip(blocks, outs):
             located = self.directory.locate(digest)
             if located.disk is None:
-                self._write_disk(digest, memoryview(data))
-                self.directory.publish(digest, Location(self.rank, TIER_DISK, 0, data.nbytes, 0))
+                wrote = self._write_disk(digest, memoryview(data))
+                try:
+                    self.directory.publish(digest, Location(self.rank, TIER_DISK, 0, data.nbytes, 0))
+                except RemoteError as e:  # deleted meanwhile: nothing to demote, and the file must not stay
+                    if e.remote_type != "BlockNotFound":
+                        raise
+                    if wrote:
+                        with self._disk_lock:
+                            self.disk.free(digest)
+                    continue
             for loc in located.memory:
                 status, _ = self.directory.drop_copy(digest, loc)
                 if status is not CopyStatus.LAST:
@@ -320,8 +330,9 @@ class DistributedStore:
                      TierStats("remote", c.remote.hits, c.remote.misses, c.remote.bytes_read, c.remote.bytes_written,
                                0, 0, 0, None)]
             if self.disk is not None:
+                # blocks and bytes on disk are counted at the digests' homes: summed over ranks, each file once
                 tiers.append(TierStats("disk", c.disk.hits, c.disk.misses, c.disk.bytes_read, c.disk.bytes_written,
-                                       0, sum(1 for _ in self.disk.block_ids()), self.disk.used, self.disk.capacity))
+                                       0, home.disk_blocks, home.disk_bytes, self.disk.capacity))
             return StoreStats(
                 tiers=tuple(tiers), keys=home.keys, blocks=home.blocks, logical_bytes=home.logical_bytes,
                 unique_bytes=home.unique_bytes, protected_blocks=home.protected_blocks,
@@ -367,7 +378,12 @@ class DistributedStore:
     def __enter__(self) -> DistributedStore:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and not self._closed and self.size > 1:
+            # close() is collective: this rank now waits (up to the timeout) for the others to close too.
+            # Say why at once, so the cause is on the screen even if the job is torn down while we wait.
+            print(f"cascade-kv rank {self.rank}: leaving the store on {type(exc).__name__}: {exc}; closing "
+                  f"(collective: the other ranks must close too)", file=sys.stderr, flush=True)
         self.close()
 
     # ================================================================== put internals
@@ -586,14 +602,22 @@ class DistributedStore:
                 return True
         return False
 
-    def _write_disk(self, digest: BlockId, data: memoryview) -> None:
-        """Put the block in the shared disk tier (one content-addressed file; a file of the right size that is
-        there already, written by any rank, is taken as it is: its first read checks its digest)."""
+    def _write_disk(self, digest: BlockId, data: memoryview) -> bool:
+        """Put the block in the shared disk tier: one content-addressed file. A file of the right size that
+        is there already, written by any rank, is taken as it is (its first read here checks its digest).
+        True when this call wrote the file. This rank's index of the directory can be stale (another rank
+        deleted a file it had read), so the file itself is looked at, never the index alone."""
         assert self.disk is not None
         with self._disk_lock:  # this rank's threads (and its service thread) write one file at a time
-            if self.disk.contains(digest) or self.disk.adopt(digest) == data.nbytes:
-                return
-            if self.disk.contains(digest):  # adopted with the wrong size: a torn or foreign file; replace it
+            try:
+                size = os.stat(self.disk.path(digest)).st_size
+            except FileNotFoundError:
+                size = None
+            if size == data.nbytes:
+                if not self.disk.contains(digest):
+                    self.disk.adopt(digest)
+                return False
+            if self.disk.contains(digest):  # indexed here, but deleted or torn: forget it, then write it anew
                 self.disk.free(digest)
             if not self.disk.allocate(digest, data.nbytes):
                 raise CapacityError(f"disk tier full: {self.disk.used} B used of {self.disk.capacity} B")
@@ -604,6 +628,7 @@ class DistributedStore:
                 raise
         with self.arena.lock:
             self._c.disk.bytes_written += data.nbytes
+        return True
 
     # ================================================================== references and notices
     def _release_refs(self, items: Sequence[tuple[BlockId, bool]]) -> None:
@@ -782,8 +807,11 @@ class DistributedStore:
 
     def _read_disk(self, digest: BlockId, out: memoryview) -> None:
         assert self.disk is not None
-        if not self.disk.contains(digest) and self.disk.adopt(digest) is None:
-            raise BlockNotFound(f"block {block_name(digest)[:16]}: its disk copy is gone")
+        with self._disk_lock:
+            if self.disk.contains(digest) and not self.disk.path(digest).exists():
+                self.disk.free(digest)  # a stale entry of this rank's index: another rank deleted the file
+            if not self.disk.contains(digest) and self.disk.adopt(digest) is None:
+                raise BlockNotFound(f"block {block_name(digest)[:16]}: its disk copy is gone")
         try:
             self.disk.read_into(digest, out)
         except IntegrityError:

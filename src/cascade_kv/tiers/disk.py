@@ -259,7 +259,10 @@ class DiskTier(Tier):
         """A scratch (non-durable) tier removes the directories it made once they are empty."""
         if self._durable:
             return
-        subdirs = [d for d in self._blocks.iterdir() if d.is_dir()] if self._blocks.is_dir() else []
+        try:
+            subdirs = [d for d in self._blocks.iterdir() if d.is_dir()]
+        except OSError:  # gone already: another store sharing the directory (another rank) removed it
+            subdirs = []
         for d in [*subdirs, self._blocks, self._tmp]:
             try:
                 d.rmdir()
