@@ -1,8 +1,9 @@
-"""The ``cascade`` command: ``cascade bench`` (single-node benchmark; ``--ranks N`` starts N MPI ranks)
-and ``cascade --version``."""
+"""The ``cascade`` command: ``cascade bench`` (single-node benchmark; ``--ranks N`` runs the distributed one
+in N MPI ranks) and ``cascade --version``."""
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "temporary directory): host and disk reads of large blocks, puts, small blocks, and a mixed "
                     "workload of unique and shared prefix blocks larger than the host tier. Each figure is printed "
                     "beside its ceiling measured in the same run (np.copyto for memory, open + readinto of the "
-                    "same files for disk). Every read is checked; the exit code is 1 if any was wrong.")
+                    "same files for disk). With --ranks N > 1, the distributed benchmark instead (see --ranks). "
+                    "Every read is checked; the exit code is 1 if any was wrong.")
     bench.set_defaults(subparser=bench)  # errors in bench's options print bench's usage
     bench.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds (for CI)")
     bench.add_argument("--json", metavar="PATH", type=Path, help="also write every figure, the machine and the "
@@ -58,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--block-size", metavar="SIZE", type=_size,
                        help="size of the large blocks, e.g. 16MiB (default 16MiB; 1MiB with --quick)")
     bench.add_argument("--ranks", metavar="N", type=_ranks,
-                       help="MPI ranks: N > 1 starts N ranks on this machine through the project's own mpiexec "
-                            "(on a cluster, let the site's launcher start them instead: srun -n N cascade bench). "
-                            "Default: as many as the launcher started, else 1")
+                       help="MPI ranks. N > 1 runs the distributed benchmark in N ranks: a get from another "
+                            "rank's memory against a bare MPI Get, a directory round trip, a put deduplicated "
+                            "against another rank's block, and a hot prefix that every rank reads from the shared "
+                            "disk tier (--dir must be a directory every rank sees). The ranks are started on this "
+                            "machine through the project's own mpiexec; on a cluster, let the site's launcher start "
+                            "them instead: srun -n N cascade bench. Default: as many as the launcher started, else 1")
     return parser
 
 
@@ -93,23 +98,88 @@ def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
     if size is None:  # the launcher does not say; MPI knows
         from mpi4py import MPI
         size = MPI.COMM_WORLD.Get_size()
-    if args.ranks is not None and args.ranks != size:
-        code = 2
-        message = (f"--ranks {args.ranks}, but {started.launcher} started {size} rank(s); ask the launcher for the "
-                   f"ranks (e.g. srun -n {args.ranks} cascade bench) or leave out --ranks")
-    elif size == 1:
-        return None
-    else:
-        code = 3
-        message = (f"started as {size} ranks by {started.launcher}, but the distributed benchmark is not built yet "
-                   "(issue 3). For the single-node benchmark, run it as one rank: `cascade bench` (or "
-                   "`srun -n 1 cascade bench` on a compute node).")
+    if args.ranks is None or args.ranks == size:
+        return None if size == 1 else _bench_cluster(args, started.rank, size)
     # Rank 0 alone speaks and fails the job. Were every rank to exit non-zero, the launcher would tear the job
     # down at the first such exit, which may come before rank 0 has printed anything.
     if started.rank != 0:
         return 0
-    print(f"cascade bench: {message}", file=sys.stderr)
-    return code
+    print(f"cascade bench: --ranks {args.ranks}, but {started.launcher} started {size} rank(s); ask the launcher "
+          f"for the ranks (e.g. srun -n {args.ranks} cascade bench) or leave out --ranks", file=sys.stderr)
+    return 2
+
+
+def _size_problem(block: int, host_capacity: int, directory: Path) -> str | None:
+    """What is wrong with the sizes and --dir of a run, or ``None``."""
+    if block < 4096 or block % 8:
+        return f"--block-size must be at least 4 KiB and a multiple of 8 bytes, got {block}"
+    if host_capacity < 4 * block:
+        return f"--host-capacity ({format_size(host_capacity)}) must hold at least 4 blocks of {format_size(block)}"
+    if not directory.is_dir():
+        return f"--dir {directory} is not a directory"
+    return None
+
+
+def _bench_cluster(args: argparse.Namespace, launcher_rank: int, size: int) -> int:
+    """The distributed benchmark, run in every rank. Rank 0 prints the table and writes --json; the others
+    print nothing. Only rank 0 returns non-zero (see the end of :func:`_bench_ranks`)."""
+    from mpi4py import MPI
+
+    from .bench.cluster import ClusterBench, ClusterSizes, render_cluster
+    from .bench.single import BenchError
+
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != size:
+        # mpi4py built against another MPI than the launcher's: each process is a job of one, and would run alone
+        if launcher_rank != 0:
+            return 0
+        print(f"cascade bench: the launcher started {size} ranks, but MPI sees {comm.Get_size()} in this job; is "
+              "mpi4py built against the launcher's MPI?", file=sys.stderr)
+        return 2
+    rank = comm.Get_rank()
+    sizes = ClusterSizes.for_run(quick=args.quick, block=args.block_size, host_capacity=args.host_capacity)
+    problem = _size_problem(sizes.block, sizes.host_capacity, args.dir)
+    if problem is not None:
+        if rank == 0:
+            args.subparser.error(problem)
+        return 0
+    # Open MPI gives its ranks a pty whatever mpiexec's own output is, so isatty() tells nothing there: relaunch
+    # says what the user's stdout is. A log file gets the wide table and no progress bar.
+    from .cluster.launch import STDOUT_TTY_VARIABLE
+
+    tty = os.environ.get(STDOUT_TTY_VARIABLE, "1" if sys.stdout.isatty() else "0") == "1"
+    console = Console(width=None if tty else 150, force_terminal=tty)
+    root = comm.bcast(Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.dir)) if rank == 0 else None, root=0)
+    t0 = time.perf_counter()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True, disable=rank != 0 or not tty) as progress:
+            task = progress.add_task("starting", total=sizes.ticks)
+
+            def tick(what: str) -> None:
+                progress.update(task, description=what, advance=1)
+
+            report = ClusterBench(comm, sizes, root, tick).run()
+    except (CascadeError, BenchError) as e:
+        if rank == 0:
+            console.print(f"cascade bench: the store failed: {type(e).__name__}: {e}", style="red", markup=False)
+            return 2
+        return 0
+    finally:
+        if rank == 0:  # every rank is past its last store's close (collective) by now
+            shutil.rmtree(root, ignore_errors=True)
+    if report is None:  # not rank 0
+        return 0
+    report.wall_seconds = time.perf_counter() - t0
+    report.settings["quick"] = args.quick
+    render_cluster(report, console)
+    if args.json is not None:
+        report.write_json(args.json)
+        console.print(f"Figures written to {args.json}")
+    if report.reads_wrong:
+        console.print(f"[red]FAILED: {report.reads_wrong} of {report.reads_checked} reads returned wrong bytes[/red]")
+        return 1
+    return 0
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -117,13 +187,9 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .bench.single import Bench, BenchError, Sizes
 
     sizes = Sizes.for_run(quick=args.quick, block=args.block_size, host_capacity=args.host_capacity)
-    if sizes.block < 4096 or sizes.block % 8:
-        parser.error(f"--block-size must be at least 4 KiB and a multiple of 8 bytes, got {sizes.block}")
-    if sizes.host_capacity < 4 * sizes.block:
-        parser.error(f"--host-capacity ({format_size(sizes.host_capacity)}) must hold at least 4 blocks "
-                     f"of {format_size(sizes.block)}")
-    if not args.dir.is_dir():
-        parser.error(f"--dir {args.dir} is not a directory")
+    problem = _size_problem(sizes.block, sizes.host_capacity, args.dir)
+    if problem is not None:
+        parser.error(problem)
     console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the wide table
     root = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.dir))
     t0 = time.perf_counter()

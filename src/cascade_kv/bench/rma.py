@@ -112,7 +112,7 @@ def _measure(aw: ArenaWindow, n: int, seed: int, slots: list[Slot], reps: int) -
 
     def bare(slot: Slot, out: memoryview) -> bool:
         with epoch(aw, _OWNER) as win:
-            win.Get(out, _OWNER, (ARENA_OFFSET + slot[0] + SLOT_HEADER, n, MPI.BYTE))
+            win.Get([out, MPI.BYTE], _OWNER, (ARENA_OFFSET + slot[0] + SLOT_HEADER, n, MPI.BYTE))
         return True
 
     def checked(slot: Slot, out: memoryview) -> bool:

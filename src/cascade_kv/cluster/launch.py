@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,10 @@ def local_mpi_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+STDOUT_TTY_VARIABLE = "CASCADE_STDOUT_TTY"
+"""Set by :func:`relaunch` for its ranks: "1" when the command's stdout is a terminal, else "0"."""
+
+
 def relaunch(n: int, argv: Sequence[str], timeout: float | None) -> int:
     """Run the ``cascade`` command ``argv`` (without its ``--ranks``) as ``n`` ranks of a local
     ``mpiexec`` and return its exit code. Output goes to this process's stdout and stderr.
@@ -138,7 +143,11 @@ def relaunch(n: int, argv: Sequence[str], timeout: float | None) -> int:
     Raises :class:`LaunchTimeout` after killing every rank when ``timeout`` seconds pass first.
     """
     cmd = [*_mpiexec_command(n), sys.executable, "-m", "cascade_kv.cli", *_without_ranks(argv)]
-    return _run(cmd, local_mpi_env(), timeout, capture=False).returncode
+    env = local_mpi_env()
+    # mpiexec gives its ranks a pty whatever our own stdout is: tell them what it really is (progress bars
+    # belong on a terminal, not in a log file)
+    env[STDOUT_TTY_VARIABLE] = "1" if sys.stdout.isatty() else "0"
+    return _run(cmd, env, timeout, capture=False).returncode
 
 
 def run_mpi(n: int, args: Sequence[str], timeout: float | None,
@@ -181,6 +190,12 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float | None,
     # A session of its own, so that a stop signal reaches mpiexec and nothing of ours. The price is that Ctrl-C
     # in a terminal reaches only this process, so the `finally` below passes it on.
     proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True)
+    # SIGTERM or SIGHUP (`timeout`, a batch system, a closed terminal) would end this process without its
+    # `finally` and leave mpiexec and the ranks running: turn them into SystemExit while we wait.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, _exit_on_signal)
     try:
         try:
             out, err = proc.communicate(timeout=timeout)
@@ -192,9 +207,17 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float | None,
                 what += f"\n--- stdout so far ---\n{out}\n--- stderr so far ---\n{err}"
             raise LaunchTimeout(what, out, err) from None
     finally:
-        if proc.poll() is None:  # interrupted (Ctrl-C) or failed while waiting
-            _stop(proc)
+        try:
+            if proc.poll() is None:  # interrupted (Ctrl-C, SIGTERM) or failed while waiting
+                _stop(proc)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return subprocess.CompletedProcess(cmd, proc.returncode, out or "", err or "")
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:

@@ -361,19 +361,34 @@ class DistributedStore:
                               f"{self.size} ranks reached it")
 
     def close(self) -> None:
-        """Release every rank's window, service and scratch files. Collective; a second call does nothing."""
+        """Release every rank's window, service and scratch files. Collective; a second call does nothing.
+
+        Every wait is bounded by the timeout. A step that fails does not stop the collective steps after it
+        (a rank that skipped one would leave the others waiting in it); the first error is raised at the end.
+        Only if the service cannot stop is the arena left mapped: its handlers may still read it."""
         if self._closed:
             return
         self._closed = True
         self.service.close()  # its barrier: every rank has stopped calling before any handler goes
+        errors: list[BaseException] = []
+        for step in (self._remove_files, lambda: self._bounded_barrier("close()"), self._close_disk,
+                     self.arena.close, lambda: self.window.close(timeout=self.service.timeout)):
+            try:
+                step()
+            except Exception as e:  # keep going: the steps after it are collective too
+                log.warning("rank %d: close: %s: %s", self.rank, type(e).__name__, e)
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _remove_files(self) -> None:
         if self.disk is not None:
             for bid in self.disk.block_ids():  # blocks this rank wrote or read: removing twice is harmless
                 self.disk.free(bid)
-        self._bounded_barrier("close()")  # every file is gone before any rank removes the directories
-        if self.disk is not None:
+
+    def _close_disk(self) -> None:
+        if self.disk is not None:  # after the barrier: every rank's files are gone, the directories can go
             self.disk.close()
-        self.arena.close()
-        self.window.close()
 
     def __enter__(self) -> DistributedStore:
         return self

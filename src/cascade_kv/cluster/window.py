@@ -25,9 +25,11 @@ import mmap
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from types import TracebackType
 
+import numpy as np
 from mpi4py import MPI
 
 _PAGE = mmap.PAGESIZE
@@ -197,7 +199,7 @@ class ArenaWindow:
         view = memoryview(buf)
         with lock_all(self) as win:
             for r in range(self.size):
-                win.Get(view[r * _ROOM.size:(r + 1) * _ROOM.size], r, (_ROOM_OFFSET, _ROOM.size, MPI.BYTE))
+                win.Get([view[r * _ROOM.size:(r + 1) * _ROOM.size], MPI.BYTE], r, (_ROOM_OFFSET, _ROOM.size, MPI.BYTE))
         return [_ROOM.unpack_from(buf, r * _ROOM.size) for r in range(self.size)]
 
     def describe(self, rank: int) -> WindowInfo:
@@ -210,12 +212,14 @@ class ArenaWindow:
             raise ValueError(f"arena window: rank {rank}'s window holds no arena header (magic {magic:#x})")
         return WindowInfo(rank, version, capacity, offset)
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Free the window on every rank (collective; a second call does nothing).
 
         The tier built on :attr:`memory` must be closed first, and no view of it kept: freeing unmaps
         the memory, and a view that outlived it would crash the process on its next access. A rank that
-        still holds one makes every rank raise ``BufferError`` instead, with the window left open."""
+        still holds one makes every rank raise ``BufferError`` instead, with the window left open.
+        ``timeout`` (seconds) bounds the wait for the other ranks: past it, ``TimeoutError`` and the
+        window stays allocated (a leak, where the alternative is waiting forever for a rank that died)."""
         if self._memory is None:
             return
         # Every view of the arena, however derived (numpy arrays, memoryview slices), holds the one
@@ -231,7 +235,18 @@ class ArenaWindow:
         except BufferError:  # something holds a buffer taken from our view itself
             held = True
         # decided together: a rank that skipped Win.Free would leave the others waiting in it forever
-        holders = self.comm.allgather(held)
+        mine = np.zeros(self.size, np.int8)
+        mine[self.rank] = held
+        every = np.empty_like(mine)
+        request = self.comm.Iallreduce(mine, every, MPI.MAX)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not request.Test():
+            if deadline is not None and time.monotonic() > deadline:
+                self._memory = self._arena_view()
+                raise TimeoutError(f"arena window: rank {self.rank} waited {timeout:g} s in close() for the "
+                                   f"other ranks; the window stays allocated")
+            time.sleep(1e-3)
+        holders = every.tolist()
         if any(holders):
             self._memory = self._arena_view()  # the window stays open and usable
             self._room = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
