@@ -301,7 +301,7 @@ def test_home_stats():
     s.bind("c", KeyRecord(E, "<f8", (3,)))
     s.bind(b"d", KeyRecord(f, "<i8", ()))
     assert s.stats() == HomeStats(keys=4, blocks=3, logical_bytes=100 + 100 + 24 + 8, unique_bytes=100 + 24 + 8,
-                                  protected_blocks=2, protected_in_memory=1)
+                                  protected_blocks=2, protected_in_memory=1, disk_blocks=2, disk_bytes=24 + 8)
 
 
 # ---------------------------------------------------------------- encoding
