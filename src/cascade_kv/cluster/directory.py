@@ -456,10 +456,18 @@ class _Reader:
         return out
 
     def unpack(self, s: struct.Struct) -> tuple:
-        return s.unpack(self.take(s.size))
+        pos, end = self.pos, self.pos + s.size
+        if end > len(self.buf):
+            raise ValueError(f"payload of {len(self.buf)} B ends inside a record (at {pos} + {s.size})")
+        self.pos = end
+        return s.unpack_from(self.buf, pos)  # no intermediate bytes: lookups decode a dozen fields each
 
     def u8(self) -> int:
-        return self.unpack(_U8)[0]
+        pos = self.pos
+        if pos >= len(self.buf):
+            raise ValueError(f"payload of {len(self.buf)} B ends inside a record (at {pos} + 1)")
+        self.pos = pos + 1
+        return self.buf[pos]
 
     def u32(self) -> int:
         return self.unpack(_U32)[0]
@@ -485,7 +493,8 @@ class _Reader:
     def record(self) -> KeyRecord:
         digest = Digest(self.digest())
         dtype = self.take(self.u8()).decode("ascii")
-        shape = tuple(self.unpack(_U64)[0] for _ in range(self.u8()))
+        ndim = self.u8()
+        shape = self.unpack(struct.Struct(f"<{ndim}Q")) if ndim else ()
         return KeyRecord(digest, dtype, shape, bool(self.u8()))
 
     def done(self) -> None:
@@ -590,6 +599,11 @@ class Directory:
         """One request per home rank holding ``items``' records; the results back in ``items``' order."""
         if not items:
             return []
+        if len(items) == 1:  # the common single-key call: no grouping
+            r = _Reader(self.service.call(home(items[0]), op, b"\x01\x00\x00\x00" + encode(items[0])))
+            result = decode(r)
+            r.done()
+            return [result]
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(home(item), []).append(i)

@@ -74,6 +74,8 @@ _MAKE_ROOM_REQ = struct.Struct("<Q")  # bytes wanted in one hole
 _U8 = struct.Struct("<B")
 _U32 = struct.Struct("<I")
 
+LOCATION_CACHE = 65536
+"""Last known locations of blocks this rank read from peers (a few MB of Python objects at most)."""
 _RETRY_SLEEP_S = 1e-3
 """First pause before looking up again a block whose copy moved, or that another rank is loading."""
 
@@ -114,6 +116,7 @@ class DistributedStore:
         self._closed = False
         self._c = Counters()
         self._remote_reads: dict[BlockId, int] = {}  # per digest: reads served by peers since the last replica
+        self._where: dict[BlockId, tuple[Location, int]] = {}  # last good remote copy per digest (see _read_elsewhere)
         self.service = Service(self.comm, timeout=timeout)
         self.window = ArenaWindow(self.comm, cfg.host_capacity + SLOT_HEADER)
         self.arena = Arena(self.window, cfg.host_capacity, rank=self.rank, semantic=cfg.semantic_eviction)
@@ -764,13 +767,27 @@ class DistributedStore:
             pause = min(2 * pause, 10e-3)
 
     def _read_elsewhere(self, digests: list[BlockId], outs: list[memoryview], index: list[int]) -> list[int]:
-        """One round of reading blocks this rank holds no copy of; the indices (into ``index``) still to read."""
-        located = self.directory.locate_many(digests)
-        remote, on_disk, again = [], [], []
-        for j, (digest, where) in enumerate(zip(digests, located)):
+        """One round of reading blocks this rank holds no copy of; the indices (into ``index``) still to read.
+
+        A copy this rank read before is tried at its last known location first, without asking the home:
+        the slot-header check refuses it if it moved, and only then is the home asked. That is sound because
+        the *key* was looked up afresh, and a slot whose header still shows the generation and digest read
+        last time still holds exactly that block."""
+        remote: list[tuple[int, Location, int]] = []
+        cached = [(j, hit) for j, d in enumerate(digests) if (hit := self._where.get(d)) is not None]
+        if cached:
+            missed = self._read_remote(digests, outs, [(j, loc, protected) for j, (loc, protected) in cached])
+            for j in missed:
+                self._where.pop(digests[j], None)
+            ask = sorted(set(range(len(digests))) - {j for j, _ in cached} | set(missed))
+        else:
+            ask = list(range(len(digests)))
+        on_disk, again = [], []
+        for j, where in zip(ask, self.directory.locate_many([digests[j] for j in ask]) if ask else []):
+            digest = digests[j]
             memory = [loc for loc in where.memory if loc.rank != self.rank]
             if memory:
-                remote.append((j, random.choice(memory), where.protected))
+                remote.append((j, random.choice(memory), where.protected))  # spreads readers over replicas
             elif digest in self.arena:  # stored here since the first look: read locally next round
                 again.append(j)
             elif where.locations or (self.disk is not None and self.disk.path(digest).exists()):
@@ -779,20 +796,35 @@ class DistributedStore:
                 raise BlockNotFound(f"block {block_name(digest)[:16]} has no copy left (dropped, or deleted "
                                     f"while being read)")
         if remote:
-            refs = [SlotRef(loc.rank, loc.offset, loc.nbytes, loc.generation, digest16_of(digests[j]))
-                    for j, loc, _ in remote]
-            ok = remote_read_many(self.window, refs, [outs[j] for j, _, _ in remote])
-            for (j, loc, protected), good in zip(remote, ok):
-                if not good:
-                    again.append(j)
-                    continue
-                self._count_read(self._c.remote, loc.nbytes, misses=(self._c.host,))
-                with self.arena.lock:
-                    self._c.bytes_received += loc.nbytes
-                self._maybe_replicate(digests[j], outs[j], protected)
+            again += self._read_remote(digests, outs, remote)
         if on_disk:
             again += self._load([digests[j] for j in on_disk], [outs[j] for j in on_disk], on_disk)
         return [index[j] for j in sorted(again)]
+
+    def _read_remote(self, digests: list[BlockId], outs: list[memoryview],
+                     remote: list[tuple[int, Location, int]]) -> list[int]:
+        """Read ``(j, location, protected)`` copies out of peers' windows in one epoch; the ``j`` that failed
+        their slot-header check (moved or freed since)."""
+        refs = [SlotRef(loc.rank, loc.offset, loc.nbytes, loc.generation, digest16_of(digests[j]))
+                for j, loc, _ in remote]
+        failed = []
+        for (j, loc, protected), good in zip(remote, remote_read_many(self.window, refs, [outs[j] for j, _, _ in remote])):
+            if not good:
+                failed.append(j)
+                continue
+            self._count_read(self._c.remote, loc.nbytes, misses=(self._c.host,))
+            with self.arena.lock:
+                self._c.bytes_received += loc.nbytes
+            self._remember(digests[j], loc, protected)
+            self._maybe_replicate(digests[j], outs[j], protected)
+        return failed
+
+    def _remember(self, digest: BlockId, loc: Location, protected: int) -> None:
+        where = self._where
+        where.pop(digest, None)
+        where[digest] = (loc, protected)
+        if len(where) > LOCATION_CACHE:
+            del where[next(iter(where))]  # the oldest entry (dicts keep insertion order)
 
     def _load(self, digests: list[BlockId], outs: list[memoryview], index: list[int]) -> list[int]:
         """Blocks found on disk only: read under a load lease and keep them in memory for the other ranks.
