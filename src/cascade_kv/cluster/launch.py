@@ -150,6 +150,16 @@ def relaunch(n: int, argv: Sequence[str], timeout: float | None) -> int:
     return _run(cmd, env, timeout, capture=False).returncode
 
 
+def launch(n: int, args: Sequence[str], timeout: float | None = None) -> int:
+    """Run any command (``python app.py ...``) as ``n`` local ranks of the project's own ``mpiexec``, with
+    :func:`local_mpi_env`; output goes to this process's stdout and stderr. The exit code is mpiexec's."""
+    if not args:
+        raise ConfigError("launch: no command to run")
+    env = local_mpi_env()
+    env[STDOUT_TTY_VARIABLE] = "1" if sys.stdout.isatty() else "0"
+    return _run([*_mpiexec_command(n), *args], env, timeout, capture=False).returncode
+
+
 def run_mpi(n: int, args: Sequence[str], timeout: float | None,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``mpiexec -n n *args`` with :func:`local_mpi_env` over ``env`` and capture its output (text).

@@ -1,0 +1,19 @@
+"""The shipped examples run as their docstrings say."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from .conftest import run_ranks
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_shared_prefix_example_on_four_ranks() -> None:
+    out = run_ranks(4, [sys.executable, str(EXAMPLES / "shared_prefix.py")], timeout=90)
+    # rank 0 wrote the prefix; every other rank read it remotely, then from the replica it made
+    assert re.search(r"rank 0: reads from host 4, remote 0; replicas made 0", out), out
+    assert len(re.findall(r"rank [123]: reads from host 1, remote 3; replicas made 1", out)) == 3, out
+    # four ranks put the same request block: one copy, three dedup hits
+    assert "cluster: 4 ranks, 2 distinct blocks for 5 keys, 3 dedup hits" in out, out
