@@ -1,0 +1,95 @@
+"""The interface every system in the evaluation suite implements.
+
+One instance per rank and per experiment. The suite calls, in order: :meth:`Backend.open` (setup, timed
+apart: arenas touched, servers started, connections made), any number of :meth:`put_many` /
+:meth:`get_many` (timed), then :meth:`close`. Keys are ``str``; values are C-contiguous ``uint8`` arrays
+of one block each; ``get_many`` fills the caller's buffers (exactly a block each) and every read is
+checked by the suite against the bytes it wrote, whatever the system.
+
+A system that cannot run here raises :class:`Unavailable` from ``open`` (or from its constructor) with
+the reason; the suite prints it and writes it to the JSON, never skipping silently.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class Unavailable(Exception):
+    """This system cannot run on this machine (not installed, no server binary, ...): the reason says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What a rank's backend is given to set itself up."""
+
+    workdir: Path
+    """A directory every rank of the run sees (the shared disk tier for disk-backed systems), empty."""
+    memory_bytes: int
+    """Memory this rank's instance may hold (host tier, server maxmemory, CPU pool...)."""
+    block_size: int
+    """Bytes of every block in the experiment."""
+    rank: int = 0
+    size: int = 1
+    comm: Any = None
+    """The MPI communicator of the run (``None`` on one process); collective setup may use it."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Experiment-specific settings (e.g. ``{"disk": True}``)."""
+
+
+class Backend(ABC):
+    """One system under test."""
+
+    name: str = "?"
+    """Short label in tables and JSON (e.g. ``"cascade-kv"``, ``"hdf5"``, ``"redis"``)."""
+    tier: str = "?"
+    """Where its data lives: ``"memory"``, ``"disk"``, ``"remote memory"``, ``"tiered"``."""
+
+    def __init__(self) -> None:
+        self.setup_seconds = 0.0
+        """Time :meth:`open` took (reported apart from every timed figure)."""
+
+    def open(self, setup: Setup) -> None:
+        """Set up (timed apart). Raises :class:`Unavailable` when the system cannot run here."""
+        t0 = time.perf_counter()
+        self._open(setup)
+        self.setup_seconds = time.perf_counter() - t0
+
+    @abstractmethod
+    def _open(self, setup: Setup) -> None: ...
+
+    @abstractmethod
+    def put_many(self, keys: Sequence[str], blocks: Sequence[np.ndarray], *,
+                 prefix: Sequence[bool] | None = None) -> None:
+        """Store every block under its key. ``prefix`` marks shared-prefix blocks (only cascade-kv uses it)."""
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> None:
+        """Fill ``outs[i]`` with the block stored under ``keys[i]``. A missing key raises ``KeyError``."""
+
+    @abstractmethod
+    def contains_many(self, keys: Sequence[str]) -> list[bool]:
+        """Which keys are stored now (a trace replay asks before it reads what a request can reuse)."""
+
+    def files(self) -> list[Path]:
+        """Files holding the data (disk-backed systems): the suite drops them from the page cache for cold
+        reads. Memory systems return none."""
+        return []
+
+    def tier_hits(self) -> dict[str, int]:
+        """Reads served per tier since open, where the system can tell (cascade-kv can; others cannot)."""
+        return {}
+
+    def version(self) -> str:
+        """The system's version, for the JSON."""
+        return ""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything (servers stopped, files removed). Collective when the backend is."""
