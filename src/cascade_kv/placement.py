@@ -233,7 +233,7 @@ class Placement:
         b.pins -= 1
         if b.pins == 0:
             self._maybe_release(b)
-            self._cond.notify_all()
+        self._cond.notify_all()  # also at pins 1: demote() waits for the other readers of a block to finish
 
     def _promote(self, b: Block, data: np.ndarray) -> None:
         """Copy a block read often from a lower tier into the fastest tier with room (lock held)."""

@@ -178,6 +178,44 @@ class Store(Placement):
         """Protect ``key`` as if it had been put with ``is_prefix=True`` (brings it into memory)."""
         self._set_prefix(key, True)
 
+    def demote(self, keys: Iterable[Key]) -> None:
+        """Move the blocks of ``keys`` out of memory into the disk tier (cold starts, freeing memory ahead of a
+        known burst). Protected keys raise ``ValueError`` and nothing moves; without a disk tier, ConfigError."""
+        keys = list(dict.fromkeys(check_key(k) for k in keys))
+        with self._write_order:
+            with self._lock:
+                self._check_open()
+                if self._disk is None:
+                    raise ConfigError("demote: the store has no disk tier (set disk_path)")
+                blocks = {e.block_id: self._blocks[e.block_id] for e in self._entries(keys)}
+                for k in keys:
+                    if self._blocks[self._keys[k].block_id].protected and self.config.semantic_eviction:
+                        raise ValueError(f"demote: the block of {k!r} is protected (is_prefix); unprotect it first")
+                for b in blocks.values():
+                    if not b.where & self._memory_mask or self._blocks.get(b.id) is not b:
+                        continue
+                    b.pins += 1
+                    try:
+                        if not b.where >> self._disk & 1:
+                            if not self._make_room(self._disk, b):
+                                raise CapacityError(f"demote: the disk tier cannot hold {b.nbytes} B more")
+                            try:
+                                src = fastest(b.where)
+                                with self._unlocked():
+                                    self._copy_between(b, src, self._disk)
+                            except BaseException:
+                                self._tiers[self._disk].free(b.id)
+                                raise
+                            self._add_copy(b, self._disk)
+                        while b.pins > 1:  # a reader outside the lock holds the memory copy: let it finish
+                            self._cond.wait(WAIT_SLICE)
+                        for t in self._memory:
+                            if b.where >> t & 1:
+                                self._drop_copy(b, t)
+                        self._c.demotions += 1
+                    finally:
+                        self._unpin(b)
+
     # ------------------------------------------------------------------ public API: reads
     def get(self, key: Key, out: np.ndarray | None = None) -> np.ndarray:
         """Copy ``key``'s value into ``out`` (allocated when ``None``) and return it."""
