@@ -50,6 +50,9 @@ class Backend(ABC):
     """Short label in tables and JSON (e.g. ``"cascade-kv"``, ``"hdf5"``, ``"redis"``)."""
     tier: str = "?"
     """Where its data lives: ``"memory"``, ``"disk"``, ``"remote memory"``, ``"tiered"``."""
+    overwrites: bool = True
+    """A put of a stored key replaces its bytes. Some systems keep the first bytes (Mooncake, LMCache's local
+    backends): they say so here, and the suite never rewrites a key with other bytes."""
 
     def __init__(self) -> None:
         self.setup_seconds = 0.0
@@ -81,6 +84,15 @@ class Backend(ABC):
         """Files holding the data (disk-backed systems): the suite drops them from the page cache for cold
         reads. Memory systems return none."""
         return []
+
+    def prepare_cold(self, keys: Sequence[str]) -> None:
+        """Make the next reads of ``keys`` come from the system's coldest place: by default, write back and
+        drop :meth:`files` from the page cache (``POSIX_FADV_DONTNEED``). A tiered system also moves the
+        blocks down first (cascade-kv demotes them to its disk tier); a memory-only system has nothing
+        colder and does nothing."""
+        from ..ceilings import drop_page_cache
+
+        drop_page_cache(self.files())
 
     def tier_hits(self) -> dict[str, int]:
         """Reads served per tier since open, where the system can tell (cascade-kv can; others cannot)."""
