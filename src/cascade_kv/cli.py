@@ -50,6 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "same files for disk). With --ranks N > 1, the distributed benchmark instead (see --ranks). "
                     "Every read is checked; the exit code is 1 if any was wrong.")
     bench.set_defaults(subparser=bench)  # errors in bench's options print bench's usage
+    from .bench.suite import EXPERIMENTS
+    bench.add_argument("experiment", nargs="?", choices=sorted(EXPERIMENTS), metavar="EXPERIMENT",
+                       help="an experiment of the evaluation suite, every system side by side in one run: "
+                            + ", ".join(sorted(EXPERIMENTS)) + ". Without one: the default benchmark above")
+    bench.add_argument("--systems", metavar="LIST",
+                       help="comma-separated systems for an experiment (default: the experiment's own list; "
+                            "see the README for names such as cascade-kv, posix, hdf5, redis, mooncake, lmcache-cpu)")
+    bench.add_argument("--plot", metavar="DIR", type=Path, help="write PNG charts of an experiment to DIR")
+    bench.add_argument("--scale", metavar="X", type=float, help="models: divide every block size by X")
+    bench.add_argument("--o-direct", action="store_true", help="cold: read with O_DIRECT instead of dropping "
+                       "the page cache")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds (for CI)")
     bench.add_argument("--json", metavar="PATH", type=Path, help="also write every figure, the machine and the "
                        "command line to PATH as JSON")
@@ -91,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     code = _bench_ranks(args, argv)
-    return _bench(args, args.subparser) if code is None else code
+    if code is not None:
+        return code
+    return _bench_suite(args, None, argv) if args.experiment else _bench(args, args.subparser)
 
 
 def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
@@ -113,7 +126,12 @@ def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
         from mpi4py import MPI
         size = MPI.COMM_WORLD.Get_size()
     if args.ranks is None or args.ranks == size:
-        return None if size == 1 else _bench_cluster(args, started.rank, size)
+        if size == 1:
+            return None
+        if args.experiment:
+            from mpi4py import MPI
+            return _bench_suite(args, MPI.COMM_WORLD, argv)
+        return _bench_cluster(args, started.rank, size)
     # Rank 0 alone speaks and fails the job. Were every rank to exit non-zero, the launcher would tear the job
     # down at the first such exit, which may come before rank 0 has printed anything.
     if started.rank != 0:
@@ -142,6 +160,64 @@ def _launch(args: argparse.Namespace) -> int:
     except LaunchError as e:
         print(f"cascade launch: {e}", file=sys.stderr)
         return 2
+
+
+def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int:
+    """One experiment of the evaluation suite, in every rank of ``comm`` (``None``: this process alone)."""
+    from .bench.suite import experiment
+    from .bench.suite.core import Run, SuiteError
+    from .bench.suite.render import plot, render
+    from .cluster.launch import STDOUT_TTY_VARIABLE
+
+    module = experiment(args.experiment)
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else list(module.DEFAULT_SYSTEMS)
+    from .bench.peers.registry import BACKENDS
+    unknown = [s for s in systems if s not in BACKENDS]
+    if unknown:
+        args.subparser.error(f"unknown system(s) {unknown}; known: {', '.join(BACKENDS)}")
+    if not args.dir.is_dir():
+        args.subparser.error(f"--dir {args.dir} is not a directory")
+    rank = comm.Get_rank() if comm is not None else 0  # type: ignore[attr-defined]
+    tty = os.environ.get(STDOUT_TTY_VARIABLE, "1" if sys.stdout.isatty() else "0") == "1"
+    console = Console(width=None if tty else 150, force_terminal=tty)
+    root = Path(tempfile.mkdtemp(prefix=f"cascade-{args.experiment}-", dir=args.dir)) if rank == 0 else None
+    if comm is not None:
+        root = comm.bcast(root, root=0)  # type: ignore[attr-defined]
+    assert root is not None
+    options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct}
+    t0 = time.perf_counter()
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                      transient=True, disable=rank != 0 or not tty) as progress:
+            task = progress.add_task(args.experiment, total=None)
+
+            def tick(what: str) -> None:
+                progress.update(task, description=f"{args.experiment}: {what}")
+
+            run = Run(comm, quick=args.quick, root=root, systems=systems, tick=tick, options=options)
+            result = module.run(run)
+            result.reads_checked, result.reads_wrong = run.counted_reads()
+    except SuiteError as e:
+        if rank == 0:
+            console.print(f"cascade bench {args.experiment}: {e}", style="red", markup=False)
+            return 2
+        return 0
+    finally:
+        if rank == 0:
+            shutil.rmtree(root, ignore_errors=True)
+    if rank != 0:
+        return 0
+    result.wall_seconds = time.perf_counter() - t0
+    result.settings["quick"] = args.quick
+    result.judge()
+    render(result, console)
+    if args.json is not None:
+        result.write_json(args.json, argv)
+        console.print(f"Figures written to {args.json}")
+    if args.plot is not None:
+        for path in plot(result, args.plot):
+            console.print(f"Plot written to {path}")
+    return 1 if result.reads_wrong else 0
 
 
 def _size_problem(block: int, host_capacity: int, directory: Path) -> str | None:

