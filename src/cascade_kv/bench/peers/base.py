@@ -50,6 +50,9 @@ class Backend(ABC):
     """Short label in tables and JSON (e.g. ``"cascade-kv"``, ``"hdf5"``, ``"redis"``)."""
     tier: str = "?"
     """Where its data lives: ``"memory"``, ``"disk"``, ``"remote memory"``, ``"tiered"``."""
+    shared: bool = True
+    """Any rank reads any rank's blocks. A system whose instances keep their blocks to themselves (LMCache's
+    CPU and disk backends) cannot take part in an experiment where ranks share blocks: it is skipped there."""
     overwrites: bool = True
     """A put of a stored key replaces its bytes. Some systems keep the first bytes (Mooncake, LMCache's local
     backends): they say so here, and the suite never rewrites a key with other bytes."""

@@ -78,7 +78,7 @@ def missing() -> str:
 def _environment() -> None:
     """Set before LMCache is imported (it reads them then)."""
     os.environ["LMCACHE_TRACK_USAGE"] = "false"  # no usage report leaves the machine
-    os.environ.setdefault("LMCACHE_LOG_LEVEL", "WARNING")  # its INFO lines would fill the benchmark's output
+    os.environ.setdefault("LMCACHE_LOG_LEVEL", "ERROR")  # its INFO and WARNING lines would fill the benchmark's output
 
 
 def _free_port() -> int:
@@ -138,6 +138,7 @@ class LMCache(Backend):
         self.mode = mode
         self.name = f"lmcache-{mode}"
         self.overwrites = mode == "remote"  # the local backends keep a stored key's first bytes
+        self.shared = mode == "remote"  # the CPU and disk backends are private to the process that made them
         self.tier = {"cpu": "memory", "disk": "disk", "remote": "remote memory"}[mode]
         reason = missing()
         if reason:

@@ -108,6 +108,8 @@ class Result:
     settings: dict[str, Any] = field(default_factory=dict)
     systems: dict[str, SystemResult] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Systems that started but failed during the experiment (their figures, if any, are partial)."""
     ceilings: dict[str, Measure] = field(default_factory=dict)
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -143,7 +145,7 @@ class Result:
             "experiment": self.experiment, "title": self.title, "cascade_kv": __version__,
             "command": shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions(), "ranks": self.ranks,
             "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
-            "skipped": self.skipped, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
+            "skipped": self.skipped, "failed": self.failed, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
             "targets": [t.__dict__ for t in self.targets], "notes": self.notes,
             "reads_checked": self.reads_checked, "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
 
@@ -210,10 +212,12 @@ class Run:
 
     # ------------------------------------------------------------------ systems
     @contextmanager
-    def system(self, name: str, result: Result, memory_bytes: int, block_size: int,
+    def system(self, name: str, result: Result, memory_bytes: int, block_size: int, *, shared: bool = True,
                **options: Any) -> Iterator[Backend | None]:
         """Open system ``name`` on every rank (``None`` and a recorded reason when it cannot run here), and
-        close it at the end, collectively."""
+        close it at the end, collectively. ``shared``: the experiment has ranks read each other's blocks.
+        A failure of the system during the experiment is recorded in ``result.failed`` and the experiment
+        goes on with the next system."""
         from ..peers import registry
 
         backend: Backend | None = None
@@ -241,14 +245,25 @@ class Run:
             yield None
             return
         assert backend is not None
+        if self.size > 1 and shared and not backend.shared:
+            result.skipped[name] = (f"keeps each rank's blocks to itself, and this experiment shares blocks "
+                                    f"between {self.size} ranks (run it on one rank to measure {name})")
+            self.together(backend.close, f"{name}: close")
+            yield None
+            return
         mine = result.systems.setdefault(name, SystemResult(name))
         mine.setup_seconds = max(self.allgather(backend.setup_seconds))
         mine.values.setdefault("version", backend.version())
         self.tick(f"{name}: open")
         try:
             yield backend
+        except SuiteError as e:  # this system failed on some rank (every rank is here): report it, go on
+            result.failed[name] = str(e)
         finally:
-            self.together(backend.close, f"{name}: close")
+            try:
+                self.together(backend.close, f"{name}: close")
+            except SuiteError as e:
+                result.failed.setdefault(name, str(e))
 
     # ------------------------------------------------------------------ data
     def new_contents(self, nbytes: int, seed: int) -> Contents:
@@ -293,11 +308,25 @@ class Run:
         return sum(c for c, _ in every), sum(w for _, w in every)
 
 
+def device_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage devices (``read_bytes`` of ``/proc/self/io``):
+    page-cache hits do not count. ``None`` where the kernel does not say."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def buffers_for(n: int, nbytes: int) -> list[np.ndarray]:
     return [touch(np.empty(nbytes, np.uint8)) for _ in range(n)]
 
 
-__all__ = ["GB", "MiB", "Measure", "Result", "Run", "SuiteError", "SystemResult", "Target", "buffers_for"]
+__all__ = ["GB", "MiB", "Measure", "Result", "Run", "SuiteError", "SystemResult", "Target", "buffers_for",
+           "device_read_bytes"]
 
 
 if os.environ.get("CASCADE_SUITE_DEBUG"):  # pragma: no cover - a switch for whoever debugs a hang

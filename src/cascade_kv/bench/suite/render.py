@@ -47,6 +47,8 @@ def render(res: Result, console: Console) -> None:
     for name, why in res.skipped.items():
         table.add_row(f"[dim]{escape(name)}[/dim]", f"[yellow]skipped: {escape(why)}[/yellow]",
                       *[""] * len(res.columns))
+    for name, why in res.failed.items():
+        table.add_row(f"[red]{escape(name)}[/red]", f"[red]failed: {escape(why)}[/red]", *[""] * len(res.columns))
     console.print(table)
     if res.ceilings:
         for key, m in res.ceilings.items():
