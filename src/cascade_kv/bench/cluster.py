@@ -459,7 +459,7 @@ class ClusterReport:
     wall_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"cascade_kv": __version__, "command": shlex.join(sys.argv), "argv": sys.argv, "machine": machine(),
+        return {"cascade_kv": __version__, "command": os.environ.get("CASCADE_COMMAND") or shlex.join(sys.argv), "argv": sys.argv, "machine": machine(),
                 "ranks": self.ranks, "settings": self.settings, "experiments": self.experiments,
                 "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
                 "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}

@@ -132,6 +132,8 @@ def local_mpi_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+COMMAND_VARIABLE = "CASCADE_COMMAND"
+"""Set by :func:`relaunch` for its ranks: the command line as the user typed it (reports print it)."""
 STDOUT_TTY_VARIABLE = "CASCADE_STDOUT_TTY"
 """Set by :func:`relaunch` for its ranks: "1" when the command's stdout is a terminal, else "0"."""
 
@@ -147,6 +149,7 @@ def relaunch(n: int, argv: Sequence[str], timeout: float | None) -> int:
     # mpiexec gives its ranks a pty whatever our own stdout is: tell them what it really is (progress bars
     # belong on a terminal, not in a log file)
     env[STDOUT_TTY_VARIABLE] = "1" if sys.stdout.isatty() else "0"
+    env[COMMAND_VARIABLE] = shlex.join(["cascade", *argv])  # what the user typed, --ranks included, for reports
     return _run(cmd, env, timeout, capture=False).returncode
 
 

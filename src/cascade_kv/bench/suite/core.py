@@ -143,7 +143,7 @@ class Result:
     def as_dict(self, argv: Sequence[str]) -> dict[str, Any]:
         return {
             "experiment": self.experiment, "title": self.title, "cascade_kv": __version__,
-            "command": shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions(), "ranks": self.ranks,
+            "command": os.environ.get("CASCADE_COMMAND") or shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions(), "ranks": self.ranks,
             "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
             "skipped": self.skipped, "failed": self.failed, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
             "targets": [t.__dict__ for t in self.targets], "notes": self.notes,
