@@ -490,7 +490,9 @@ class DistributedStore:
 
     def _allocate(self, digest: BlockId, nbytes: int, *, protected: bool, replica: bool) -> Copy | None:
         """A slot in this rank's arena, evicting victims (replicas, then unprotected copies, then protected
-        ones to peers' memory) until it fits; None when it cannot (a replica only takes free room)."""
+        ones to peers' memory) until it fits; None when it cannot. A replica (a block this rank reads often
+        from a peer) may displace replicas and unprotected copies, which move down as any victim does, but
+        never protected ones: under pressure a hot block's replica is worth more here than a cold block."""
         if not self.arena.fits(nbytes):
             return None
         stuck = 0  # victims in a row that had to stay (moves in flight): give up after a full round
@@ -501,10 +503,8 @@ class DistributedStore:
             c = self.arena.allocate(digest, nbytes, protected=protected, replica=replica)
             if c is not None:
                 return c
-            if replica:
-                return None
             victim = self.arena.pick_victim(protected=False)
-            if victim is None and try_protected:
+            if victim is None and try_protected and not replica:
                 victim = self.arena.pick_victim(protected=True)
             if victim is not None:
                 if self._evict(victim):
@@ -513,7 +513,7 @@ class DistributedStore:
                     stuck += 1
                     try_protected = try_protected and not victim.protected  # no peer takes protected data now
                 continue
-            if protected and self._ask_for_room(nbytes + SLOT_HEADER):
+            if protected and not replica and self._ask_for_room(nbytes + SLOT_HEADER):
                 try_protected = True  # a peer has a hole now: our protected victims can go there
                 continue
             return None
