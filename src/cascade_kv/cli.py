@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated systems for an experiment (default: the experiment's own list; "
                             "see the README for names such as cascade-kv, posix, hdf5, redis, mooncake, lmcache-cpu)")
     bench.add_argument("--plot", metavar="DIR", type=Path, help="write PNG charts of an experiment to DIR")
-    bench.add_argument("--scale", metavar="X", type=float, help="models: divide every block size by X")
+    bench.add_argument("--scale", metavar="X", type=float, help="models, trace: divide every block size by X")
+    bench.add_argument("--trace", metavar="PATH", type=Path, help="trace: the request trace to replay (Mooncake "
+                       "JSON-lines format; default the shipped Mooncake FAST'25 synthetic trace)")
+    bench.add_argument("--model", metavar="NAME", help="trace: the model whose KV block size a hash id stands for "
+                       "(Qwen2.5-7B, Qwen2.5-32B, Qwen2.5-72B, Llama-3-8B, Llama-3-70B; default Qwen2.5-7B)")
+    bench.add_argument("--requests", metavar="N", type=int, help="trace: replay only the first N requests "
+                       "(default all; 400 with --quick)")
     bench.add_argument("--o-direct", action="store_true", help="cold: read with O_DIRECT instead of dropping "
                        "the page cache")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds (for CI)")
@@ -172,7 +178,7 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     module = experiment(args.experiment)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else list(module.DEFAULT_SYSTEMS)
     from .bench.peers.registry import BACKENDS
-    unknown = [s for s in systems if s not in BACKENDS]
+    unknown = [s for s in systems if s not in BACKENDS and s not in getattr(module, "VARIANTS", {})]
     if unknown:
         args.subparser.error(f"unknown system(s) {unknown}; known: {', '.join(BACKENDS)}")
     if not args.dir.is_dir():
@@ -184,7 +190,8 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     if comm is not None:
         root = comm.bcast(root, root=0)  # type: ignore[attr-defined]
     assert root is not None
-    options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct}
+    options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct, "trace": args.trace,
+               "model": args.model, "requests": args.requests}
     t0 = time.perf_counter()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,

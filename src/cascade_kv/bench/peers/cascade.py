@@ -40,7 +40,9 @@ class CascadeKV(Backend):
     def _open(self, setup: Setup) -> None:
         self._disk = setup.workdir / "cascade-kv" if setup.options.get("disk", True) else None
         cfg = CascadeConfig(host_capacity=setup.memory_bytes, disk_path=self._disk,
-                            o_direct=bool(setup.options.get("o_direct", False)), **self.features)
+                            o_direct=bool(setup.options.get("o_direct", False)), **self.features,
+                            # an experiment may ask for another threshold (the trace's plain-LRU row: 1)
+                            **{k: setup.options[k] for k in ("promotion_threshold",) if k in setup.options})
         if setup.size > 1:
             # imports mpi4py.MPI: only multi-rank runs pay for it
             from ...cluster.store import DistributedStore

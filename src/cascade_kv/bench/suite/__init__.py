@@ -6,14 +6,25 @@ lists them. Systems are the adapters of :mod:`cascade_kv.bench.peers`.
 from __future__ import annotations
 
 import importlib
+from types import SimpleNamespace
 
 EXPERIMENTS = {
     "hot-prefix": "hot_prefix",
     "cold": "cold",
     "models": "models",
+    "trace": "trace_replay",
+    "contention": "contention",
+    "strong": "scaling:run_strong",
+    "weak": "scaling:run_weak",
+    "rma": "rma",
 }
-"""Experiment name on the command line -> module of this package."""
+"""Experiment name on the command line -> module of this package (``module:function`` where one module
+holds several experiments; the function then stands for ``run``)."""
 
 
-def experiment(name: str):  # noqa: ANN201 - a module
-    return importlib.import_module(f".{EXPERIMENTS[name]}", __name__)
+def experiment(name: str) -> SimpleNamespace:
+    """The experiment's ``run``, ``DEFAULT_SYSTEMS`` and ``VARIANTS`` (extra system names it accepts)."""
+    module_name, _, function = EXPERIMENTS[name].partition(":")
+    module = importlib.import_module(f".{module_name}", __name__)
+    return SimpleNamespace(run=getattr(module, function or "run"), DEFAULT_SYSTEMS=module.DEFAULT_SYSTEMS,
+                           VARIANTS=getattr(module, "VARIANTS", {}))
