@@ -884,7 +884,7 @@ class DistributedStore:
         self._count_read(self._c.disk, out.nbytes, misses=(self._c.host, self._c.remote))
 
     def _maybe_replicate(self, digest: BlockId, data: memoryview, protected: int) -> None:
-        """Count a read served by a peer; at ``promotion_threshold`` keep a local replica (free room only)."""
+        """Count a read served by a peer; at ``promotion_threshold`` keep a local replica (see :meth:`_allocate`)."""
         if not self.config.locality_aware:
             return
         n = self._remote_reads.get(digest, 0) + 1
