@@ -67,3 +67,15 @@ def normalize_flags(is_prefix: bool | Sequence[bool], n: int) -> list[bool]:
     if len(flags) != n or not all(isinstance(f, (bool, np.bool_)) for f in flags):
         raise ValueError(f"is_prefix must be a bool or {n} bools, got {is_prefix!r}")
     return [bool(f) for f in flags]
+
+
+def put_items(keys: Sequence[Key], arrays: Sequence[object],
+              is_prefix: bool | Sequence[bool]) -> list[tuple[Key, np.ndarray, bool]]:
+    """A put batch checked and normalised before anything changes: ``(key, block, prefix)`` per distinct key,
+    in first-seen order, a key given twice taking its last array (every store's ``put_many`` starts here)."""
+    keys, arrays = list(keys), list(arrays)
+    if len(keys) != len(arrays):
+        raise ValueError(f"put_many: {len(keys)} keys but {len(arrays)} arrays")
+    flags = normalize_flags(is_prefix, len(keys))
+    last = {check_key(k): i for i, k in enumerate(keys)}
+    return [(keys[i], as_block(arrays[i], keys[i]), flags[i]) for i in sorted(last.values())]

@@ -168,12 +168,21 @@ def _launch(args: argparse.Namespace) -> int:
         return 2
 
 
+def _terminal() -> tuple[bool, Console]:
+    """Whether the user's stdout is a terminal, and the console to print on. Open MPI gives its ranks a pty
+    whatever mpiexec's own output is, so isatty() tells nothing there: relaunch says what the user's stdout
+    is. A log file gets the wide table and no progress bar."""
+    from .cluster.launch import STDOUT_TTY_VARIABLE
+
+    tty = os.environ.get(STDOUT_TTY_VARIABLE, "1" if sys.stdout.isatty() else "0") == "1"
+    return tty, Console(width=None if tty else 150, force_terminal=tty)
+
+
 def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int:
     """One experiment of the evaluation suite, in every rank of ``comm`` (``None``: this process alone)."""
     from .bench.suite import experiment
     from .bench.suite.core import Run, SuiteError
     from .bench.suite.render import plot, render
-    from .cluster.launch import STDOUT_TTY_VARIABLE
 
     module = experiment(args.experiment)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else list(module.DEFAULT_SYSTEMS)
@@ -184,8 +193,7 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     if not args.dir.is_dir():
         args.subparser.error(f"--dir {args.dir} is not a directory")
     rank = comm.Get_rank() if comm is not None else 0  # type: ignore[attr-defined]
-    tty = os.environ.get(STDOUT_TTY_VARIABLE, "1" if sys.stdout.isatty() else "0") == "1"
-    console = Console(width=None if tty else 150, force_terminal=tty)
+    tty, console = _terminal()
     root = Path(tempfile.mkdtemp(prefix=f"cascade-{args.experiment}-", dir=args.dir)) if rank == 0 else None
     if comm is not None:
         root = comm.bcast(root, root=0)  # type: ignore[attr-defined]
@@ -261,12 +269,7 @@ def _bench_cluster(args: argparse.Namespace, launcher_rank: int, size: int) -> i
         if rank == 0:
             args.subparser.error(problem)
         return 0
-    # Open MPI gives its ranks a pty whatever mpiexec's own output is, so isatty() tells nothing there: relaunch
-    # says what the user's stdout is. A log file gets the wide table and no progress bar.
-    from .cluster.launch import STDOUT_TTY_VARIABLE
-
-    tty = os.environ.get(STDOUT_TTY_VARIABLE, "1" if sys.stdout.isatty() else "0") == "1"
-    console = Console(width=None if tty else 150, force_terminal=tty)
+    tty, console = _terminal()
     root = comm.bcast(Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.dir)) if rank == 0 else None, root=0)
     t0 = time.perf_counter()
     try:

@@ -50,6 +50,7 @@ from ..tiers.slots import SLOT_HEADER
 from .ceilings import Contents, Spread, buffers, drop_page_cache, readinto_pass, touch
 from .report import machine
 from .single import BenchError
+from .suite.core import describe_error as _describe
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -128,15 +129,6 @@ def _latency_us(samples: Sequence[float]) -> dict[str, float | int]:
     s = sorted(samples)
     return {"median_us": statistics.median(s) * 1e6, "p99_us": s[min(len(s) - 1, int(0.99 * len(s)))] * 1e6,
             "max_us": s[-1] * 1e6, "n": len(s)}
-
-
-def _describe(e: BaseException) -> str:
-    """The error and the innermost frame it came from (where a store bug is to be looked for)."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f" (at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno})" if tb is not None else ""
-    return f"{type(e).__name__}: {e}{where}"
 
 
 class ClusterBench:

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from ..arrays import as_block, byte_view, check_key, check_out, needs_staging, normalize_flags
+from ..arrays import byte_view, check_key, check_out, needs_staging, put_items
 from ..config import CascadeConfig, format_size
 from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, PeerTimeout, StoreClosed)
 from ..hashing import Hasher
@@ -142,13 +142,7 @@ class DistributedStore:
     def put_many(self, keys: Sequence[Key], arrays: Sequence[object], *,
                  is_prefix: bool | Sequence[bool] = False) -> None:
         """Store many arrays at once; all or nothing. A key given twice takes its last array."""
-        keys, arrays = list(keys), list(arrays)
-        if len(keys) != len(arrays):
-            raise ValueError(f"put_many: {len(keys)} keys but {len(arrays)} arrays")
-        flags = normalize_flags(is_prefix, len(keys))
-        last = {check_key(k): i for i, k in enumerate(keys)}
-        order = sorted(last.values())
-        items = [(keys[i], as_block(arrays[i], keys[i]), flags[i]) for i in order]
+        items = put_items(keys, arrays, is_prefix)
         self._check_open()
         ids = [self._block_id(byte_view(a)) for _, a, _ in items]  # hashing: no lock, no message
         first: dict[BlockId, int] = {}  # one claim per distinct block first: a second would wait on our own grant

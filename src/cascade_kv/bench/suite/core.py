@@ -42,7 +42,8 @@ class SuiteError(Exception):
     """A step failed on some rank (the message names the rank, the step and the error)."""
 
 
-def _describe(e: BaseException) -> str:
+def describe_error(e: BaseException) -> str:
+    """The error and the innermost frame it came from (where a bug is to be looked for), in one line."""
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
@@ -202,7 +203,7 @@ class Run:
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - raised again below, on every rank
-            error = f"rank {self.rank}, {what}: {_describe(e)}"
+            error = f"rank {self.rank}, {what}: {describe_error(e)}"
         self.barrier()
         errors = [e for e in self.allgather(error) if e is not None]
         if errors:
@@ -232,7 +233,7 @@ class Run:
         except Unavailable as e:
             reason = str(e) or type(e).__name__
         except Exception as e:  # noqa: BLE001 - a system that fails to start is reported, not hidden
-            reason = f"failed to start: {_describe(e)}"
+            reason = f"failed to start: {describe_error(e)}"
         reasons = [r for r in self.allgather(reason) if r is not None]
         if reasons:
             result.skipped[name] = reasons[0]
