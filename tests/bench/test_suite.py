@@ -86,3 +86,17 @@ def test_targets_are_judged_against_systems_or_ceilings() -> None:
     res.judge()
     assert [t.passed for t in res.targets] == [True, False, None, False]
     assert res.targets[0].got == 3.0 and "not installed" in res.targets[2].why
+
+
+def test_plots_scaling_lines_tier_hits_and_latency_cdf(tmp_path: Path) -> None:
+    from cascade_kv.bench.suite.render import plot
+
+    res = Result("strong", "x", 4)
+    res.columns = [("read_GBps[1]", "1"), ("read_GBps[2]", "2"), ("read_GBps[4]", "4")]
+    for name, base in (("cascade-kv", 3.0), ("posix", 2.0)):
+        res.systems[name] = SystemResult(
+            name, measures={f"read_GBps[{k}]": Measure("GB/s", [base * k]) for k in (1, 2, 4)},
+            values={"tier_hits": {"host": 3, "remote": 2, "disk": 1}, "prefix_load_ms": [0.1, 0.5, 2.0]})
+    names = sorted(p.name for p in plot(res, tmp_path / "png"))
+    assert {"strong-read_GBps-vs-ranks.png", "strong-tier-hits.png", "strong-prefix-load-cdf.png"} <= set(names)
+    assert all((tmp_path / "png" / n).stat().st_size > 1000 for n in names)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -66,7 +67,9 @@ def render(res: Result, console: Console) -> None:
 
 
 def plot(res: Result, directory: Path) -> list[Path]:
-    """One bar chart per table column (systems side by side, median with range as error bars); the paths."""
+    """The charts of an experiment, as PNGs in ``directory``; the paths. One bar chart per table column
+    (systems side by side, median with range as error bars), and where the data is there: throughput vs
+    ranks (strong/weak), reads served per tier (stacked), and the CDF of prefix-load times (trace)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,4 +98,83 @@ def plot(res: Result, directory: Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    written += _scaling_plot(res, directory, plt) + _tier_plot(res, directory, plt) + _cdf_plot(res, directory, plt)
     return written
+
+
+def _ranks_of(key: str, prefix: str) -> int | None:
+    if key.startswith(prefix + "[") and key.endswith("]") and key[len(prefix) + 1:-1].isdigit():
+        return int(key[len(prefix) + 1:-1])
+    return None
+
+
+def _scaling_plot(res: Result, directory: Path, plt: Any) -> list[Path]:
+    """Aggregate throughput against ranks, one line per system (measures named ``read_GBps[k]``)."""
+    out = []
+    for prefix in ("read_GBps", "write_GBps"):
+        lines = {}
+        for name, s in res.systems.items():
+            points = sorted((k, m.median) for key, m in s.measures.items()
+                            if (k := _ranks_of(key, prefix)) is not None and m.samples)
+            if len(points) > 1:
+                lines[name] = points
+        if not lines:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for name, points in lines.items():
+            ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=name)
+        ax.set_xlabel("ranks")
+        ax.set_ylabel("GB/s (aggregate)")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{res.experiment}: {prefix.split('_')[0]} throughput vs ranks", fontsize=10)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = directory / f"{res.experiment}-{prefix}-vs-ranks.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out.append(path)
+    return out
+
+
+def _tier_plot(res: Result, directory: Path, plt: Any) -> list[Path]:
+    """Reads served per tier, stacked, for the systems that can tell (``values["tier_hits"]`` a dict)."""
+    rows = {n: s.values["tier_hits"] for n, s in res.systems.items() if isinstance(s.values.get("tier_hits"), dict)}
+    if not rows:
+        return []
+    tiers = list(dict.fromkeys(t for hits in rows.values() for t in hits))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.8))
+    bottom = [0.0] * len(rows)
+    for tier in tiers:
+        values = [float(hits.get(tier, 0)) for hits in rows.values()]
+        ax.bar(list(rows), values, bottom=bottom, label=tier)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("reads served")
+    ax.set_title(f"{res.experiment}: reads served per tier", fontsize=10)
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = directory / f"{res.experiment}-tier-hits.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _cdf_plot(res: Result, directory: Path, plt: Any) -> list[Path]:
+    """The distribution of prefix-load times per system (``values["prefix_load_ms"]``: every request's)."""
+    rows = {n: s.values["prefix_load_ms"] for n, s in res.systems.items() if s.values.get("prefix_load_ms")}
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, samples in rows.items():
+        xs = sorted(samples)
+        ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("prefix load time per request (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"{res.experiment}: prefix-load time CDF", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = directory / f"{res.experiment}-prefix-load-cdf.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -412,6 +412,7 @@ def _record(res: Result, row: str, backend: Backend, tallies: list[Tally], tiers
     if loads:
         mine.measure("prefix_load_p50_ms", "ms").samples.append(statistics.median(loads))
         mine.measure("prefix_load_p99_ms", "ms").samples.append(loads[min(len(loads) - 1, int(0.99 * len(loads)))])
+        mine.values["prefix_load_ms"] = [round(x, 4) for x in loads]  # every request's, sorted: the --plot CDF
     mine.measure("prefill_saved_s", "s").samples.append(t.saved_seconds)
     mine.measure("replay_s", "s").samples.append(wall)
     mine.values.update({"requests": t.requests, "block_reads": t.reads, "reusable": t.reusable, "held": t.held,
