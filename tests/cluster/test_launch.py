@@ -2,6 +2,7 @@
 (and, when they hang, killed) through the project's own mpiexec."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -168,8 +169,12 @@ def test_bench_where_mpi_disagrees_with_the_launcher_fails_on_rank_0_only(rank: 
     require_mpiexec()
     env = {k: v for k, v in local_mpi_env().items() if k not in LAUNCHER_VARIABLES}
     env.update(SLURM_PROCID=str(rank), SLURM_STEP_NUM_TASKS="32")
-    done = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "--quick"], env=env, capture_output=True,
-                          text=True, timeout=60, check=False)
+    before = _shm()
+    try:
+        done = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "--quick"], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)
+    finally:
+        _remove_unmapped(_shm() - before)
     if rank == 0:
         assert done.returncode == 2, done
         assert "the launcher started 32 ranks, but MPI sees 1" in done.stderr, done.stderr
@@ -325,3 +330,23 @@ def test_cascade_launch_needs_a_command_and_refuses_to_nest(monkeypatch: pytest.
     monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
     assert cli.main(["launch", "-n", "2", "python", "-V"]) == 2
     assert "already running as rank 0 of a job started by srun" in capsys.readouterr().err
+
+
+def _shm() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _remove_unmapped(names: set[str]) -> None:
+    """Remove Open MPI shared-memory files this test's subprocess left. A process that initialises MPI by
+    itself (a singleton, as here) leaves its btl/sm segment in /dev/shm at exit: no mpiexec cleans up after
+    it (Open MPI 5; seen with `python -c "from mpi4py import MPI"` too). Only files no process maps go."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped |= {line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines() if "/dev/shm/" in line}
+        except OSError:
+            continue
+    for name in names:
+        if name.startswith("sm_segment.") and name not in mapped:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join("/dev/shm", name))
