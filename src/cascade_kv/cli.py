@@ -8,8 +8,9 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -291,16 +292,7 @@ def _bench_cluster(args: argparse.Namespace, launcher_rank: int, size: int) -> i
             shutil.rmtree(root, ignore_errors=True)
     if report is None:  # not rank 0
         return 0
-    report.wall_seconds = time.perf_counter() - t0
-    report.settings["quick"] = args.quick
-    render_cluster(report, console)
-    if args.json is not None:
-        report.write_json(args.json)
-        console.print(f"Figures written to {args.json}")
-    if report.reads_wrong:
-        console.print(f"[red]FAILED: {report.reads_wrong} of {report.reads_checked} reads returned wrong bytes[/red]")
-        return 1
-    return 0
+    return _finish(report, render_cluster, args, console, t0)
 
 
 def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -328,6 +320,12 @@ def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return 2
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return _finish(report, render, args, console, t0)
+
+
+def _finish(report: Any, render: Callable[[Any, Console], None], args: argparse.Namespace, console: Console,
+            t0: float) -> int:
+    """Print a benchmark's report, write its JSON; 1 when any read returned wrong bytes."""
     report.wall_seconds = time.perf_counter() - t0
     report.settings["quick"] = args.quick
     render(report, console)

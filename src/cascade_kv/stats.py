@@ -16,10 +16,9 @@ class TierCounters:
 
 
 @dataclass(slots=True)
-class Counters:
-    """Mutable store-wide counters."""
+class StoreCounters:
+    """Mutable store-wide counters every store keeps (its tiers' counters are the subclass's)."""
 
-    tiers: list[TierCounters] = field(default_factory=list)
     puts: int = 0
     gets: int = 0
     misses: int = 0
@@ -32,6 +31,13 @@ class Counters:
     dropped_bytes: int = 0
     integrity_errors: int = 0
     quarantined: int = 0
+
+
+@dataclass(slots=True)
+class Counters(StoreCounters):
+    """The single-node store's counters: one :class:`TierCounters` per tier, fastest first."""
+
+    tiers: list[TierCounters] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,11 +5,11 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..stats import StoreStats, TierCounters, TierStats
+from ..stats import StoreCounters, StoreStats, TierCounters, TierStats
 
 
 @dataclass(slots=True)
-class Counters:
+class Counters(StoreCounters):
     """Mutable counters of one rank, updated under its arena's lock."""
 
     host: TierCounters = field(default_factory=TierCounters)
@@ -18,18 +18,6 @@ class Counters:
     """Peers' memory: gets served one-sidedly from a peer; bytes written = victims this rank moved to peers."""
     disk: TierCounters = field(default_factory=TierCounters)
     """The shared disk tier: gets served from a file (disk reads); bytes written = files this rank wrote."""
-    puts: int = 0
-    gets: int = 0
-    misses: int = 0
-    deletes: int = 0
-    dedup_hits: int = 0
-    dedup_bytes_saved: int = 0
-    demotions: int = 0
-    promotions: int = 0
-    drops: int = 0
-    dropped_bytes: int = 0
-    integrity_errors: int = 0
-    quarantined: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
 

@@ -11,14 +11,18 @@ the reason; the suite prints it and writes it to the JSON, never skipping silent
 """
 from __future__ import annotations
 
+import socket
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+
+
+T = TypeVar("T")
 
 
 class Unavailable(Exception):
@@ -108,3 +112,33 @@ class Backend(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release everything (servers stopped, files removed). Collective when the backend is."""
+
+
+def start_on_rank_zero(setup: Setup, what: str, start: Callable[[], T]) -> T:
+    """Run ``start`` (which starts a server bound to 127.0.0.1 and returns how to reach it) on rank 0 only, and
+    give every rank its result. Where it cannot run (:class:`Unavailable` on rank 0, or ranks on several
+    hosts, which a loopback server cannot serve) every rank raises :class:`Unavailable` with the reason; where
+    it failed otherwise, rank 0 raises the error and the others a ``RuntimeError`` naming it. No rank is left
+    waiting for a server that will not come. Collective over ``setup.comm`` when there are several ranks."""
+    comm = setup.comm if setup.size > 1 else None
+    value: T | None = None
+    reason, failed = "", None
+    if comm is None or setup.rank == 0:
+        try:
+            value = start()
+        except Unavailable as e:
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001 - raised below, once the other ranks know not to wait
+            failed, reason = e, f"rank 0 could not start {what}: {type(e).__name__}: {e}"
+    if comm is not None:
+        hosts = comm.allgather(socket.gethostname())
+        if not reason and len(set(hosts)) > 1:
+            reason = f"{what} binds 127.0.0.1 on {hosts[0]}, but the ranks run on {sorted(set(hosts))}"
+        value, reason, error = comm.bcast((value, reason, failed is not None), root=0)
+        if error and failed is None:
+            raise RuntimeError(reason)
+    if failed is not None:
+        raise failed
+    if reason:
+        raise Unavailable(reason)
+    return value  # type: ignore[return-value]  # set on rank 0, broadcast to the others

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable
+from .base import Backend, Setup, Unavailable, start_on_rank_zero
 
 HOST = "127.0.0.1"
 MODEL = "cascade-bench"  # the model name in every CacheEngineKey
@@ -212,28 +212,12 @@ class LMCache(Backend):
 
     def _start_server(self, setup: Setup, comm: Any) -> int:
         """Rank 0 starts the server; every rank gets its port (or the reason it is not there)."""
-        port, reason, failed = 0, "", None
-        if comm is None or setup.rank == 0:
-            try:
-                self._server_directory = Path(tempfile.mkdtemp(prefix="cascade-bench-lmcache-"))
-                self._server = Server(self._server_directory)
-                port = self._server.port
-            except Unavailable as e:
-                reason = str(e)
-            except Exception as e:  # raised below, once the other ranks know not to wait for a server
-                failed, reason = e, f"rank 0 could not start lmcache_server: {type(e).__name__}: {e}"
-        if comm is not None:
-            hosts = comm.allgather(socket.gethostname())
-            if not reason and len(set(hosts)) > 1:
-                reason = f"lmcache_server binds 127.0.0.1 on {hosts[0]}, but the ranks run on {sorted(set(hosts))}"
-            port, reason, error = comm.bcast((port, reason, failed is not None), root=0)
-            if error and failed is None:
-                raise RuntimeError(reason)
-        if failed is not None:
-            raise failed
-        if reason:
-            raise Unavailable(reason)
-        return port
+        def start() -> int:
+            self._server_directory = Path(tempfile.mkdtemp(prefix="cascade-bench-lmcache-"))
+            self._server = Server(self._server_directory)
+            return self._server.port
+
+        return start_on_rank_zero(setup, "lmcache_server", start)
 
     def _touch(self, block: int) -> int:
         """Fault the CPU pool in (pieces of :data:`TOUCH_PIECE`, then of one block, until it is full), free it

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable
+from .base import Backend, Setup, Unavailable, start_on_rank_zero
 
 HOST = "127.0.0.1"
 LOCAL_BUFFER = 16 << 20  # the client's own registered buffer: put_from / get_into never use it
@@ -279,32 +279,19 @@ class Mooncake(Backend):
             raise ValueError(f"mooncake: memory_bytes ({setup.memory_bytes}) holds no block of {setup.block_size} B")
         comm = self._comm = setup.comm if setup.size > 1 else None
         store_class()  # the environment is set and the library loads before any process starts
-        addresses, reason, failed = ("", ""), "", None
-        if comm is None or setup.rank == 0:
-            try:
-                self._directory = Path(tempfile.mkdtemp(prefix="cascade-bench-mooncake-"))
-                self._master = Master(master_binary() or "mooncake_master", self._directory)
-                addresses = (self._master.metadata_url, self._master.address)
-                if self.mode == "remote":
-                    self._segment = SegmentProcess(self._master, max(MIN_SEGMENT, setup.memory_bytes * setup.size),
-                                                   self._directory)
-            except Unavailable as e:
-                reason = str(e)
-            except Exception as e:  # raised below, once the other ranks know not to wait for a master
-                failed, reason = e, f"rank 0 could not start Mooncake: {type(e).__name__}: {e}"
-        if comm is not None:
-            hosts = comm.allgather(socket.gethostname())
-            if not reason and len(set(hosts)) > 1:
-                reason = f"the master binds 127.0.0.1 on {hosts[0]}, but the ranks run on {sorted(set(hosts))}"
-            addresses, reason, error = comm.bcast((addresses, reason, failed is not None), root=0)
-            if error and failed is None:
-                raise RuntimeError(reason)
-        if failed is not None:
+        def start() -> tuple[str, str]:
+            self._directory = Path(tempfile.mkdtemp(prefix="cascade-bench-mooncake-"))
+            self._master = Master(master_binary() or "mooncake_master", self._directory)
+            if self.mode == "remote":
+                self._segment = SegmentProcess(self._master, max(MIN_SEGMENT, setup.memory_bytes * setup.size),
+                                               self._directory)
+            return self._master.metadata_url, self._master.address
+
+        try:
+            addresses = start_on_rank_zero(setup, "Mooncake's master", start)
+        except BaseException:
             self._release()
-            raise failed
-        if reason:
-            self._release()
-            raise Unavailable(reason)
+            raise
         try:
             segment = max(MIN_SEGMENT, setup.memory_bytes) if self.mode == "local" else 0
             self._store = connect(*addresses, segment)

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable
+from .base import Backend, Setup, Unavailable, start_on_rank_zero
 
 try:
     import redis as redis_py
@@ -157,30 +157,18 @@ class Redis(Backend):
         if setup.memory_bytes <= 0:
             raise ValueError(f"redis: memory_bytes must be > 0 (Redis reads maxmemory 0 as unlimited), "
                              f"got {setup.memory_bytes}")
-        comm = self._comm = setup.comm if setup.size > 1 else None
-        port, reason, failed = 0, "", None
-        if comm is None or setup.rank == 0:
+        self._comm = setup.comm if setup.size > 1 else None
+        def start() -> int:
             directory = setup.workdir / "redis"
             directory.mkdir(parents=True, exist_ok=True)
-            try:
-                self._server = Server(self._binary, directory, setup.memory_bytes * setup.size, setup.block_size)
-                port = self._server.port
-            except Unavailable as e:
-                reason = str(e)
-            except Exception as e:  # noqa: BLE001 - raised below, once the other ranks know not to wait
-                failed, reason = e, f"rank 0 could not start redis-server: {type(e).__name__}: {e}"
-        if comm is not None:
-            hosts = comm.allgather(socket.gethostname())
-            if not reason and len(set(hosts)) > 1:
-                reason = f"the server binds 127.0.0.1 on {hosts[0]}, but the ranks run on {sorted(set(hosts))}"
-            port, reason, error = comm.bcast((port, reason, failed is not None), root=0)
-            if error and failed is None:
-                raise RuntimeError(reason)
-        if failed is not None:
-            raise failed
-        if reason:
+            self._server = Server(self._binary, directory, setup.memory_bytes * setup.size, setup.block_size)
+            return self._server.port
+
+        try:
+            port = start_on_rank_zero(setup, "redis-server", start)
+        except BaseException:
             self._release()
-            raise Unavailable(reason)
+            raise
         self._client = redis_py.Redis(connection_pool=_pool(port))
         try:
             self._client.ping()
