@@ -36,6 +36,7 @@ class Block:
     moving: bool = False  # being demoted: not a victim again until that finishes
     rising: bool = False  # being copied up into memory (protect, promotion): one such copy at a time
     lower_reads: int = 0  # reads served below the top tier since the last promotion
+    reads: int = 0  # reads since it was stored, any tier: the policy's reuse class
     lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it
 
 

@@ -27,6 +27,7 @@ _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
 HashAlgorithm = Literal["blake3", "sha256"]
 VerifyMode = Literal["auto", "always"]
+EvictionOrder = Literal["reuse", "lru"]
 
 
 def parse_size(value: int | str, name: str = "size") -> int:
@@ -71,7 +72,7 @@ class CascadeConfig:
 
     disk_path: str | os.PathLike[str] | None = None
     """Directory of the disk tier (tier 5; Lustre ``$SCRATCH`` on a cluster). ``None``: memory only,
-    and the host tier is the last tier (its LRU victims are dropped)."""
+    and the host tier is the last tier (its eviction victims are dropped)."""
 
     disk_capacity: int | str | None = None
     """Bytes the disk tier may hold; ``None`` is unlimited. Only when it is full are blocks dropped."""
@@ -86,6 +87,12 @@ class CascadeConfig:
     semantic_eviction: bool = True
     """Honour ``is_prefix=True``: protected blocks stay in memory while unprotected data can go instead.
     ``False`` makes eviction plain LRU (the prefix flag is recorded but ignored)."""
+
+    eviction_order: EvictionOrder = "reuse"
+    """Which unprotected copy leaves a tier first. ``"reuse"``: least recently used, but a block read
+    since it was stored ranks as if used a few tier-capacities of traffic later (a reused KV block is
+    likely to be reused again; see :class:`~cascade_kv.policy.ReuseCredit`). ``"lru"``: recency alone.
+    Single-node store; the distributed store's arenas evict replicas, then unprotected copies, by recency."""
 
     locality_aware: bool = True
     """Promote blocks read often from a lower tier to the fastest tier with room."""
@@ -122,6 +129,8 @@ class CascadeConfig:
         if (isinstance(self.promotion_threshold, bool) or not isinstance(self.promotion_threshold, int)
                 or self.promotion_threshold < 1):
             raise ConfigError(f"promotion_threshold: expected an int >= 1, got {self.promotion_threshold!r}")
+        if self.eviction_order not in ("reuse", "lru"):
+            raise ConfigError(f"eviction_order: expected 'reuse' or 'lru', got {self.eviction_order!r}")
         if self.hash_algorithm not in ("blake3", "sha256"):
             raise ConfigError(f"hash_algorithm: expected 'blake3' or 'sha256', got {self.hash_algorithm!r}")
         if self.verify_reads not in ("auto", "always"):
@@ -160,4 +169,4 @@ class CascadeConfig:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-__all__ = ["CascadeConfig", "parse_size", "format_size", "HashAlgorithm", "VerifyMode"]
+__all__ = ["CascadeConfig", "parse_size", "format_size", "HashAlgorithm", "VerifyMode", "EvictionOrder"]

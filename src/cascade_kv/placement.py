@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,15 +20,21 @@ import numpy as np
 from .arrays import byte_view
 from .blocks import Block, Entry, fastest
 from .config import format_size
-from .errors import CapacityError, IntegrityError
+from .errors import CapacityError, IntegrityError, StorageError
 from .ids import BlockId, Key, block_name
-from .policy import LRUPolicy
+from .policy import Policy
 from .stats import Counters
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
 
 WAIT_SLICE = 1.0  # seconds between re-checks while waiting on another thread's in-flight block
+PROMOTION_QUEUE_BYTES = 64 << 20
+"""Bytes of blocks waiting for the background promoter at most (their copies are held meanwhile). A read that
+would queue more does not promote (the block earns its promotion again at its next read): doing the promotion
+in the reader's thread instead would put the demotion it needs back on the read path."""
+PROMOTER_IDLE = 2.0  # seconds without work after which the promoter thread exits (the next promotion starts one)
+PROMOTER_QUIET = 0.002  # seconds without reads before the promoter starts (a request's reads come in batches)
 
 
 class Placement:
@@ -37,11 +45,19 @@ class Placement:
     _memory_mask: int
     _keys: dict[Key, Entry]
     _blocks: dict[BlockId, Block]
-    _policy: LRUPolicy
+    _policy: Policy
     _c: Counters
     _demoting: list[int]
     _lock: threading.Lock
     _cond: threading.Condition
+    _closed: bool
+    _promotions: deque[tuple[Block, np.ndarray]]  # read from a lower tier, waiting to be copied up
+    _queued_bytes: int  # bytes of the blocks in _promotions
+    _reads_in_flight: int  # get_many calls between their lookup and their return
+    _last_read: float  # time.monotonic() when the last of them ended
+    _hurry: int  # callers waiting for the queue to empty: the promoter stops deferring to reads
+    _promoting: int  # promotions the promoter has taken off the queue and not finished
+    _promoter: threading.Thread | None
 
     @contextlib.contextmanager
     def _unlocked(self) -> Iterator[None]:
@@ -70,7 +86,7 @@ class Placement:
                 f"{protected} B protected")
 
     def _make_room(self, t: int, b: Block, may_drop: bool = True) -> bool:
-        """Allocate ``b`` in tier ``t``, evicting LRU victims down a tier until it fits; without
+        """Allocate ``b`` in tier ``t``, evicting the policy's victims down a tier until it fits; without
         ``may_drop``, give up rather than drop a block (a promotion must never cost a key)."""
         tier = self._tiers[t]
         while not tier.allocate(b.id, b.nbytes):
@@ -196,9 +212,10 @@ class Placement:
             self._cond.notify_all()
         self._maybe_release(b)
 
-    def _add_copy(self, b: Block, t: int) -> None:
+    def _add_copy(self, b: Block, t: int, use: bool = False) -> None:
+        """Record a copy in tier ``t``; ``use``: a put wrote it (a demotion or promotion only moves a copy)."""
         b.where |= 1 << t
-        self._policy.added(t, b.id)
+        self._policy.added(t, b.id, b.nbytes, b.reads, use=use)
         self._c.tiers[t].bytes_written += b.nbytes
 
     def _drop_copy(self, b: Block, t: int) -> None:
@@ -264,6 +281,80 @@ class Placement:
         finally:
             b.rising = False
             self._cond.notify_all()
+
+    # ------------------------------------------------------------------ background promotion
+    # A promotion that needs room demotes a victim: on this class of machine a 256 KiB block file costs
+    # about 1 ms to write, which would land on the read that earned the promotion (the request's time to
+    # first token). The read queues it instead and a promoter thread copies it up; every call that shows
+    # placement (info, stats, demote, tiers) first waits for the queue, so what a caller observes is the
+    # same as if the read had promoted the block itself.
+    def _queue_promotion(self, b: Block, data: np.ndarray, owned: bool) -> None:
+        """Promote ``b`` (just read; ``data`` its bytes, ``owned``: not the caller's buffer) in the background."""
+        if b.rising or any(q is b for q, _ in self._promotions):
+            return
+        if self._promotions and self._queued_bytes + b.nbytes > PROMOTION_QUEUE_BYTES:
+            return  # the promoter is behind: the block stays where it is and earns its promotion again
+        self._promotions.append((b, data if owned else data.copy()))  # the caller may reuse its buffer at once
+        self._queued_bytes += b.nbytes
+        if self._promoter is None:
+            self._promoter = threading.Thread(target=self._promote_queued, name="cascade-kv-promoter", daemon=True)
+            self._promoter.start()
+        self._cond.notify_all()
+
+    def _promote_now(self, b: Block, data: np.ndarray) -> None:
+        if not b.ready or self._blocks.get(b.id) is not b or not b.where or b.where & self._memory_mask:
+            return  # deleted, lost or already in memory since the read
+        try:
+            self._promote(b, data)
+        except StorageError as e:  # the read itself succeeded; only the optimisation failed
+            log.warning("promotion of block %s failed: %s", block_name(b.id)[:16], e)
+
+    def _promote_queued(self) -> None:
+        """The promoter thread: carries out queued promotions while no read is in flight (a promotion's
+        demotion would slow the reads it competes with: they are a request's time to first token)."""
+        with self._lock:
+            idle_since = time.monotonic()
+            while True:
+                if self._closed:
+                    self._promotions.clear()
+                    self._queued_bytes = 0
+                    self._cond.notify_all()
+                    return
+                if not self._promotions:
+                    if time.monotonic() - idle_since > PROMOTER_IDLE:  # exit, so that an unclosed store
+                        self._promoter = None                         # is not kept alive by its own thread
+                        return
+                    self._cond.wait(PROMOTER_IDLE)
+                    continue
+                quiet = time.monotonic() - self._last_read
+                if (not self._hurry and self._queued_bytes <= PROMOTION_QUEUE_BYTES // 2
+                        and (self._reads_in_flight or quiet < PROMOTER_QUIET)):
+                    # reads come in bursts (a request's prefix, batch by batch): wait for the burst to end
+                    self._cond.wait(WAIT_SLICE if self._reads_in_flight else PROMOTER_QUIET - quiet)
+                    continue
+                b, data = self._promotions.popleft()
+                self._queued_bytes -= b.nbytes
+                self._promoting += 1
+                try:
+                    self._promote_now(b, data)
+                except BaseException:  # noqa: BLE001 - a bug here must not kill the thread silently
+                    log.exception("promotion of block %s failed", block_name(b.id)[:16])
+                finally:
+                    self._promoting -= 1
+                    self._cond.notify_all()
+                idle_since = time.monotonic()
+
+    def _settle(self) -> None:
+        """Wait (lock held) until every queued promotion has been carried out."""
+        if not (self._promotions or self._promoting):
+            return
+        self._hurry += 1
+        self._cond.notify_all()
+        try:
+            while (self._promotions or self._promoting) and not self._closed:
+                self._cond.wait(WAIT_SLICE)
+        finally:
+            self._hurry -= 1
 
     def _bad_copy(self, b: Block, t: int) -> None:
         """A copy failed its check: quarantine it; the block is lost if no other copy remains."""

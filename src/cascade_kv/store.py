@@ -11,11 +11,12 @@ done under the lock instead: releasing and retaking it would cost more.
 Life of a put: hash (no lock) -> plan under the lock (dedup hits are settled
 here; new blocks are registered *pending* so a concurrent put of the same bytes
 waits for this one instead of storing a second copy) -> place each new block
-(allocate under the lock, evicting LRU victims down a tier; copy outside it) ->
+(allocate under the lock, evicting the policy's victims down a tier; copy outside it) ->
 journal (persist only) -> commit the keys under the lock.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -38,7 +39,7 @@ from .hashing import Hasher
 from .ids import BlockId, Key, block_name
 from .blocks import Block, Entry, Plan, fastest
 from .placement import WAIT_SLICE, Placement
-from .policy import LRUPolicy
+from .policy import Policy
 from .stats import Counters, StoreStats, TierCounters, TierStats
 from .tiers import DiskTier, HostTier, Tier
 
@@ -93,10 +94,19 @@ class Store(Placement):
             self._disk = next((i for i, t in enumerate(tiers) if t.traits.persistent), None)
             self._memory = [i for i, t in enumerate(tiers) if t.traits.memory]
             self._memory_mask = sum(1 << i for i in self._memory)
-            self._policy = LRUPolicy(len(tiers), semantic=cfg.semantic_eviction,
-                                     promotion_threshold=cfg.promotion_threshold, promote=cfg.locality_aware)
+            # credits rank copies in memory; the last tier (disk) stays LRU, where a victim is dropped
+            self._policy = Policy([t.capacity if t.traits.memory else None for t in tiers], semantic=cfg.semantic_eviction,
+                                  order=cfg.eviction_order, promotion_threshold=cfg.promotion_threshold,
+                                  promote=cfg.locality_aware)
             self._c = Counters(tiers=[TierCounters() for _ in tiers])
             self._demoting = [0] * len(tiers)  # demotions in flight out of each tier (they will free room)
+            self._promotions = collections.deque()
+            self._queued_bytes = 0
+            self._reads_in_flight = 0
+            self._last_read = 0.0  # time.monotonic() when the last get_many with reads outside the lock ended
+            self._hurry = 0  # callers waiting in _settle: the promoter stops deferring to reads
+            self._promoting = 0
+            self._promoter = None
             if cfg.persist:
                 self._recover(Path(cfg.disk_path))  # type: ignore[arg-type]
         except BaseException:
@@ -181,6 +191,7 @@ class Store(Placement):
                 self._check_open()
                 if self._disk is None:
                     raise ConfigError("demote: the store has no disk tier (set disk_path)")
+                self._settle()  # a queued promotion must not bring a block back after this demotion
                 blocks = {e.block_id: self._blocks[e.block_id] for e in self._entries(keys)}
                 for k in keys:
                     if self._blocks[self._keys[k].block_id].protected and self.config.semantic_eviction:
@@ -244,8 +255,15 @@ class Store(Placement):
                 else:
                     b.pins += 1
                     jobs.append((i, b, out))
+            self._reads_in_flight += bool(jobs)
         if jobs:
-            self._read_pinned(jobs)
+            try:
+                self._read_pinned(jobs)
+            finally:
+                with self._lock:
+                    self._reads_in_flight -= 1
+                    self._last_read = time.monotonic()
+                    self._cond.notify_all()
         return results
 
     def __contains__(self, key: object) -> bool:
@@ -265,16 +283,24 @@ class Store(Placement):
     def info(self, key: Key) -> KeyInfo:
         """Where ``key`` lives and what it holds."""
         with self._lock:
+            self._settle()
             e = self._entries([check_key(key)])[0]
             b = self._blocks[e.block_id]
             return KeyInfo(e.dtype, e.shape, b.nbytes, e.prefix, b.id[:32].hex(),
                            tuple(t.traits.name for i, t in enumerate(self._tiers) if b.where >> i & 1),
                            len(b.keys))
 
+    def settle(self) -> None:
+        """Wait until the promotions queued by earlier reads are done. Reads never need this (a block being
+        promoted is read from where it is); benchmarks call it for repeatable placement between phases."""
+        with self._lock:
+            self._settle()
+
     # ------------------------------------------------------------------ observability & lifecycle
     def stats(self) -> StoreStats:
-        """A consistent snapshot of the counters."""
+        """A consistent snapshot of the counters (after every promotion queued by earlier reads)."""
         with self._lock:
+            self._settle()
             c = self._c
             tiers = tuple(
                 TierStats(t.traits.name, tc.hits, tc.misses, tc.bytes_read, tc.bytes_written, tc.evictions,
@@ -294,6 +320,8 @@ class Store(Placement):
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
+        with self._lock:
+            self._settle()
         return tuple(self._tiers)
 
     def close(self) -> None:
@@ -303,6 +331,9 @@ class Store(Placement):
                 return
             self._closed = True
             self._cond.notify_all()
+            promoter, self._promoter = self._promoter, None
+        if promoter is not None:
+            promoter.join()  # it drops the queue and returns once the promotion in hand (if any) is done
         if self._disk is not None and not self.config.persist:
             disk = self._tiers[self._disk]
             for bid in disk.block_ids():
@@ -458,7 +489,7 @@ class Store(Placement):
                 self._tiers[t].free(b.id)
             raise
         with self._lock:
-            self._add_copy(b, t)
+            self._add_copy(b, t, use=True)
 
     def _commit_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId], plan: Plan) -> None:
         written = {b.id for b in plan.fresh}
@@ -477,8 +508,8 @@ class Store(Placement):
             self._c.dedup_hits += 1
             self._c.dedup_bytes_saved += arr.nbytes
             for t in range(len(self._tiers)):
-                if b.where >> t & 1:
-                    self._policy.accessed(t, bid)
+                if b.where >> t & 1:  # a use, but not a read: only reads earn the reuse credit
+                    self._policy.accessed(t, bid, b.nbytes, b.reads)
         for b in plan.fresh:
             b.ready = True
         for b in plan.held.values():
@@ -556,7 +587,7 @@ class Store(Placement):
     def _protect_block(self, b: Block, delta: int) -> None:
         b.protected += delta
         if b.protected == (1 if delta > 0 else 0):
-            self._policy.set_protected(b.id, delta > 0)
+            self._policy.set_protected(b.id, delta > 0, b.reads)
 
     # ------------------------------------------------------------------ read internals
     def _account_read(self, b: Block, t: int) -> None:
@@ -565,7 +596,8 @@ class Store(Placement):
         for faster in self._c.tiers[:t]:
             faster.misses += 1
         tc.bytes_read += b.nbytes
-        self._policy.accessed(t, b.id)
+        b.reads += 1
+        self._policy.accessed(t, b.id, b.nbytes, b.reads)
 
     def _read_pinned(self, jobs: list[tuple[int, Block, np.ndarray]]) -> None:
         """Copy pinned blocks out of their tiers (no lock), then account, promote and unpin."""
@@ -602,13 +634,10 @@ class Store(Placement):
             for _, b, _ in jobs:
                 self._unpin(b)
             if error is None:
-                for b, t, data in done:
+                for (_, _, out), (b, t, data) in zip(jobs, done):
                     if (self._policy.should_promote(b.lower_reads) and b.ready and self._blocks.get(b.id) is b
                             and not b.where & ((1 << t) - 1)):
-                        try:
-                            self._promote(b, data)
-                        except StorageError as e:  # the read itself succeeded; only the optimisation failed
-                            log.warning("promotion of block %s failed: %s", block_name(b.id)[:16], e)
+                        self._queue_promotion(b, data, owned=data is not out)
         if error is not None:
             raise error
 

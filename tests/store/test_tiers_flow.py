@@ -86,7 +86,7 @@ def test_a_block_read_from_disk_threshold_times_is_promoted(store):
 
 
 def test_a_promoted_block_keeps_its_disk_copy_and_demotes_for_free(make_store):
-    store = make_store(promotion_threshold=1)
+    store = make_store(promotion_threshold=1, eviction_order="lru")  # reuse credit would keep k0 longer
     _put_range(store, SLOTS + 1)
     store.get("k0")
     assert store.info("k0").tiers == ("host", "disk")
@@ -224,3 +224,62 @@ def test_tiers_are_host_then_disk(store, host_only):
     assert [t.name for t in host_only.stats().tiers] == ["host"]
     with pytest.raises(KeyError):
         host_only.stats().tier("disk")
+
+
+def test_a_block_read_since_it_was_stored_outlives_newer_unread_blocks(make_store):
+    store = make_store(locality_aware=False)  # eviction_order="reuse", the default
+    _put_range(store, SLOTS)
+    store.get("k0")
+    _put_range(store, SLOTS, start=100)  # a host tier's worth of newer blocks nobody read
+    assert store.info("k0").tiers == ("host",)
+    assert all(store.info(f"k{i}").tiers == ("disk",) for i in range(1, SLOTS))
+    assert same(store.get("k0"), block(seed=0))
+
+
+def test_plain_lru_order_demotes_it_with_the_others(make_store):
+    store = make_store(locality_aware=False, eviction_order="lru")
+    _put_range(store, SLOTS)
+    store.get("k0")
+    _put_range(store, SLOTS, start=100)
+    assert all(store.info(f"k{i}").tiers == ("disk",) for i in range(SLOTS))
+
+
+def test_a_promotion_and_the_demotion_it_needs_run_off_the_read_path(make_store, monkeypatch):
+    import threading
+
+    store = make_store(promotion_threshold=1)
+    _put_range(store, SLOTS + 1)  # k0 on disk, the host tier full of blocks with no disk copy
+    disk = store.tiers[1]
+    writers: list[str] = []
+    write = disk.write
+    monkeypatch.setattr(disk, "write", lambda bid, src: (writers.append(threading.current_thread().name),
+                                                          write(bid, src))[1])
+    assert same(store.get("k0"), block(seed=0))
+    assert store.info("k0").tiers == ("host", "disk")  # info waits for the queued promotion
+    assert writers == ["cascade-kv-promoter"]  # the victim's demotion was not the reader's
+    assert store.stats().promotions == 1 and len(store) == SLOTS + 1
+
+
+def test_a_queued_promotion_of_a_deleted_key_brings_nothing_back(make_store):
+    from .conftest import check_consistent
+
+    store = make_store(promotion_threshold=1)
+    _put_range(store, SLOTS + 1)
+    with store._lock:  # a read in flight holds the promoter back: the delete lands while the promotion waits
+        store._reads_in_flight += 1
+    store.get("k0")
+    store.delete("k0")
+    with store._lock:
+        store._reads_in_flight -= 1
+        store._cond.notify_all()
+    check_consistent(store)
+    assert store.stats().promotions == 0 and "k0" not in store
+    assert store.stats().tier("host").blocks == SLOTS
+
+
+def test_close_with_promotions_queued_returns_and_cleans_up(make_store, disk_dir):
+    store = make_store(promotion_threshold=1)
+    _put_range(store, 2 * SLOTS)
+    store.get_many([f"k{i}" for i in range(SLOTS)])  # every one read from disk: queued for promotion
+    store.close()
+    assert not [p for p in (disk_dir / "blocks").rglob("*") if p.is_file()]

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple, Protocol
 
+from ..policy import ReuseCredit as StoreCredit
 from .trace import DEFAULT_TRACE, Request, Trace, load_trace, prefix_lengths
 
 
@@ -80,7 +81,7 @@ class Policy(Protocol):
     """A cache of at most ``capacity`` blocks."""
 
     def access(self, r: Read) -> bool:
-        """Read ``r.block``: True on a hit; on a miss insert it (all but the store-today variant of
+        """Read ``r.block``: True on a hit; on a miss insert it (all but the marked-prefix variant of
         :class:`ProtectedLRU` do), evicting as the policy chooses."""
         ...
 
@@ -164,9 +165,10 @@ class ProtectedLRU:
     unprotected block remains (an LRU list each).
 
     When every cached block is protected, ``bypass=False`` evicts the least recent protected one;
-    ``bypass=True`` keeps the new block out instead, which is what the store's ``LRUPolicy`` does today
-    (it never offers a protected copy as a victim, so the block lands in a lower tier). With the trace's
-    prefix rule that fills memory with the first protected blocks for good."""
+    ``bypass=True`` keeps the new block out instead, which is what the store's ``Policy`` does
+    when every block is put with ``is_prefix=True`` (it never offers a protected copy as a victim, so the
+    block lands in a lower tier). With the trace's prefix rule that fills memory with the first protected
+    blocks for good."""
 
     def __init__(self, capacity: int, bypass: bool = False) -> None:
         self.capacity = capacity
@@ -345,6 +347,9 @@ class ARC:
         return False
 
 
+_STORE = StoreCredit()
+
+
 class ReuseCredit:
     """LRU in which a block's recency is credited according to what is known of its reuse.
 
@@ -358,7 +363,7 @@ class ReuseCredit:
     - ``later``: read by two or more;
     - ``hinted``: if given, a first-use block of a request the caller hinted as likely to be continued.
 
-    The defaults (0, 4, 2) were fitted on the Mooncake synthetic trace at a quarter of its distinct
+    The defaults are the store's (:class:`~cascade_kv.policy.ReuseCredit`: 0, 4, 2), fitted on the Mooncake synthetic trace at a quarter of its distinct
     blocks, where ``second`` 3 to 5 with ``later`` 1.5 to 2 all hit 0.477 to 0.483 (LRU: 0.443).
 
     Within a class priority follows recency, so each class is one LRU list and a victim is the least
@@ -366,7 +371,8 @@ class ReuseCredit:
     ``is_prefix`` flag (a prefix block is one read before), i.e. the store's two lists.
     """
 
-    def __init__(self, capacity: int, *, first: float = 0.0, second: float = 4.0, later: float = 2.0,
+    def __init__(self, capacity: int, *, first: float = _STORE.never_read,
+                 second: float = _STORE.read_once, later: float = _STORE.read_twice_or_more,
                  tail: float | None = None, hinted: float | None = None) -> None:
         self.capacity = capacity
         self._credit = {"first": first, "tail": first if tail is None else tail, "second": second,
@@ -411,7 +417,7 @@ class ReuseCredit:
 CANDIDATES: dict[str, Callable[[int], Policy]] = {
     "lru": LRU,
     "protected-lru": ProtectedLRU,
-    "store-today": partial(ProtectedLRU, bypass=True),
+    "marked-prefix": partial(ProtectedLRU, bypass=True),
     "slru-50": partial(SegmentedLRU, protected_fraction=0.5),
     "slru-90": partial(SegmentedLRU, protected_fraction=0.9),
     "s3-fifo": S3FIFO,
@@ -421,7 +427,8 @@ CANDIDATES: dict[str, Callable[[int], Policy]] = {
 }
 """Online policies compared by :func:`compare`. On the Mooncake synthetic trace ``protected-lru`` (the
 store's two lists, protected copies yielding only when memory holds nothing else) and ``credit-3`` gain
-the most over LRU; ``store-today`` (protected copies never yield) falls far below it."""
+the most over LRU; ``marked-prefix`` (the store with every reused block put ``is_prefix=True``: protected copies never yield)
+falls far below it. ``credit-3`` is the store's default order (:class:`~cascade_kv.policy.ReuseCredit`)."""
 
 HINTED: dict[str, Callable[[int], Policy]] = {"credit-3+hint": partial(ReuseCredit, hinted=2.0)}
 """Policies that use the caller's per-request hint (only meaningful with ``reads_of(..., hint=...)``)."""

@@ -11,7 +11,7 @@ Victims are offered in three tiers of preference, least recently used first in
 each: replicas (another memory copy exists by construction, so they are the
 cheapest to lose), then unprotected copies, then protected ones (which may only
 move to another rank's memory). One ordered dict per class keeps every pick
-O(1) in the common case, as in :class:`~cascade_kv.policy.LRUPolicy`.
+O(1) in the common case, as in :class:`~cascade_kv.policy.Policy`.
 
 Every change of the arena's room is published in the window's header page
 (:meth:`~.window.ArenaWindow.set_room`), where a rank looking for a peer to take a

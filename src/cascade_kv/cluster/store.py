@@ -346,6 +346,10 @@ class DistributedStore:
         mine = self.stats()
         return sum_stats(self.comm.allgather(mine))
 
+    def settle(self) -> None:
+        """As :meth:`Store.settle`; this rank's replicas are made by the reads themselves: nothing to wait for."""
+        self._check_open()
+
     def barrier(self) -> None:
         """Wait until every rank reaches this call (bounded by the timeout: PeerTimeout past it)."""
         self._check_open()

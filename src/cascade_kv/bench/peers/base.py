@@ -101,6 +101,10 @@ class Backend(ABC):
 
         drop_page_cache(self.files())
 
+    def settle(self) -> None:
+        """Wait for work the system does in the background after reads (cascade-kv's promotions). A trace
+        replay calls it, untimed, between a request's load and its stores, so runs are repeatable."""
+
     def tier_hits(self) -> dict[str, int]:
         """Reads served per tier since open, where the system can tell (cascade-kv can; others cannot)."""
         return {}

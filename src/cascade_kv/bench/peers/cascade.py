@@ -41,8 +41,9 @@ class CascadeKV(Backend):
         self._disk = setup.workdir / "cascade-kv" if setup.options.get("disk", True) else None
         cfg = CascadeConfig(host_capacity=setup.memory_bytes, disk_path=self._disk,
                             o_direct=bool(setup.options.get("o_direct", False)), **self.features,
-                            # an experiment may ask for another threshold (the trace's plain-LRU row: 1)
-                            **{k: setup.options[k] for k in ("promotion_threshold",) if k in setup.options})
+                            # an experiment may ask for other policy settings (the trace's rows do)
+                            **{k: setup.options[k] for k in ("promotion_threshold", "eviction_order")
+                               if k in setup.options})
         if setup.size > 1:
             # imports mpi4py.MPI: only multi-rank runs pay for it
             from ...cluster.store import DistributedStore
@@ -78,6 +79,9 @@ class CascadeKV(Backend):
             raise ValueError(f"{self.name}: no disk tier in this run (options['disk'] is False)")
         self.store.demote(list(keys))
         drop_page_cache(self.files())
+
+    def settle(self) -> None:
+        self.store.settle()
 
     def tier_hits(self) -> dict[str, int]:
         return {t.name: t.hits for t in self.store.stats().tiers}

@@ -1,0 +1,113 @@
+"""The placement policy on its own: victim order per tier, protection, the reuse credit, promotion."""
+from __future__ import annotations
+
+import pytest
+
+from cascade_kv.policy import Policy, ReuseCredit
+
+CAP = 4 * 100  # a tier of four 100-byte blocks
+
+
+def ids(n: int) -> list[bytes]:
+    return [bytes([i]) * 32 for i in range(n)]
+
+
+def fill(p: Policy, blocks: list[bytes], tier: int = 0) -> None:
+    for b in blocks:
+        p.added(tier, b, 100)
+
+
+def test_lru_offers_the_least_recently_used_first() -> None:
+    p = Policy([CAP], order="lru")
+    a, b, c = ids(3)
+    fill(p, [a, b, c])
+    p.accessed(0, a, 100, reads=1)
+    assert list(p.victims(0)) == [b, c, a]
+
+
+def test_a_read_block_outranks_newer_blocks_never_read() -> None:
+    p = Policy([CAP])  # read once: credit of 4 capacities of traffic
+    a, *rest = ids(6)
+    p.added(0, a, 100)
+    p.accessed(0, a, 100, reads=1)
+    fill(p, rest)  # 5 newer blocks, never read
+    assert list(p.victims(0)) == [*rest, a]
+
+
+def test_the_credit_runs_out() -> None:
+    p = Policy([CAP], credit=ReuseCredit(read_once=1.1))
+    a, *rest = ids(7)
+    p.added(0, a, 100)
+    p.accessed(0, a, 100, reads=1)  # ranked as if used 440 bytes of traffic from now
+    fill(p, rest)  # 600 bytes of newer, unread blocks: the last two rank above it
+    assert list(p.victims(0)) == [*rest[:4], a, *rest[4:]]
+
+
+def test_lru_order_has_no_credit() -> None:
+    p = Policy([CAP], order="lru")
+    a, *rest = ids(6)
+    p.added(0, a, 100)
+    p.accessed(0, a, 100, reads=1)
+    fill(p, rest)
+    assert list(p.victims(0)) == [a, *rest]
+
+
+def test_moving_a_copy_does_not_age_the_others() -> None:
+    p = Policy([CAP, None])
+    a, b, c = ids(3)
+    p.added(0, a, 100)
+    p.accessed(0, a, 100, reads=1)
+    for _ in range(100):  # demotions and promotions back and forth are no use of the blocks
+        p.added(1, b, 100, use=False)
+        p.removed(1, b)
+    p.added(0, c, 100)
+    assert list(p.victims(0)) == [c, a]
+
+
+def test_protected_copies_are_never_offered_and_come_back_when_unprotected() -> None:
+    p = Policy([CAP])
+    a, b = ids(2)
+    fill(p, [a, b])
+    p.set_protected(a, True)
+    assert list(p.victims(0)) == [b]
+    p.added(0, a, 100)  # a copy added while protected stays off the list too
+    assert list(p.victims(0)) == [b]
+    p.set_protected(a, False)
+    assert set(p.victims(0)) == {a, b}
+
+
+def test_without_semantic_eviction_protection_is_ignored() -> None:
+    p = Policy([CAP], semantic=False)
+    a, b = ids(2)
+    fill(p, [a, b])
+    p.set_protected(a, True)
+    assert list(p.victims(0)) == [a, b]
+
+
+def test_removed_copies_leave_every_list() -> None:
+    p = Policy([CAP, CAP])
+    a, b = ids(2)
+    fill(p, [a, b])
+    fill(p, [a], tier=1)
+    p.accessed(0, a, 100, reads=2)
+    p.removed(0, a)
+    assert list(p.victims(0)) == [b] and list(p.victims(1)) == [a]
+
+
+def test_an_unbounded_tier_is_plain_lru() -> None:
+    p = Policy([None])
+    a, b = ids(2)
+    fill(p, [a, b])
+    p.accessed(0, a, 100, reads=1)
+    assert list(p.victims(0)) == [b, a]
+
+
+def test_promotion_threshold_and_switch() -> None:
+    assert not Policy([CAP], promotion_threshold=3).should_promote(2)
+    assert Policy([CAP], promotion_threshold=3).should_promote(3)
+    assert not Policy([CAP], promotion_threshold=1, promote=False).should_promote(5)
+
+
+def test_unknown_order_is_refused() -> None:
+    with pytest.raises(ValueError, match="eviction order"):
+        Policy([CAP], order="mru")  # type: ignore[arg-type]
