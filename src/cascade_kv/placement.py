@@ -48,6 +48,7 @@ class Placement:
     _policy: Policy
     _c: Counters
     _demoting: list[int]
+    _protected_bytes: list[int]  # per tier: bytes of its copies of protected blocks (for CapacityError's message)
     _lock: threading.Lock
     _cond: threading.Condition
     _closed: bool
@@ -81,9 +82,8 @@ class Placement:
 
     def _room_report(self, t: int) -> str:
         tier = self._tiers[t]
-        protected = sum(b.nbytes for b in self._blocks.values() if b.protected and b.where >> t & 1)
         return (f"{tier.traits.name}: {tier.used} B used of {tier.capacity} B, "
-                f"{protected} B protected")
+                f"{self._protected_bytes[t]} B protected")
 
     def _make_room(self, t: int, b: Block, may_drop: bool = True) -> bool:
         """Allocate ``b`` in tier ``t``, evicting the policy's victims down a tier until it fits; without
@@ -215,13 +215,23 @@ class Placement:
     def _add_copy(self, b: Block, t: int, use: bool = False) -> None:
         """Record a copy in tier ``t``; ``use``: a put wrote it (a demotion or promotion only moves a copy)."""
         b.where |= 1 << t
+        if b.protected:
+            self._protected_bytes[t] += b.nbytes
         self._policy.added(t, b.id, b.nbytes, b.reads, use=use)
         self._c.tiers[t].bytes_written += b.nbytes
 
     def _drop_copy(self, b: Block, t: int) -> None:
         self._tiers[t].free(b.id)
         b.where &= ~(1 << t)
+        if b.protected:
+            self._protected_bytes[t] -= b.nbytes
         self._policy.removed(t, b.id)
+
+    def _count_protected(self, b: Block, sign: int) -> None:
+        """``b`` became protected (+1) or unprotected (-1): move its copies' bytes in or out of the count."""
+        for t in range(len(self._tiers)):
+            if b.where >> t & 1:
+                self._protected_bytes[t] += sign * b.nbytes
 
     def _drop_block(self, b: Block) -> None:
         """The last tier is full: the block and every key referring to it go (counted, never silent)."""
@@ -231,6 +241,8 @@ class Placement:
         for k in list(b.keys):
             self._keys.pop(k, None)
         b.keys.clear()
+        if b.protected:
+            self._count_protected(b, -1)
         b.protected = 0
         self._policy.set_protected(b.id, False)
         self._maybe_release(b)
@@ -371,6 +383,8 @@ class Placement:
         else:
             tier.free(b.id)
         b.where &= ~(1 << t)
+        if b.protected:
+            self._protected_bytes[t] -= b.nbytes
         self._policy.removed(t, b.id)
         if not b.where:
             b.lost = True

@@ -100,6 +100,7 @@ class Store(Placement):
                                   promote=cfg.locality_aware)
             self._c = Counters(tiers=[TierCounters() for _ in tiers])
             self._demoting = [0] * len(tiers)  # demotions in flight out of each tier (they will free room)
+            self._protected_bytes = [0] * len(tiers)
             self._promotions = collections.deque()
             self._queued_bytes = 0
             self._reads_in_flight = 0
@@ -434,11 +435,15 @@ class Store(Placement):
         free = sum(self._tiers[t].capacity - self._tiers[t].used for t in tiers)  # type: ignore[operator]
         if need <= free:
             return
-        evictable = sum(self._blocks[b].nbytes for t in tiers for b in self._policy.victims(t)
-                        if self._blocks[b].pins == 0)
+        evictable = 0
+        for t in tiers:
+            for bid in self._policy.victims(t):
+                v = self._blocks[bid]
+                evictable += v.nbytes if v.pins == 0 else 0
+                if need <= free + evictable:
+                    return  # enough (stop here: summing every victim would make each put O(blocks))
         if need > free + evictable:
-            protected = sum(b.nbytes for b in self._blocks.values()
-                            if b.protected and any(b.where >> t & 1 for t in tiers))
+            protected = sum(self._protected_bytes[t] for t in tiers)
             names = "/".join(self._tiers[t].traits.name for t in tiers)
             raise CapacityError(f"{need} B of {what}blocks need room in the {names} tier(s), which have "
                                 f"{free} B free, {evictable} B evictable and {protected} B protected "
@@ -587,6 +592,7 @@ class Store(Placement):
     def _protect_block(self, b: Block, delta: int) -> None:
         b.protected += delta
         if b.protected == (1 if delta > 0 else 0):
+            self._count_protected(b, 1 if delta > 0 else -1)
             self._policy.set_protected(b.id, delta > 0, b.reads)
 
     # ------------------------------------------------------------------ read internals

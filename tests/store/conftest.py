@@ -114,6 +114,9 @@ def check_consistent(store: Store) -> None:
     assert s.unique_bytes == sum(i.nbytes for i in by_digest.values())
     prefixed = {store.info(k).digest for k in keys if store.info(k).prefix}
     assert s.protected_blocks == len(prefixed) == s.protected_in_memory
+    for t, tier in enumerate(s.tiers):  # the running count CapacityError's message uses
+        assert store._protected_bytes[t] == sum(i.nbytes for d, i in by_digest.items()
+                                                if d in prefixed and tier.name in i.tiers), tier.name
 
     def align(n: int) -> int:  # the host arena's rounding
         return (max(n, 1) + 63) // 64 * 64
