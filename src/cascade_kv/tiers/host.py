@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..ids import BlockId
+from ..memcopy import copy_bytes
 from .allocator import ArenaAllocator, align_up
 from .base import Tier, TierTraits
 from .slots import SLOT_HEADER, digest16_of, next_generation, pack_header, pack_tombstone, unpack_header
@@ -134,7 +135,7 @@ class HostTier(Tier):
             # end in sfence), so the tombstone is visible before any new byte, the bytes before the header.
             with self._lock:
                 pack_tombstone(self._mv, self._slots[block_id][0] - self._header)
-        dst[:] = src.cast("B") if src.format != "B" or src.ndim != 1 else src
+        copy_bytes(dst, src.cast("B") if src.format != "B" or src.ndim != 1 else src)
         if self._header:
             self.seal(block_id)
 
@@ -167,7 +168,10 @@ class HostTier(Tier):
         src = self.view(block_id)
         if src.nbytes != out.nbytes:
             raise ValueError(f"host tier: block is {src.nbytes} B, buffer is {out.nbytes} B")
-        out[:] = src if out.format == "B" and out.ndim == 1 else src.cast(out.format, out.shape) if out.shape else src.cast(out.format)
+        if out.format == "B" and out.ndim == 1:
+            copy_bytes(out, src)
+        else:
+            out[:] = src.cast(out.format, out.shape) if out.shape else src.cast(out.format)
 
     def free(self, block_id: BlockId) -> None:
         with self._lock:
