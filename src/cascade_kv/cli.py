@@ -52,9 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "Every read is checked; the exit code is 1 if any was wrong.")
     bench.set_defaults(subparser=bench)  # errors in bench's options print bench's usage
     from .bench.suite import EXPERIMENTS
-    bench.add_argument("experiment", nargs="?", choices=sorted(EXPERIMENTS), metavar="EXPERIMENT",
+    bench.add_argument("experiment", nargs="?", choices=[*sorted(EXPERIMENTS), "all"], metavar="EXPERIMENT",
                        help="an experiment of the evaluation suite, every system side by side in one run: "
-                            + ", ".join(sorted(EXPERIMENTS)) + ". Without one: the default benchmark above")
+                            + ", ".join(sorted(EXPERIMENTS)) + "; or all: each of them in turn at the rank count "
+                            "its figures are stated for (--ranks N: all at N), one JSON, one table of every "
+                            "target. Without one: the default benchmark above")
     bench.add_argument("--systems", metavar="LIST",
                        help="comma-separated systems for an experiment (default: the experiment's own list; "
                             "see the README for names such as cascade-kv, posix, hdf5, redis, mooncake, lmcache-cpu)")
@@ -108,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "bench":
         parser.print_help()
         return 2
+    if args.experiment == "all":
+        return _bench_all(args)
     code = _bench_ranks(args, argv)
     if code is not None:
         return code
@@ -146,6 +150,22 @@ def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
     print(f"cascade bench: --ranks {args.ranks}, but {started.launcher} started {size} rank(s); ask the launcher "
           f"for the ranks (e.g. srun -n {args.ranks} cascade bench) or leave out --ranks", file=sys.stderr)
     return 2
+
+
+def _bench_all(args: argparse.Namespace) -> int:
+    from .bench.suite.everything import PASSED_ON, run_all
+    from .cluster.launch import launched_as  # imports no MPI
+
+    started = launched_as()
+    if started is not None:
+        if started.rank == 0:
+            print("cascade bench all: starts its own MPI jobs, one per experiment; run it outside mpiexec/srun",
+                  file=sys.stderr)
+        return 2
+    if args.plot is not None:
+        args.plot.mkdir(parents=True, exist_ok=True)
+    _, console = _terminal()
+    return run_all({k: getattr(args, k) for k in PASSED_ON}, args.ranks, args.json, args.plot, console)
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -1,0 +1,98 @@
+"""``cascade bench all``: every experiment of the suite in turn, each at the rank count the issue states.
+
+Each experiment runs as its own ``cascade bench <experiment>`` process (a fresh MPI job when it needs
+ranks), so one failing or killed experiment does not take the others down, and each starts from a cold
+process as it would when run alone. Their JSON results are gathered into one file, and one table at
+the end lists every target with its verdict.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+RANKS = {"contention": 2, "strong": 4, "weak": 4, "cold": 1, "hot-prefix": 4, "rma": 2, "models": 1, "trace": 1}
+"""Each experiment in the issue's order, at the rank count its figures are stated for."""
+
+PASSED_ON = ("systems", "scale", "model", "requests", "trace", "o_direct", "quick", "dir", "block_size",
+             "host_capacity")
+"""Options of ``cascade bench all`` handed on to every experiment (``--json``, ``--plot``, ``--ranks`` are its own)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    experiment: str
+    ranks: int
+    code: int  # the experiment's exit status
+    seconds: float
+    result: dict | None  # its JSON, when it wrote one
+
+
+def experiment_argv(name: str, ranks: int, options: dict[str, object], json_path: Path,
+                    plot: Path | None) -> list[str]:
+    """The command line of one experiment: the options of :data:`PASSED_ON` that were given, plus its own."""
+    passed: list[str] = []
+    for key in PASSED_ON:
+        value = options.get(key)
+        if value is None or value is False:
+            continue
+        passed.append("--" + key.replace("_", "-"))
+        if value is not True:
+            passed.append(str(value))
+    cmd = [sys.executable, "-m", "cascade_kv.cli", "bench", name, *passed, "--json", str(json_path)]
+    if ranks > 1:
+        cmd += ["--ranks", str(ranks)]
+    if plot is not None:
+        cmd += ["--plot", str(plot / name)]
+    return cmd
+
+
+def run_all(options: dict[str, object], ranks: int | None, json_path: Path | None, plot: Path | None,
+            console: Console) -> int:
+    """Run every experiment; 1 if any failed or read a wrong byte, else 0."""
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="cascade-bench-all-") as tmp:
+        for name, default_ranks in RANKS.items():
+            n = ranks if ranks is not None else default_ranks
+            if name == "rma" and n < 2:
+                n = 2  # its subject is another process's memory
+            out = Path(tmp) / f"{name}.json"
+            cmd = experiment_argv(name, n, options, out, plot)
+            console.rule(f"cascade bench {name}" + (f" --ranks {n}" if n > 1 else ""))
+            t0 = time.perf_counter()
+            code = subprocess.call(cmd)
+            result = json.loads(out.read_text()) if out.exists() else None
+            outcomes.append(Outcome(name, n, code, time.perf_counter() - t0, result))
+    console.print(summary(outcomes))
+    if json_path is not None:
+        json_path.write_text(json.dumps({o.experiment: o.result or {"exit_code": o.code} for o in outcomes},
+                                        indent=2, default=str) + "\n")
+        console.print(f"Figures of every experiment written to {json_path}")
+    return 1 if any(o.code != 0 for o in outcomes) else 0
+
+
+def summary(outcomes: Sequence[Outcome]) -> Table:
+    """One row per target of every experiment (or per experiment that failed)."""
+    t = Table(title="cascade bench all: every target, every experiment")
+    for col in ("experiment", "ranks", "system", "target", "got", "verdict"):
+        t.add_column(col)
+    for o in outcomes:
+        targets = (o.result or {}).get("targets", [])
+        if o.code != 0 or o.result is None:
+            t.add_row(o.experiment, str(o.ranks), "", f"exit status {o.code}", "", "[red]failed[/red]")
+        for tg in targets:
+            verdict = "[green]pass[/green]" if tg.get("passed") else "[yellow]missed[/yellow]"
+            got = tg.get("got")
+            t.add_row(o.experiment, str(o.ranks), tg.get("system", ""), tg.get("text", ""),
+                      f"{got:.3g}" if isinstance(got, float) else str(got), verdict)
+        if not targets and o.result is not None:
+            t.add_row(o.experiment, str(o.ranks), "", "(no target: figures only)", "", "")
+    return t
