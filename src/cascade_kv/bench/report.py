@@ -164,7 +164,7 @@ def _mixed_table(m: dict) -> Table:  # type: ignore[type-arg]
                 f"({ceiling:.2f} GB/s)" if ceiling else ""
         t.add_row(f"  get served by {tier}", f"{gbps:.2f} GB/s", f"{m['reads_by_tier'][tier]} gets{ratio}"
                   + ("" if tier == "host" else f"; {m['disk_reads_hashed']} hashed (verify=auto: first read of a "
-                                               f"file); includes the promotions they trigger"))
+                                               f"file); the promotions they trigger run in the background, between gets"))
     t.add_row("hits per tier", ", ".join(f"{k} {v}" for k, v in m["hits_by_tier"].items()),
               "evictions: " + ", ".join(f"{k} {v}" for k, v in m["evictions_by_tier"].items()))
     t.add_row("dedup hits", str(m["dedup_hits"]), f"{format_size(m['dedup_bytes_saved'])} not stored again")
