@@ -245,6 +245,8 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
         return 0
     result.wall_seconds = time.perf_counter() - t0
     result.settings["quick"] = args.quick
+    from .bench.report import disk
+    result.disk = disk(args.dir)
     result.judge()
     render(result, console)
     if args.json is not None:

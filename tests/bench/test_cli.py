@@ -60,6 +60,7 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["reads_wrong"] == 0 and data["reads_checked"] > 0
     assert data["machine"]["cores"] > 0 and data["machine"]["memory_bytes"] > 0
+    assert data["machine"]["disk"]["total_bytes"] > 0 and "free_bytes" in data["machine"]["disk"]
     assert data["machine"]["numpy"] == np.__version__
     assert "bench" in data["argv"] and "--quick" in data["argv"]
     assert data["wall_seconds"] > 0

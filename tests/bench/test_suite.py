@@ -40,6 +40,7 @@ def test_hot_prefix_reads_every_block_from_disk_once_whatever_the_ranks(tmp_path
     assert cascade["disk_reads"] == [blocks] * got["settings"]["passes"]  # one disk read per block per pass
     assert cascade["aggregate_GBps"]["n"] == got["settings"]["passes"]
     assert "machine" in got and "mpi4py" in got["machine"] and got["command"].startswith("cascade bench hot-prefix")
+    assert got["machine"]["disk"]["path"] == str(tmp_path.resolve()) and got["machine"]["disk"]["total_bytes"] > 0
     assert list((tmp_path / "png").glob("hot-prefix-*.png"))
 
 

@@ -12,6 +12,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 from typing import Literal
 
 from rich.console import Console
@@ -82,7 +83,9 @@ class Report:
 
     def as_dict(self) -> dict[str, object]:
         return {"cascade_kv": _version("cascade-kv"), "command": shlex.join(sys.argv), "argv": sys.argv,
-                "machine": machine(), "settings": self.settings,
+                "machine": machine() | ({"disk": disk(os.path.dirname(str(self.settings["dir"])))}
+                                        if "dir" in self.settings else {}),
+                "settings": self.settings,
                 "figures": {f.key: f.as_dict() for f in self.figures}, "mixed": self.mixed,
                 "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
                 "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
@@ -99,6 +102,35 @@ def machine() -> dict[str, object]:
             "platform": platform.platform(), "machine": platform.machine(),
             "python": platform.python_version(), "numpy": _version("numpy"), "blake3": _version("blake3"),
             "rich": _version("rich")}
+
+
+def disk(path: str | os.PathLike[str]) -> dict[str, object]:
+    """The file system a run's files live on: mount point, type, device, size, free space, and whether the
+    kernel calls the device rotational (Linux; fields it cannot tell are left out)."""
+    real = os.path.realpath(path)
+    info: dict[str, object] = {"path": real}
+    try:
+        st = os.statvfs(real)
+        info |= {"total_bytes": st.f_blocks * st.f_frsize, "free_bytes": st.f_bavail * st.f_frsize}
+    except OSError:
+        pass
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[:3] for line in f]
+    except OSError:
+        return info
+    best = max((m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
+               key=lambda m: len(m[1]), default=None)
+    if best is not None:
+        device, mount, fstype = best
+        info |= {"mount": mount, "filesystem": fstype, "device": device}
+        name = os.path.basename(device)
+        for candidate in (name, name.rstrip("0123456789"), name.rstrip("0123456789").removesuffix("p")):
+            rotational = Path("/sys/block") / candidate / "queue" / "rotational"
+            if rotational.exists():
+                info["rotational"] = rotational.read_text().strip() == "1"
+                break
+    return info
 
 
 def _version(dist: str) -> str:

@@ -119,6 +119,8 @@ class Result:
     reads_checked: int = 0
     reads_wrong: int = 0
     wall_seconds: float = 0.0
+    disk: dict[str, Any] = field(default_factory=dict)
+    """The file system of the run's files (:func:`~cascade_kv.bench.report.disk`), for the JSON's machine."""
 
     def judge(self) -> None:
         for t in self.targets:
@@ -144,7 +146,8 @@ class Result:
     def as_dict(self, argv: Sequence[str]) -> dict[str, Any]:
         return {
             "experiment": self.experiment, "title": self.title, "cascade_kv": __version__,
-            "command": os.environ.get("CASCADE_COMMAND") or shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions(), "ranks": self.ranks,
+            "command": os.environ.get("CASCADE_COMMAND") or shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions() | ({"disk": self.disk} if self.disk else {}),
+            "ranks": self.ranks,
             "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
             "skipped": self.skipped, "failed": self.failed, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
             "targets": [t.__dict__ for t in self.targets], "notes": self.notes,
