@@ -17,3 +17,15 @@ def test_shared_prefix_example_on_four_ranks() -> None:
     assert len(re.findall(r"rank [123]: reads from host 1, remote 3; replicas made 1", out)) == 3, out
     # four ranks put the same request block: one copy, three dedup hits
     assert "cluster: 4 ranks, 2 distinct blocks for 5 keys, 3 dedup hits" in out, out
+
+
+def test_the_slurm_scripts_parse_and_name_real_experiments() -> None:
+    import subprocess
+
+    from cascade_kv.bench.suite import EXPERIMENTS
+
+    for script in sorted((EXAMPLES / "slurm").glob("*.sbatch")):
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, script
+        text = script.read_text()
+        for loop in re.findall(r"for experiment in ([a-z -]+); do", text):
+            assert set(loop.split()) <= set(EXPERIMENTS), (script, loop)
