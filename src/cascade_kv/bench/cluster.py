@@ -21,11 +21,8 @@ Imports ``mpi4py.MPI``, which initialises MPI: import this module only in a rank
 """
 from __future__ import annotations
 
-import json
 import os
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +36,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .. import __version__
 from ..cluster.directory import TIER_MEMORY, KeyRecord, Location
 from ..cluster.homes import home_of_digest, home_of_key
 from ..cluster.store import DistributedStore
@@ -48,7 +44,7 @@ from ..config import format_size
 from ..hashing import Hasher
 from ..tiers.slots import SLOT_HEADER
 from .ceilings import Contents, Spread, buffers, drop_page_cache, readinto_pass, touch
-from .report import machine
+from .report import run_header, write_json
 from .single import BenchError
 from .suite.core import describe_error as _describe
 
@@ -451,15 +447,13 @@ class ClusterReport:
     wall_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"cascade_kv": __version__, "command": os.environ.get("CASCADE_COMMAND") or shlex.join(sys.argv), "argv": sys.argv, "machine": machine(),
-                "ranks": self.ranks, "settings": self.settings, "experiments": self.experiments,
-                "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
-                "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
+        return run_header(self.settings) | {
+            "ranks": self.ranks, "settings": self.settings, "experiments": self.experiments,
+            "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
+            "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w") as f:
-            json.dump(self.as_dict(), f, indent=2)
-            f.write("\n")
+        write_json(path, self.as_dict())
 
 
 def _gbps(s: dict) -> str:  # type: ignore[type-arg]

@@ -82,18 +82,29 @@ class Report:
     wall_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, object]:
-        return {"cascade_kv": _version("cascade-kv"), "command": shlex.join(sys.argv), "argv": sys.argv,
-                "machine": machine() | ({"disk": disk(os.path.dirname(str(self.settings["dir"])))}
-                                        if "dir" in self.settings else {}),
-                "settings": self.settings,
-                "figures": {f.key: f.as_dict() for f in self.figures}, "mixed": self.mixed,
-                "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
-                "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
+        return run_header(self.settings) | {
+            "settings": self.settings, "figures": {f.key: f.as_dict() for f in self.figures}, "mixed": self.mixed,
+            "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
+            "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
-        with open(path, "w") as f:
-            json.dump(self.as_dict(), f, indent=2)
-            f.write("\n")
+        write_json(path, self.as_dict())
+
+
+def run_header(settings: dict[str, object]) -> dict[str, object]:
+    """What every benchmark's JSON starts with: the version, the command as typed (``cascade bench``'s
+    relaunch passes it on to its ranks), and the machine, with the disk of ``settings["dir"]`` (the run's
+    temporary directory, gone by now: its parent is asked)."""
+    run_dir = settings.get("dir")
+    return {"cascade_kv": _version("cascade-kv"),
+            "command": os.environ.get("CASCADE_COMMAND") or shlex.join(sys.argv), "argv": sys.argv,
+            "machine": machine() | ({"disk": disk(os.path.dirname(str(run_dir)))} if run_dir else {})}
+
+
+def write_json(path: str | os.PathLike[str], data: dict[str, object]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
 
 
 def machine() -> dict[str, object]:
