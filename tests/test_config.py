@@ -73,7 +73,7 @@ def test_defaults():
     assert cfg.host_capacity == GiB
     assert cfg.disk_path is None and cfg.disk_capacity is None and cfg.persist is False
     assert cfg.hash_algorithm == "blake3" and cfg.verify_reads == "auto" and cfg.promotion_threshold == 3
-    assert cfg.eviction_order == "reuse"
+    assert cfg.eviction_order == "lru"
 
 
 def test_sizes_and_paths_are_normalised(tmp_path: Path):
@@ -153,7 +153,7 @@ def test_from_env_reads_every_kind_of_field(tmp_path: Path):
         "CASCADE_PROMOTION_THRESHOLD": "5",
         "CASCADE_HASH_ALGORITHM": "sha256",
         "CASCADE_VERIFY_READS": "always",
-        "CASCADE_EVICTION_ORDER": "lru",
+        "CASCADE_EVICTION_ORDER": "reuse",
         "UNRELATED": "ignored",
         "CASCADE_NOT_A_FIELD": "ignored too",
     }
@@ -161,7 +161,7 @@ def test_from_env_reads_every_kind_of_field(tmp_path: Path):
     assert cfg == CascadeConfig(host_capacity=8 * GiB, disk_path=tmp_path, disk_capacity=100 * 10**9,
                                 persist=True, dedup_enabled=False, semantic_eviction=False,
                                 locality_aware=True, o_direct=False, promotion_threshold=5,
-                                hash_algorithm="sha256", verify_reads="always", eviction_order="lru")
+                                hash_algorithm="sha256", verify_reads="always", eviction_order="reuse")
 
 
 def test_from_env_empty_gives_defaults():

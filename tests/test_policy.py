@@ -26,7 +26,7 @@ def test_lru_offers_the_least_recently_used_first() -> None:
 
 
 def test_a_read_block_outranks_newer_blocks_never_read() -> None:
-    p = Policy([CAP])  # read once: credit of 4 capacities of traffic
+    p = Policy([CAP], order="reuse")  # read once: credit of 4 capacities of traffic
     a, *rest = ids(6)
     p.added(0, a, 100)
     p.accessed(0, a, 100, reads=1)
@@ -35,7 +35,7 @@ def test_a_read_block_outranks_newer_blocks_never_read() -> None:
 
 
 def test_the_credit_runs_out() -> None:
-    p = Policy([CAP], credit=ReuseCredit(read_once=1.1))
+    p = Policy([CAP], order="reuse", credit=ReuseCredit(read_once=1.1))
     a, *rest = ids(7)
     p.added(0, a, 100)
     p.accessed(0, a, 100, reads=1)  # ranked as if used 440 bytes of traffic from now
@@ -43,8 +43,8 @@ def test_the_credit_runs_out() -> None:
     assert list(p.victims(0)) == [*rest[:4], a, *rest[4:]]
 
 
-def test_lru_order_has_no_credit() -> None:
-    p = Policy([CAP], order="lru")
+def test_lru_order_has_no_credit_and_is_the_default() -> None:
+    p = Policy([CAP])
     a, *rest = ids(6)
     p.added(0, a, 100)
     p.accessed(0, a, 100, reads=1)
@@ -53,7 +53,7 @@ def test_lru_order_has_no_credit() -> None:
 
 
 def test_moving_a_copy_does_not_age_the_others() -> None:
-    p = Policy([CAP, None])
+    p = Policy([CAP, None], order="reuse")
     a, b, c = ids(3)
     p.added(0, a, 100)
     p.accessed(0, a, 100, reads=1)
@@ -95,7 +95,7 @@ def test_removed_copies_leave_every_list() -> None:
 
 
 def test_an_unbounded_tier_is_plain_lru() -> None:
-    p = Policy([None])
+    p = Policy([None], order="reuse")
     a, b = ids(2)
     fill(p, [a, b])
     p.accessed(0, a, 100, reads=1)

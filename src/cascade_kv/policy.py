@@ -87,7 +87,7 @@ class Policy:
     semantic eviction buys; ``order="lru"`` ranks by recency alone.
     """
 
-    def __init__(self, capacities: Sequence[int | None], *, semantic: bool = True, order: EvictionOrder = "reuse",
+    def __init__(self, capacities: Sequence[int | None], *, semantic: bool = True, order: EvictionOrder = "lru",
                  credit: ReuseCredit = ReuseCredit(), promotion_threshold: int = 3, promote: bool = True) -> None:
         if order not in ("reuse", "lru"):
             raise ValueError(f"eviction order must be 'reuse' or 'lru', got {order!r}")

@@ -227,7 +227,7 @@ def test_tiers_are_host_then_disk(store, host_only):
 
 
 def test_a_block_read_since_it_was_stored_outlives_newer_unread_blocks(make_store):
-    store = make_store(locality_aware=False)  # eviction_order="reuse", the default
+    store = make_store(locality_aware=False, eviction_order="reuse")
     _put_range(store, SLOTS)
     store.get("k0")
     _put_range(store, SLOTS, start=100)  # a host tier's worth of newer blocks nobody read
@@ -237,7 +237,7 @@ def test_a_block_read_since_it_was_stored_outlives_newer_unread_blocks(make_stor
 
 
 def test_plain_lru_order_demotes_it_with_the_others(make_store):
-    store = make_store(locality_aware=False, eviction_order="lru")
+    store = make_store(locality_aware=False)  # eviction_order="lru", the default (issue 2: LRU victims)
     _put_range(store, SLOTS)
     store.get("k0")
     _put_range(store, SLOTS, start=100)
