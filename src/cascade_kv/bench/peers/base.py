@@ -12,6 +12,7 @@ the reason; the suite prints it and writes it to the JSON, never skipping silent
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -146,3 +147,16 @@ def start_on_rank_zero(setup: Setup, what: str, start: Callable[[], T]) -> T:
     if reason:
         raise Unavailable(reason)
     return value  # type: ignore[return-value]  # set on rank 0, broadcast to the others
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float, ask: Callable[[], None] | None = None) -> None:
+    """Ask a server the benchmark started to exit (``ask``; by default SIGTERM), and SIGKILL it if it has not
+    within ``timeout`` seconds. Nothing if it has exited already."""
+    if proc.poll() is not None:
+        return
+    (ask or proc.terminate)()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

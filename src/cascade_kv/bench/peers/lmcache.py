@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable, start_on_rank_zero
+from .base import Backend, Setup, Unavailable, start_on_rank_zero, stop_process
 
 HOST = "127.0.0.1"
 MODEL = "cascade-bench"  # the model name in every CacheEngineKey
@@ -88,13 +88,7 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, STOP_TIMEOUT)
 
 
 class Server:

@@ -57,7 +57,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable, start_on_rank_zero
+from .base import Backend, Setup, Unavailable, start_on_rank_zero, stop_process
 
 HOST = "127.0.0.1"
 LOCAL_BUFFER = 16 << 20  # the client's own registered buffer: put_from / get_into never use it
@@ -170,17 +170,11 @@ def _listening(port: int) -> bool:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        if proc.stdin is not None:  # the segment helper exits when its stdin closes
-            with contextlib.suppress(OSError):
-                proc.stdin.close()
-        else:
-            proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    def close_stdin() -> None:  # the segment helper exits when its stdin closes
+        with contextlib.suppress(OSError):
+            proc.stdin.close()  # type: ignore[union-attr]
+
+    stop_process(proc, STOP_TIMEOUT, close_stdin if proc.stdin is not None else None)
 
 
 def _tail(path: Path, n: int = 3000) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable, start_on_rank_zero
+from .base import Backend, Setup, Unavailable, start_on_rank_zero, stop_process
 
 try:
     import redis as redis_py
@@ -65,13 +65,7 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # SIGTERM: with --save '' Redis exits at once, writing nothing
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, STOP_TIMEOUT)  # SIGTERM: with --save '' Redis exits at once, writing nothing
 
 
 class Server:
