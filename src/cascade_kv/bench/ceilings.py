@@ -194,3 +194,28 @@ def drop_page_cache(paths: Sequence[str | os.PathLike[str]]) -> None:
 def combined(*rates: float) -> float:
     """Rate of doing each step in turn on the same bytes: ``1 / sum(1 / rate)``."""
     return 1.0 / sum(1.0 / r for r in rates)
+
+
+def interleaved_rates(kinds: dict[str, Callable[[int], None]], count: int, reps: int, nbytes: int,
+                      outs: Sequence[np.ndarray], ids: Sequence[int], contents: Contents, poison: int,
+                      after_rep: Callable[[int], None] | None = None) -> dict[str, list[float]]:
+    """GB/s of single reads of ``nbytes``, ``count`` per rep, the ``kinds`` taking turns (and swapping who
+    goes first every rep) so that a read and its ceiling meet the same machine state. ``kinds[name](j)``
+    reads slot ``j`` (``k % len(outs)``) into ``outs[j]``, which is poisoned before and checked against
+    ``ids[j]`` after. Rep 0 warms up and is not kept; ``after_rep(rep)`` is called after each."""
+    names = list(kinds)
+    rates: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps + 1):
+        order = names if rep % 2 else names[::-1]
+        for k in range(count):
+            j, name = k % len(outs), order[k % len(order)]
+            outs[j].fill(poison)
+            t0 = time.perf_counter()
+            kinds[name](j)
+            dt = time.perf_counter() - t0
+            contents.check(ids[j], outs[j])
+            if rep:
+                rates[name].append(nbytes / dt / 1e9)
+        if after_rep is not None:
+            after_rep(rep)
+    return rates

@@ -43,7 +43,7 @@ from ..cluster.window import ARENA_OFFSET, epoch
 from ..config import format_size
 from ..hashing import Hasher
 from ..tiers.slots import SLOT_HEADER
-from .ceilings import Contents, Spread, buffers, drop_page_cache, readinto_pass, touch
+from .ceilings import Contents, Spread, buffers, drop_page_cache, interleaved_rates, readinto_pass, touch
 from .report import run_header, write_json
 from .single import BenchError
 from .suite.core import describe_error as _describe
@@ -239,21 +239,10 @@ class ClusterBench:
             with epoch(st.window, _OWNER) as win:
                 win.Get([outs[j], MPI.BYTE], _OWNER, (ARENA_OFFSET + where[j].offset + SLOT_HEADER, bs, MPI.BYTE))
 
-        kinds = {"store": store_get, "bare_get": bare_get}
-        rates: dict[str, list[float]] = {name: [] for name in kinds}
         before = st.stats()
-        for rep in range(self.s.reps + 1):  # rep 0 warms up and is not kept
-            order = list(kinds) if rep % 2 else list(kinds)[::-1]
-            for k in range(count):
-                j, name = k % len(keys), order[k % 2]
-                outs[j].fill(_POISON)
-                t0 = time.perf_counter()
-                kinds[name](j)
-                dt = time.perf_counter() - t0
-                contents.check(ids[j], outs[j])
-                if rep:
-                    rates[name].append(bs / dt / GB)
-            self.tick(f"remote get ({'warm-up' if rep == 0 else f'rep {rep}/{self.s.reps}'})")
+        rates = interleaved_rates(
+            {"store": store_get, "bare_get": bare_get}, count, self.s.reps, bs, outs, ids, contents,
+            _POISON, lambda rep: self.tick(f"remote get ({'warm-up' if rep == 0 else f'rep {rep}/{self.s.reps}'})"))
         after = st.stats()
         gets = (self.s.reps + 1) * count // 2
         remote = after.tier("remote").hits - before.tier("remote").hits

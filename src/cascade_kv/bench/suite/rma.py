@@ -19,12 +19,11 @@ each local peer's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from ..ceilings import Contents
+from ..ceilings import Contents, interleaved_rates
 from .core import (
     GB,
     POISON,
@@ -225,21 +224,9 @@ def _get_vs_bare(store: Any, backend: Any, keys: list[str], ids: list[int], cont
         with epoch(store.window, OWNER) as win:
             win.Get([outs[j], MPI.BYTE], OWNER, (ARENA_OFFSET + where[j] + SLOT_HEADER, n, MPI.BYTE))
 
-    kinds: dict[str, Callable[[int], None]] = {"store": get, "bare": bare}
-    rates: dict[str, list[float]] = {name: [] for name in kinds}
     count = s.micro_reads(n)
     remote_before = backend.tier_hits().get("remote", 0)
-    for rep in range(s.reps + 1):  # rep 0 warms up and is not kept
-        order = list(kinds) if rep % 2 else list(kinds)[::-1]
-        for k in range(count):
-            j, name = k % len(keys), order[k % 2]
-            outs[j].fill(POISON)
-            t0 = time.perf_counter()
-            kinds[name](j)
-            dt = time.perf_counter() - t0
-            contents.check(ids[j], outs[j])
-            if rep:
-                rates[name].append(n / dt / GB)
+    rates = interleaved_rates({"store": get, "bare": bare}, count, s.reps, n, outs, ids, contents, POISON)
     gets = (s.reps + 1) * count // 2
     remote = backend.tier_hits().get("remote", 0) - remote_before
     if remote != gets:
