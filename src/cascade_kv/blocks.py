@@ -35,6 +35,7 @@ class Block:
     pins: int = 0  # copies in flight outside the lock; while > 0 no copy is freed or reused
     moving: bool = False  # being demoted: not a victim again until that finishes
     rising: bool = False  # being copied up into memory (protect, promotion): one such copy at a time
+    queued: bool = False  # waiting for the promoter thread: queued once however often it is read meanwhile
     lower_reads: int = 0  # reads served below the top tier since the last promotion
     reads: int = 0  # reads since it was stored, any tier: the policy's reuse class
     lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it

@@ -302,11 +302,12 @@ class Placement:
     # same as if the read had promoted the block itself.
     def _queue_promotion(self, b: Block, data: np.ndarray, owned: bool) -> None:
         """Promote ``b`` (just read; ``data`` its bytes, ``owned``: not the caller's buffer) in the background."""
-        if b.rising or any(q is b for q, _ in self._promotions):
+        if b.rising or b.queued:
             return
         if self._promotions and self._queued_bytes + b.nbytes > PROMOTION_QUEUE_BYTES:
             return  # the promoter is behind: the block stays where it is and earns its promotion again
         self._promotions.append((b, data if owned else data.copy()))  # the caller may reuse its buffer at once
+        b.queued = True
         self._queued_bytes += b.nbytes
         if self._promoter is None:
             self._promoter = threading.Thread(target=self._promote_queued, name="cascade-kv-promoter", daemon=True)
@@ -328,6 +329,8 @@ class Placement:
             idle_since = time.monotonic()
             while True:
                 if self._closed:
+                    for waiting, _ in self._promotions:
+                        waiting.queued = False
                     self._promotions.clear()
                     self._queued_bytes = 0
                     self._cond.notify_all()
@@ -345,6 +348,7 @@ class Placement:
                     self._cond.wait(WAIT_SLICE if self._reads_in_flight else PROMOTER_QUIET - quiet)
                     continue
                 b, data = self._promotions.popleft()
+                b.queued = False
                 self._queued_bytes -= b.nbytes
                 self._promoting += 1
                 try:

@@ -5,12 +5,12 @@ protection changed) and asks it for victims. Per tier it keeps protected copies 
 own, out of the victims' way, so finding a victim never walks past a tier full of system prompts
 (a skip-list scan would make eviction O(protected blocks) on exactly the workloads cascade-kv is for).
 
-Unprotected copies are ranked by :class:`ReuseCredit`: recency, credited by how often the block has
-been read since it was stored. In KV-cache traces a block that has been reused once is far more
-likely to be reused again than a block just computed (on the Mooncake FAST'25 trace 84 % against
-45 %, see ``python -m cascade_kv.bench.tracesim``), but plain LRU ranks a block computed a moment ago
-above a system prompt read a thousand times an hour ago. ``"lru"`` keeps plain recency, for
-measuring what the credit buys.
+Unprotected copies are ranked by recency (``order="lru"``, the default: the seed's rule) or, with
+``order="reuse"``, by recency credited by how often the block has been read since it was stored
+(:class:`ReuseCredit`). In KV-cache traces a block that has been reused once is far more likely to
+be reused again than a block just computed (on the Mooncake FAST'25 trace 84 % against 45 %, see
+``python -m cascade_kv.bench.tracesim``), but plain LRU ranks a block computed a moment ago above a
+system prompt read a thousand times an hour ago.
 """
 from __future__ import annotations
 
@@ -68,9 +68,6 @@ class _Ranked:
             if lst.pop(block_id, None) is not None:
                 return True
         return False
-
-    def __contains__(self, block_id: BlockId) -> bool:
-        return any(block_id in lst for lst in self.lists)
 
     def ascending(self) -> Iterator[BlockId]:
         if not any(self.lists[1:]):
