@@ -321,8 +321,7 @@ class Store(Placement):
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
-        with self._lock:
-            self._settle()
+        self.settle()  # what the tiers hold is what a caller would see had the reads promoted themselves
         return tuple(self._tiers)
 
     def close(self) -> None:
