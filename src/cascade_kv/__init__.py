@@ -9,8 +9,8 @@ Across the ranks of an MPI job (``mpiexec -n 4 python app.py``), ``DistributedSt
 memory into one cache with the same API (imported lazily: ``import cascade_kv`` does not initialise MPI).
 """
 from .config import CascadeConfig, format_size, parse_size
-from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, StorageError,
-                     StoreClosed)
+from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, LaunchError,
+                     LaunchTimeout, PeerTimeout, RemoteError, ServiceClosed, StorageError, StoreClosed)
 from .ids import BlockId, Digest, Key
 from .stats import StoreStats, TierStats
 from .store import KeyInfo, Store
@@ -29,5 +29,5 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CascadeConfig", "Store", "DistributedStore", "StoreStats", "TierStats", "KeyInfo",
     "CascadeError", "ConfigError", "BlockNotFound", "CapacityError", "IntegrityError", "StorageError",
-    "StoreClosed", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
+    "StoreClosed", "PeerTimeout", "RemoteError", "ServiceClosed", "LaunchError", "LaunchTimeout", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
 ]

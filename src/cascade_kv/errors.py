@@ -41,3 +41,35 @@ class StoreClosed(CascadeError, RuntimeError):
 
 class PeerTimeout(CascadeError, TimeoutError):
     """Another rank did not answer within the configured timeout (the message names the rank)."""
+
+
+class RemoteError(CascadeError, RuntimeError):
+    """A handler on ``rank`` raised (or no handler was registered for ``op``) while serving a call."""
+
+    def __init__(self, rank: int, op: int, remote_type: str, remote_message: str) -> None:
+        super().__init__(f"rank {rank}: op {op} failed: {remote_type}: {remote_message}")
+        self.rank = rank
+        self.op = op
+        self.remote_type = remote_type
+        """Name of the exception type raised on ``rank`` (e.g. ``"KeyError"``)."""
+        self.remote_message = remote_message
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickled across ranks: rebuild from the fields, not the message
+        return (type(self), (self.rank, self.op, self.remote_type, self.remote_message))
+
+
+class ServiceClosed(CascadeError, RuntimeError):
+    """A rank's directory service was used after it closed (the store is closing or closed)."""
+
+
+class LaunchError(CascadeError, RuntimeError):
+    """Ranks could not be started: no ``mpiexec``, or a launcher variable that makes no sense."""
+
+
+class LaunchTimeout(LaunchError, TimeoutError):
+    """``mpiexec`` and its ranks ran past their time limit and were killed; carries the output so far."""
+
+    def __init__(self, message: str, stdout: str = "", stderr: str = "") -> None:
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr

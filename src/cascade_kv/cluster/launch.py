@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CascadeError, ConfigError
+from ..errors import ConfigError, LaunchError, LaunchTimeout
 
 _GRACE_SECONDS = 5.0
 """After SIGTERM, how long mpiexec gets to stop its ranks before it and every process under it are killed."""
@@ -37,19 +37,6 @@ _LAUNCHERS = (
     # PMIx (prterun, srun --mpi=pmix) names the rank but not the size in the environment.
     ("PMIx", "PMIX_RANK", None),
 )
-
-
-class LaunchError(CascadeError, RuntimeError):
-    """Ranks could not be started: no ``mpiexec``, or a launcher variable that makes no sense."""
-
-
-class LaunchTimeout(LaunchError, TimeoutError):
-    """``mpiexec`` and its ranks ran past their time limit and were killed; carries the output so far."""
-
-    def __init__(self, message: str, stdout: str = "", stderr: str = "") -> None:
-        super().__init__(message)
-        self.stdout = stdout
-        self.stderr = stderr
 
 
 @dataclass(frozen=True, slots=True)

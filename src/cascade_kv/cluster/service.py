@@ -76,7 +76,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from ..errors import CascadeError, PeerTimeout
+from ..errors import ConfigError, PeerTimeout, RemoteError, ServiceClosed
 
 log = logging.getLogger(__name__)
 
@@ -119,22 +119,6 @@ median round trip to a busy peer stays ~15 us either way, but p99 falls from
 poll on two cores). The price is more frequent switches between the
 application's own threads. An interval the application set itself is left alone."""
 _DEFAULT_SWITCH_INTERVAL = 0.005
-
-
-class RemoteError(CascadeError, RuntimeError):
-    """A handler on ``rank`` raised (or no handler was registered for ``op``) while serving a call."""
-
-    def __init__(self, rank: int, op: int, remote_type: str, remote_message: str) -> None:
-        super().__init__(f"rank {rank}: op {op} failed: {remote_type}: {remote_message}")
-        self.rank = rank
-        self.op = op
-        self.remote_type = remote_type
-        """Name of the exception type raised on ``rank`` (e.g. ``"KeyError"``)."""
-        self.remote_message = remote_message
-
-
-class ServiceClosed(CascadeError, RuntimeError):
-    """The service was used after :meth:`Service.close`."""
 
 
 # --------------------------------------------------------------- GIL switch interval
@@ -192,8 +176,8 @@ class Service:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-            raise CascadeError("the service thread needs MPI_THREAD_MULTIPLE; MPI was initialised with "
-                               f"level {MPI.Query_thread()} (leave mpi4py.rc.thread_level at 'multiple')")
+            raise ConfigError("the service thread needs MPI_THREAD_MULTIPLE; MPI was initialised with "
+                              f"level {MPI.Query_thread()} (leave mpi4py.rc.thread_level at 'multiple')")
         self.timeout = float(timeout)
         self._handlers: dict[int, Handler] = {}
         for op, handler in (handlers or {}).items():
