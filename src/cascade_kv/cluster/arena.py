@@ -13,6 +13,14 @@ cheapest to lose), then unprotected copies, then protected ones (which may only
 move to another rank's memory). One ordered dict per class keeps every pick
 O(1) in the common case, as in :class:`~cascade_kv.policy.Policy`.
 
+The orders, the copies and the count of evictable bytes change together in two
+places only (``_list`` and ``_unlist``), and a copy remembers the class it is
+listed in: every path that seals, reclasses, dooms or frees a copy goes through
+them, so no digest can stay ordered after its copy went. (Before, a sealed copy
+abandoned by a writer whose ``publish`` failed was freed without leaving its
+order, and every later eviction on that rank tripped over the stale digest.)
+:meth:`Arena.check` states the invariants, for tests.
+
 Every change of the arena's room is published in the window's header page
 (:meth:`~.window.ArenaWindow.set_room`), where a rank looking for a peer to take a
 victim reads it one-sidedly.
@@ -51,6 +59,9 @@ class Copy:
     """Being evicted by some thread: not offered as a victim again."""
     doomed: bool = False
     """Freed while pinned or moving: the slot goes when the last pin does."""
+    listed: int = -1
+    """The eviction class whose order lists the copy, or -1: only a sealed copy that is not doomed is
+    listed, and only the arena's ``_list``/``_unlist`` change this, with the order, under the lock."""
 
 
 class Arena:
@@ -111,9 +122,8 @@ class Arena:
         directory lists the copy; evicted before that, its eviction would find it unlisted)."""
         with self.lock:
             c.generation = self.tier.seal(c.digest)
-            if not c.doomed:
-                self._order[self._class(c)][c.digest] = None
-                self._evictable += c.nbytes if self._class(c) < 2 else 0
+            if not c.doomed and c.listed < 0:
+                self._list(c)
                 self._publish_room()
             loc = self.location(c)
             if not keep_pin:
@@ -130,9 +140,8 @@ class Arena:
             if c is None or c.generation == 0 or c.doomed:
                 return None
             c.pins += 1
-            order = self._order[self._class(c)]
-            if digest in order:
-                order.move_to_end(digest)
+            if c.listed >= 0:
+                self._order[c.listed].move_to_end(digest)
             return c
 
     def unpin(self, c: Copy) -> None:
@@ -140,10 +149,11 @@ class Arena:
             self._unpin_locked(c)
 
     def abandon(self, c: Copy) -> None:
-        """A writer that failed: free the slot it allocated."""
+        """A writer that failed, before or after :meth:`seal` (its ``publish`` refused): drop its pin and
+        free the copy (once other pins, taken by local readers after the seal, are gone too)."""
         with self.lock:
-            c.doomed = True
-            self._unpin_locked(c)
+            c.pins -= 1
+            self._doom(c)
 
     def free(self, digest: BlockId, generation: int | None = None) -> bool:
         """Free the copy (the one of ``generation``, if given); a pinned or moving copy goes when released.
@@ -161,9 +171,8 @@ class Arena:
             protected = protected and self.semantic
             if c is None or c.protected == protected:
                 return
-            was = self._class(c)
             c.protected = protected
-            self._reclass(c, was)
+            self._reclass(c)
 
     def pick_victim(self, *, protected: bool) -> Copy | None:
         """Mark and return the least recently used copy that may go (replicas first, then unprotected copies;
@@ -171,7 +180,7 @@ class Arena:
         with self.lock:
             for cls in ((0, 1, 2) if protected else (0, 1)):
                 for digest in self._order[cls]:
-                    c = self._copies[digest]
+                    c = self._copies[digest]  # listed implies live: see _list
                     if c.pins == 0 and not c.moving:
                         c.moving = True
                         return c
@@ -182,42 +191,91 @@ class Arena:
         stays, as the most recently used of its class, so the next pick tries another one."""
         with self.lock:
             c.moving = False
-            if gone:
-                self._doom(c)
-            elif c.doomed:
-                self._free_locked(c)
-            else:
-                order = self._order[self._class(c)]
-                if c.digest in order:
-                    order.move_to_end(c.digest)
+            if gone or c.doomed:
+                self._doom(c)  # frees it unless a local reader pinned it while it moved
+            elif c.listed >= 0:
+                self._order[c.listed].move_to_end(c.digest)
 
     def promote_to_primary(self, c: Copy) -> None:
         """A replica turned out to be the block's last memory copy: it is evicted like a primary from now on."""
         with self.lock:
             if c.replica:
-                was = self._class(c)
                 c.replica = False
-                self._reclass(c, was)
+                self._reclass(c)
+
+    def check(self, *, idle: bool = False) -> list[str]:
+        """What is wrong with the bookkeeping: an empty list when the eviction order, the copies, the tier's
+        slots and the published room agree. ``idle``: no read, write or move is in flight either (no pins,
+        nothing moving or doomed). For tests; takes the lock, so it sees no change half made."""
+        problems: list[str] = []
+        with self.lock:
+            listed: dict[BlockId, int] = {}
+            for cls, order in enumerate(self._order):
+                for digest in order:
+                    name = digest.hex()[:16]
+                    if digest in listed:
+                        problems.append(f"block {name}: listed in eviction classes {listed[digest]} and {cls}")
+                    listed[digest] = cls
+                    c = self._copies.get(digest)
+                    if c is None:
+                        problems.append(f"block {name}: listed in eviction class {cls} but has no copy")
+                    elif c.listed != cls or self._class(c) != cls:
+                        problems.append(f"block {name}: listed in class {cls}, copy says {c.listed}, "
+                                        f"belongs in {self._class(c)}")
+                    elif c.generation == 0 or c.doomed:
+                        problems.append(f"block {name}: listed while {'doomed' if c.doomed else 'unsealed'}")
+            for digest, c in self._copies.items():
+                name = digest.hex()[:16]
+                if c.generation and not c.doomed and digest not in listed:
+                    problems.append(f"block {name}: sealed live copy missing from the eviction order")
+                if not self.tier.contains(digest):
+                    problems.append(f"block {name}: copy without a slot in the tier")
+                elif self.tier.location(digest)[0] != c.offset:
+                    problems.append(f"block {name}: copy at {c.offset}, slot at {self.tier.location(digest)[0]}")
+                if c.pins < 0:
+                    problems.append(f"block {name}: {c.pins} pins")
+                if idle and (c.pins or c.moving or c.doomed):
+                    problems.append(f"block {name}: pins {c.pins}, moving {c.moving}, doomed {c.doomed} while idle")
+            for digest in self.tier.block_ids():
+                if digest not in self._copies:
+                    problems.append(f"block {digest.hex()[:16]}: slot in the tier with no copy (leaked)")
+            evictable = sum(self._copies[d].nbytes for cls in (0, 1) for d in self._order[cls] if d in self._copies)
+            if evictable != self._evictable:
+                problems.append(f"evictable bytes counted {self._evictable}, listed copies hold {evictable}")
+            if not self.window.closed and self.window.room() != (self.tier.largest_hole, self._evictable):
+                problems.append(f"room published {self.window.room()}, tier has "
+                                f"{(self.tier.largest_hole, self._evictable)}")
+        return [f"rank {self.rank}: {p}" for p in problems]
 
     # -------------------------------------------------------------- internals (lock held)
     def _class(self, c: Copy) -> int:
         return 0 if c.replica else 2 if c.protected else 1
 
-    def _reclass(self, c: Copy, was: int) -> None:
-        now = self._class(c)
-        if now == was or c.generation == 0 or c.doomed:
-            return
-        # the dicts map to None, so pop's default tells "was listed" (None) from "was not" (0)
-        if self._order[was].pop(c.digest, 0) is None:  # it was listed: list it in its new class
-            self._order[now][c.digest] = None
-            self._evictable += (c.nbytes if now < 2 else 0) - (c.nbytes if was < 2 else 0)
+    def _list(self, c: Copy) -> None:
+        """Offer a sealed, live copy as a victim of its class (the most recently used)."""
+        assert c.listed < 0 and c.generation and not c.doomed and self._copies.get(c.digest) is c, c
+        c.listed = self._class(c)
+        self._order[c.listed][c.digest] = None
+        self._evictable += c.nbytes if c.listed < 2 else 0
+
+    def _unlist(self, c: Copy) -> None:
+        if c.listed >= 0:
+            del self._order[c.listed][c.digest]
+            self._evictable -= c.nbytes if c.listed < 2 else 0
+            c.listed = -1
+
+    def _reclass(self, c: Copy) -> None:
+        """List the copy under its class again, if it is listed and its class changed."""
+        if c.listed >= 0 and c.listed != self._class(c):
+            self._unlist(c)
+            self._list(c)
             self._publish_room()
 
     def _doom(self, c: Copy) -> None:
         if not c.doomed:
             c.doomed = True
-            if self._order[self._class(c)].pop(c.digest, 0) is None and self._class(c) < 2:
-                self._evictable -= c.nbytes
+            self._unlist(c)
+            self._publish_room()
         if c.pins == 0 and not c.moving:
             self._free_locked(c)
 
@@ -227,6 +285,7 @@ class Arena:
             self._free_locked(c)
 
     def _free_locked(self, c: Copy) -> None:
+        self._unlist(c)  # a no-op on the paths through _doom; it keeps every other one honest
         if self._copies.get(c.digest) is c:
             del self._copies[c.digest]
             self.tier.free(c.digest)  # tombstones the header first: peers reading the slot see it went

@@ -193,6 +193,12 @@ class ArenaWindow:
         if self._room is not None:
             _ROOM.pack_into(self._room, 0, largest_hole, evictable)
 
+    def room(self) -> tuple[int, int]:
+        """This rank's ``(largest free hole, evictable bytes)`` as published (a local read, for checks)."""
+        if self._room is None:
+            raise ValueError("arena window is closed")
+        return _ROOM.unpack_from(self._room, 0)
+
     def rooms(self) -> list[tuple[int, int]]:
         """Every rank's ``(largest free hole, evictable bytes)``: one 16-byte Get per rank, one epoch."""
         buf = bytearray(_ROOM.size * self.size)
