@@ -414,17 +414,25 @@ class DirectoryState:
         with self._lock:
             return self._keys.pop(key, None)
 
-    def set_prefix(self, key: Key, prefix: bool) -> KeyRecord | None:
-        """Mark ``key`` as a prefix or not; returns its record *before* the change (None: not bound)."""
+    def set_prefix(self, key: Key, prefix: bool, digest: bytes | None = None) -> KeyRecord | None:
+        """Mark ``key`` as a prefix or not (only while it names ``digest``, if given); returns its record
+        *before* the change (None: not bound; another digest: nothing changed)."""
         with self._lock:
             old = self._keys.get(key)
-            if old is not None and old.prefix != prefix:
+            if old is not None and old.prefix != prefix and (digest is None or old.digest == digest):
                 self._keys[key] = KeyRecord(old.digest, old.dtype, old.shape, prefix)
             return old
 
     def keys(self) -> list[Key]:
         with self._lock:
             return list(self._keys)
+
+    def snapshot(self) -> tuple[dict[bytes, tuple[int, int, tuple[Location, ...]]], dict[Key, KeyRecord]]:
+        """Copies of this home's entries, ``digest -> (refs, protected, locations)`` and ``key -> record``,
+        taken at one instant (for checks against the arenas and the keys of every rank)."""
+        with self._lock:
+            return ({d: (e.refs, e.protected, tuple(e.locations)) for d, e in self._digests.items()},
+                    dict(self._keys))
 
     def stats(self) -> HomeStats:
         with self._lock:
@@ -554,7 +562,8 @@ class Directory:
         self._serve(OP_LOOKUP, lambda src, r: _optional_record(s.lookup(self._my_key(r.key()))))
         self._serve(OP_UNBIND, lambda src, r: _optional_record(s.unbind(self._my_key(r.key()))))
         self.service.register(OP_KEYS, lambda src, payload: b"".join(_key(k) for k in s.keys()))
-        self._serve(OP_SET_PREFIX, lambda src, r: _optional_record(s.set_prefix(self._my_key(r.key()), bool(r.u8()))))
+        self._serve(OP_SET_PREFIX, lambda src, r: _optional_record(
+            s.set_prefix(self._my_key(r.key()), bool(r.u8()), r.digest() or None)))
 
     # ---------------------------------------------------------------- serving
     def _serve(self, op: int, one: Callable[[int, _Reader], bytes]) -> None:
@@ -703,9 +712,11 @@ class Directory:
     def unbind(self, key: Key) -> KeyRecord | None:
         return self.unbind_many([key])[0]
 
-    def set_prefix(self, key: Key, prefix: bool) -> KeyRecord | None:
-        """Mark ``key`` as a prefix or not at its home; its record before the change (None: not bound)."""
-        return self._fan_out(OP_SET_PREFIX, [(key,)], self._by_key, lambda it: _key(it[0]) + _U8.pack(prefix),
+    def set_prefix(self, key: Key, prefix: bool, digest: bytes | None = None) -> KeyRecord | None:
+        """Mark ``key`` as a prefix or not at its home, only while it names ``digest`` if given; its record
+        before the change (None: not bound)."""
+        return self._fan_out(OP_SET_PREFIX, [(key,)], self._by_key,
+                             lambda it: _key(it[0]) + _U8.pack(prefix) + (_digest(digest) if digest else _U8.pack(0)),
                              _read_optional_record)[0]
 
     # get side

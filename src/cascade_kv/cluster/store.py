@@ -53,7 +53,7 @@ from ..tiers.slots import SLOT_HEADER, digest16_of
 from .arena import Arena, Copy
 from .counters import Counters, sum_stats
 from .directory import (LOCATION, TIER_DISK, TIER_MEMORY, Claim, ClaimStatus, CopyStatus, Directory, KeyRecord, LoadStatus,
-                        Located, Location, Released)
+                        Location, Released)
 from .rma import SlotRef, remote_read, remote_read_many
 from .service import RemoteError, Service, _wait
 from .window import ArenaWindow
@@ -686,27 +686,58 @@ class DistributedStore:
             self.service.call_many(requests)
 
     def _set_prefix(self, key: Key, prefix: bool) -> None:
+        """Turn ``key``'s reference into a prefix reference or back. The flag lives at the key's home and
+        the count at the digest's home, so they cannot change together; a put or delete of the key in
+        between gives back a reference of the kind the flag says. So the count may run ahead of the flags,
+        never behind: a claim at the digest home first takes a reference of the kind the key will hold
+        (which also keeps the block from being freed meanwhile), then the flag flips only if the key still
+        names that digest, then the reference of the kind the key held before goes. A key that changed
+        in between gives back the claim and is looked up again. (Flipping the flag first, as before, let
+        an overwrite give back a prefix reference the count did not hold yet.)"""
         check_key(key)
         self._check_open()
-        old = self.directory.set_prefix(key, prefix)
-        if old is None:
-            raise BlockNotFound(f"key {key!r} is not in the store")
-        if old.prefix == prefix:
-            return
-        located = self.directory.set_protected(old.digest, +1 if prefix else -1)
-        if prefix and located.protected == 1 and self.config.semantic_eviction:
-            if not located.memory:
-                try:
-                    self._bring_to_memory(old, located)
-                except BaseException:
-                    self.directory.set_protected(old.digest, -1)
-                    self.directory.set_prefix(key, False)
-                    raise
+        deadline = time.monotonic() + self.service.timeout
+        pause = _RETRY_SLEEP_S
+        while True:
+            record = self._records([key])[0]
+            if record.prefix == prefix:
                 return
-        if located.protected == (1 if prefix else 0):
-            self._notify_protection(old.digest, located.memory, prefix)
+            # EXISTS, or GRANTED for a block with no copy left (dropped; or freed, and the key changed): our
+            # release below gives such a grant back. PENDING: being freed or stored, so the key is changing.
+            claim = self.directory.claim(record.digest, self._nbytes(record), prefix)
+            if claim.status is ClaimStatus.PENDING:
+                if time.monotonic() >= deadline:
+                    raise PeerTimeout(f"rank {self.rank}: {'protect' if prefix else 'unprotect'}({key!r}) found "
+                                      f"its block held by rank {claim.pending_rank} for {self.service.timeout:g} s")
+                time.sleep(pause)
+                pause = min(2 * pause, _MAX_RETRY_SLEEP_S)
+                continue
+            old = self.directory.set_prefix(key, prefix, record.digest)
+            if old is None or old.digest != record.digest or old.prefix == prefix:
+                self._release_refs([(record.digest, prefix)])  # the key changed under us: ours is surplus
+                if old is None:
+                    raise BlockNotFound(f"key {key!r} is not in the store")
+                if old.digest == record.digest:
+                    return  # another caller flipped it the same way
+                continue
+            if prefix and claim.protected == 1 and self.config.semantic_eviction:
+                try:
+                    memory = [loc for loc in claim.locations if loc.tier == TIER_MEMORY]
+                    if memory:
+                        self._notify_protection(record.digest, memory, True)
+                    else:
+                        self._bring_to_memory(old)
+                except BaseException:
+                    undone = self.directory.set_prefix(key, False, record.digest)
+                    flipped_back = undone is not None and undone.digest == record.digest and undone.prefix
+                    self._release_refs([(record.digest, flipped_back)])
+                    raise
+            # the key holds a reference of the new kind now: the one of the old kind is surplus (its release
+            # tells the owners when the last prefix reference went)
+            self._release_refs([(record.digest, not prefix)])
+            return
 
-    def _bring_to_memory(self, record: KeyRecord, located: Located) -> None:
+    def _bring_to_memory(self, record: KeyRecord) -> None:
         """A block that just became protected lives on disk only: load it into this rank's memory."""
         data = np.empty(self._nbytes(record), np.uint8)
         self._read_blocks([record.digest], [memoryview(data)])
