@@ -93,6 +93,10 @@ MAX_PAYLOAD = (1 << 31) - 1 - HEADER.size
 """Largest request or reply payload: one message of at most 2**31 - 1 bytes (an MPI ``int`` count)."""
 
 _OP_STOP = 0xFFFF  # sent by a rank to itself in close(): the service thread exits
+_OP_ARRIVALS = 0xFFFE  # how many bounded collective waits this rank has entered (to name the missing ranks)
+_U64 = struct.Struct("<Q")
+ARRIVALS_WAIT_S = 1.0
+"""How long a rank whose barrier timed out waits for the others to say whether they arrived."""
 _REQUEST_TAG = 1
 _FIRST_REPLY_TAG = 2
 
@@ -200,6 +204,8 @@ class Service:
         self._abandoned_lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._closed = False
+        self._arrivals = 0  # bounded collective waits entered (see _missing())
+        self._close_barrier: tuple[MPI.Request, int] | None = None  # kept: a close() that timed out can be retried
         _lower_switch_interval()
         self._thread = threading.Thread(target=self._serve, name=f"cascade-service-{self.rank}", daemon=True)
         self._thread.start()
@@ -222,6 +228,8 @@ class Service:
     def _dispatch(self, source: int, op: int, payload: memoryview) -> tuple[int, bytes | bytearray | memoryview,
                                                                            BaseException | None]:
         """Run the handler: (status, reply payload, the exception it raised if any)."""
+        if op == _OP_ARRIVALS:
+            return _OK, _U64.pack(self._arrivals), None
         handler = self._handlers.get(op)
         if handler is None:
             return _UNKNOWN_OP, f"LookupError\0no handler registered for op {op}".encode(), None
@@ -295,6 +303,17 @@ class Service:
                 raise TypeError(f"payload must be bytes, not {type(payload).__name__}")
             if len(payload) > MAX_PAYLOAD:
                 raise ValueError(f"payload of {len(payload)} B is over the {MAX_PAYLOAD} B a request holds")
+        replies, errors, late, waited = self._exchange(requests, self.timeout)
+        if late:
+            raise self._timeout_error(requests, late, waited)
+        if errors:
+            raise errors[min(errors)]
+        return replies  # type: ignore[return-value]  # every slot is filled: nothing is late
+
+    def _exchange(self, requests: Sequence[tuple[int, int, bytes]], timeout: float
+                  ) -> tuple[list[bytes | None], dict[int, RemoteError], list[int], float]:
+        """Send the requests and collect replies for up to ``timeout`` seconds: the replies (None where
+        none came), the errors by index, the indices of the requests left unanswered, and the time waited."""
         started = time.perf_counter()
         tag = _FIRST_REPLY_TAG + next(self._tags) % self._tag_span
         replies: list[bytes | None] = [None] * len(requests)
@@ -335,12 +354,10 @@ class Service:
             # Every reply is in, so every request was received; the sends finish at once.
             return MPI.Request.Testall(sends)
 
-        if not _wait(progress, started + self.timeout):
+        if not _wait(progress, started + timeout):
             self._abandon(tag, len(waiting), sends, buffers)
-            raise self._timeout_error(requests, waiting.values(), time.perf_counter() - started)
-        if errors:
-            raise errors[min(errors)]
-        return replies  # type: ignore[return-value]  # every slot is filled: waiting is empty
+            return replies, errors, sorted(waiting.values()), time.perf_counter() - started
+        return replies, errors, [], time.perf_counter() - started
 
     def _settle(self, i: int, op: int, rank: int, code: int, reply: bytes | bytearray | memoryview,
                 replies: list[bytes | None], errors: dict[int, RemoteError]) -> None:
@@ -349,6 +366,32 @@ class Service:
         else:
             remote_type, _, message = bytes(reply).decode("utf-8", "replace").partition("\0")
             errors[i] = RemoteError(rank, op, remote_type, message)
+
+    def barrier(self, what: str, comm: MPI.Comm | None = None) -> None:
+        """A barrier over ``comm`` (default: the service's own communicator, which has the same ranks) bounded
+        by the timeout; past it, :class:`PeerTimeout` naming the ranks that did not arrive. Every rank must
+        enter the same bounded waits in the same order (they are counted)."""
+        self._arrivals += 1
+        self._await(what, (self._comm if comm is None else comm).Ibarrier(), self._arrivals)
+
+    def _await(self, what: str, request: MPI.Request, arrival: int) -> None:
+        started = time.perf_counter()
+        if not _wait(request.Test, started + self.timeout):
+            raise PeerTimeout(f"rank {self.rank}: {what} waited {time.perf_counter() - started:.3f} s "
+                              f"(timeout {self.timeout:g} s); {self._missing(arrival)}")
+
+    def _missing(self, arrival: int) -> str:
+        """Which ranks have not entered the ``arrival``-th bounded wait: asked through their service threads,
+        which answer even while their application threads are elsewhere; one that does not answer within
+        :data:`ARRIVALS_WAIT_S` is named as silent."""
+        requests = [(r, _OP_ARRIVALS, b"") for r in range(self.size) if r != self.rank]
+        replies, _, silent, _ = self._exchange(requests, min(self.timeout, ARRIVALS_WAIT_S))
+        behind = [requests[i][0] for i, reply in enumerate(replies)
+                  if reply is not None and _U64.unpack(reply)[0] < arrival]
+        said = f"rank(s) {behind} did not arrive" if behind else "every rank that answered arrived"
+        if silent:
+            said += f"; rank(s) {[requests[i][0] for i in silent]} did not answer"
+        return said
 
     def _timeout_error(self, requests: Sequence[tuple[int, int, bytes]], pending: Any, waited: float) -> PeerTimeout:
         late = sorted(pending)
@@ -385,16 +428,17 @@ class Service:
 
         Call it when this rank makes no more calls. The barrier first makes sure every
         rank has stopped calling (calls are synchronous, so every request has been
-        answered), so stopping the thread then loses no request.
+        answered), so stopping the thread then loses no request. Past the timeout it raises
+        :class:`PeerTimeout` naming the ranks that have not reached ``close()``; calling it again
+        waits on the same barrier.
         """
         with self._close_lock:
             if self._closed:
                 return
-            started = time.perf_counter()
-            barrier = self._comm.Ibarrier()
-            if not _wait(barrier.Test, started + self.timeout):
-                raise PeerTimeout(f"rank {self.rank}: close() waited {time.perf_counter() - started:.3f} s "
-                                  f"for the other ranks; not all {self.size} ranks reached close()")
+            if self._close_barrier is None:
+                self._arrivals += 1
+                self._close_barrier = (self._comm.Ibarrier(), self._arrivals)
+            self._await("close()", *self._close_barrier)
             self._comm.Send([HEADER.pack(_OP_STOP, 0, 0, 0, 0, 0), MPI.BYTE], self.rank, _REQUEST_TAG)
             self._thread.join(self.timeout)
             if self._thread.is_alive():

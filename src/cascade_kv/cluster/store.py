@@ -356,11 +356,15 @@ class DistributedStore:
         self._bounded_barrier("barrier()")
 
     def _bounded_barrier(self, what: str) -> None:
+        """A barrier bounded by the timeout; past it, PeerTimeout naming the ranks that did not arrive (read
+        one-sidedly from their windows' header pages: see :meth:`ArenaWindow.arrive`)."""
         started = time.perf_counter()
+        arrival = self.window.arrive()
         request = self.comm.Ibarrier()
         if not _wait(request.Test, started + self.service.timeout):
-            raise PeerTimeout(f"rank {self.rank}: {what} waited {self.service.timeout:g} s; not all "
-                              f"{self.size} ranks reached it")
+            missing = self.window.missing(arrival)
+            raise PeerTimeout(f"rank {self.rank}: {what} waited {self.service.timeout:g} s; rank(s) {missing} "
+                              f"did not arrive (of {self.size})")
 
     def close(self) -> None:
         """Release every rank's window, service and scratch files. Collective; a second call does nothing.

@@ -9,7 +9,8 @@ shared mapping and so progresses while the owner computes. Over memory from
 Layout of every rank's window (displacement unit 1 byte)::
 
     0              one page: window header (magic, layout version, arena capacity); at 64 the owner's
-                   room (largest free hole, evictable bytes), rewritten as it changes; rest zero
+                   room (largest free hole, evictable bytes), rewritten as it changes; at 128 the count
+                   of bounded collective waits the owner has entered; rest zero
     arena_offset   the arena: ``capacity`` bytes, rounded up to whole pages, handed to HostTier
 
 The header page lets a peer check what a displacement points into (:meth:`ArenaWindow.describe`);
@@ -32,12 +33,16 @@ from types import TracebackType
 import numpy as np
 from mpi4py import MPI
 
+from ..errors import PeerTimeout
+
 _PAGE = mmap.PAGESIZE
 _MAGIC = int.from_bytes(b"CKVARENA", "little")
 _VERSION = 1
 _WINDOW_HEADER = struct.Struct("<QQQQ")  # magic, version, arena capacity, arena offset
 _ROOM = struct.Struct("<QQ")  # largest free hole, evictable bytes: what a peer with victims to place reads
 _ROOM_OFFSET = 64  # its own cache line in the header page
+_ARRIVALS = struct.Struct("<Q")  # bounded collective waits this rank has entered (see ArenaWindow.arrive)
+_ARRIVALS_OFFSET = 128
 
 ARENA_OFFSET = _PAGE
 """Displacement of the arena in every rank's window (the header page comes first)."""
@@ -169,6 +174,7 @@ class ArenaWindow:
         _WINDOW_HEADER.pack_into(whole, 0, _MAGIC, _VERSION, capacity, ARENA_OFFSET)
         whole.release()
         self._room: memoryview | None = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
+        self._arrivals = 0
         self._memory: memoryview | None = self._arena_view()
         comm.Barrier()  # every header is written before any peer can describe() it
 
@@ -208,6 +214,27 @@ class ArenaWindow:
                 win.Get([view[r * _ROOM.size:(r + 1) * _ROOM.size], MPI.BYTE], r, (_ROOM_OFFSET, _ROOM.size, MPI.BYTE))
         return [_ROOM.unpack_from(buf, r * _ROOM.size) for r in range(self.size)]
 
+    def arrive(self) -> int:
+        """Count one more bounded collective wait entered by this rank (a barrier, :meth:`close`) and publish
+        the count in the header page; the count. Every rank enters the same waits in the same order, so a
+        rank that timed out names the ranks whose count is lower (:meth:`missing`): they did not arrive."""
+        self._arrivals += 1
+        assert self._buffer is not None
+        with memoryview(self._buffer) as whole:  # type: ignore[arg-type]
+            _ARRIVALS.pack_into(whole, _ARRIVALS_OFFSET, self._arrivals)
+        return self._arrivals
+
+    def missing(self, count: int) -> list[int]:
+        """The ranks that have not yet entered the ``count``-th bounded wait: one 8-byte Get per rank, read
+        one-sidedly, so a rank stuck elsewhere (even holding the GIL) is still read on osc/sm."""
+        buf = bytearray(_ARRIVALS.size * self.size)
+        view = memoryview(buf)
+        with lock_all(self) as win:
+            for r in range(self.size):
+                win.Get([view[r * _ARRIVALS.size:(r + 1) * _ARRIVALS.size], MPI.BYTE], r,
+                        (_ARRIVALS_OFFSET, _ARRIVALS.size, MPI.BYTE))
+        return [r for r in range(self.size) if _ARRIVALS.unpack_from(buf, r * _ARRIVALS.size)[0] < count]
+
     def describe(self, rank: int) -> WindowInfo:
         """Read ``rank``'s window header one-sidedly (a check of the layout, not a hot path)."""
         buf = bytearray(_WINDOW_HEADER.size)
@@ -224,10 +251,12 @@ class ArenaWindow:
         The tier built on :attr:`memory` must be closed first, and no view of it kept: freeing unmaps
         the memory, and a view that outlived it would crash the process on its next access. A rank that
         still holds one makes every rank raise ``BufferError`` instead, with the window left open.
-        ``timeout`` (seconds) bounds the wait for the other ranks: past it, ``TimeoutError`` and the
-        window stays allocated (a leak, where the alternative is waiting forever for a rank that died)."""
+        ``timeout`` (seconds) bounds the wait for the other ranks: past it,
+        :class:`~cascade_kv.errors.PeerTimeout` (a ``TimeoutError``) naming the ranks that did not arrive,
+        and the window stays allocated (a leak, where the alternative is waiting forever for a rank that died)."""
         if self._memory is None:
             return
+        arrival = self.arrive()
         # Every view of the arena, however derived (numpy arrays, memoryview slices), holds the one
         # buffer our memoryview took from mpi4py's, and with it a reference to that object: once ours
         # is released, a count above the baseline means a view is still alive. memoryview.release()
@@ -249,8 +278,8 @@ class ArenaWindow:
         while not request.Test():
             if deadline is not None and time.monotonic() > deadline:
                 self._memory = self._arena_view()
-                raise TimeoutError(f"arena window: rank {self.rank} waited {timeout:g} s in close() for the "
-                                   f"other ranks; the window stays allocated")
+                raise PeerTimeout(f"arena window: rank {self.rank} waited {timeout:g} s in close(); rank(s) "
+                                  f"{self.missing(arrival)} did not arrive; the window stays allocated")
             time.sleep(1e-3)
         holders = every.tolist()
         if any(holders):

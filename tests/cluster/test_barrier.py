@@ -1,0 +1,84 @@
+"""Bounded collective waits name the ranks that did not arrive (issue 7): ``DistributedStore.barrier()``
+and ``Service.close()``, on three ranks of which one stays away until the others have timed out.
+
+Also its own MPI program (``python -m mpi4py test_barrier.py``). The absent rank waits in a blocking
+receive (its service thread still answers), released by a message the others send once their wait has
+raised, so the order is fixed by messages, not by time. Then it enters the same barrier, which completes
+the others' abandoned one, and every rank closes normally.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+SHORT = 2.0  # the timeout under test: every wait on the absent rank raises after it
+ABSENT = 2
+
+
+def test_barrier_and_service_close_name_the_missing_rank():
+    from .conftest import run_scenario
+
+    out = run_scenario(__file__, 3, "all", timeout=60)
+    for rank in (0, 1):
+        assert f"rank {rank}: barrier named [{ABSENT}]" in out, out
+        assert f"rank {rank}: close named [{ABSENT}]" in out, out
+
+
+def _expect_timeout(call, rank: int, what: str) -> None:
+    from cascade_kv.errors import PeerTimeout
+
+    try:
+        call()
+    except PeerTimeout as e:
+        assert f"rank(s) [{ABSENT}] did not arrive" in str(e), e
+        print(f"rank {rank}: {what} named [{ABSENT}]: {e}", flush=True)
+        return
+    raise AssertionError(f"rank {rank}: {what}: no PeerTimeout while rank {ABSENT} stayed away")
+
+
+def _store_barrier(comm) -> None:
+    from cascade_kv.cluster.store import DistributedStore
+
+    rank = comm.Get_rank()
+    store = DistributedStore(comm=comm, timeout=SHORT, host_capacity=1 << 16)
+    if rank == ABSENT:
+        comm.Recv(np.empty(1, np.int8), source=0, tag=7)  # until rank 0's barrier has timed out
+        store.barrier()  # completes the barrier the others gave up on
+        for r in range(comm.Get_size()):
+            if r != ABSENT:
+                comm.Send(np.zeros(1, np.int8), dest=r, tag=9)
+    else:
+        _expect_timeout(store.barrier, rank, "barrier")
+        if rank == 0:
+            comm.Send(np.zeros(1, np.int8), dest=ABSENT, tag=7)
+        comm.Recv(np.empty(1, np.int8), source=ABSENT, tag=9)  # close together: its waits are short too
+    store.close()
+
+
+def _service_close(comm) -> None:
+    from cascade_kv.cluster.service import Service
+
+    rank = comm.Get_rank()
+    service = Service(comm, timeout=SHORT)
+    if rank == ABSENT:
+        comm.Recv(np.empty(1, np.int8), source=0, tag=8)
+    else:
+        _expect_timeout(service.close, rank, "close")
+        if rank == 0:
+            comm.Send(np.zeros(1, np.int8), dest=ABSENT, tag=8)
+    service.close()  # the others wait again on the same barrier, which the absent rank now joins
+
+
+def _main() -> None:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    _store_barrier(comm)
+    _service_close(comm)
+    print(f"rank {comm.Get_rank()}: ok", flush=True)
+
+
+if __name__ == "__main__":
+    _main()
+    sys.exit(0)
