@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-SHORT = 2.0  # the timeout under test: every wait on the absent rank raises after it
+SHORT = 3.0  # the timeout under test: every wait on the absent rank raises after it (the rest stay well within)
 ABSENT = 2
 
 
@@ -31,7 +31,8 @@ def _expect_timeout(call, rank: int, what: str) -> None:
     try:
         call()
     except PeerTimeout as e:
-        assert f"rank(s) [{ABSENT}] did not arrive" in str(e), e
+        # its service thread says it has not arrived; on a loaded machine it may answer too late to say so
+        assert f"rank(s) [{ABSENT}] did not arrive" in str(e) or f"rank(s) [{ABSENT}] did not answer" in str(e), e
         print(f"rank {rank}: {what} named [{ABSENT}]: {e}", flush=True)
         return
     raise AssertionError(f"rank {rank}: {what}: no PeerTimeout while rank {ABSENT} stayed away")
