@@ -29,11 +29,12 @@ wrappers. Records are fixed structs plus length-prefixed bytes, no pickle:
 digest = ``u8 len`` + bytes; key = ``u32 len`` + the type-tagged key (``b"s"`` +
 UTF-8 or ``b"b"`` + raw, as in ``homes.py``); location = :data:`LOCATION`;
 locations = ``u32 count`` + locations; array metadata = ``u8 len`` + numpy
-``dtype.str`` (ASCII), ``u8 ndim`` + ``ndim`` little-endian u64 dims.
+:func:`dtype_text` (``u16 len`` + ASCII), ``u8 ndim`` + ``ndim`` little-endian u64 dims.
 """
 from __future__ import annotations
 
 import enum
+import json
 import math
 import struct
 import threading
@@ -45,6 +46,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..arrays import check_key
+from ..catalog import decode_dtype, encode_dtype
 from ..errors import BlockNotFound, PeerTimeout
 from ..ids import Digest, Key
 from .homes import home_of_digest, home_of_key
@@ -83,6 +85,7 @@ DEFAULT_LEASE_S = 10.0
 """How long a grant (to store, to load from disk, to free) holds a digest before the next caller is granted."""
 
 _U8 = struct.Struct("<B")
+_U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I32 = struct.Struct("<i")
@@ -193,13 +196,25 @@ class Released:
     locations: tuple[Location, ...] = ()
 
 
+def dtype_text(dt: np.dtype) -> str:
+    """A key's dtype as the directory carries it, losslessly: ``dt.str`` for a plain dtype (``dt.str`` alone
+    turned a structured dtype into ``|V8``), else the JSON of the journal's codec (:mod:`cascade_kv.catalog`)."""
+    encoded = encode_dtype(dt)
+    return encoded if isinstance(encoded, str) else json.dumps(encoded, separators=(",", ":"))
+
+
+def dtype_of(text: str) -> np.dtype:
+    """Inverse of :func:`dtype_text`."""
+    return decode_dtype(json.loads(text)) if text[:1] in ("{", "[") else np.dtype(text)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     """What a key names: a digest and the array metadata to rebuild the value."""
 
     digest: Digest
     dtype: str
-    """numpy ``dtype.str`` (e.g. ``"<f4"``): plain dtypes only, no structured or object dtypes."""
+    """:func:`dtype_text`: ``dtype.str`` (``"<f4"``) for a plain dtype, the journal's JSON for a structured one."""
     shape: tuple[int, ...]
     prefix: bool = False
     """The key is a prefix (its block is protected from leaving cluster memory)."""
@@ -440,7 +455,7 @@ class DirectoryState:
             protected = [e for e in live if e.protected > 0]
             return HomeStats(
                 keys=len(self._keys), blocks=len(live),
-                logical_bytes=sum(np.dtype(r.dtype).itemsize * math.prod(r.shape) for r in self._keys.values()),
+                logical_bytes=sum(dtype_of(r.dtype).itemsize * math.prod(r.shape) for r in self._keys.values()),
                 unique_bytes=sum(e.nbytes for e in live), protected_blocks=len(protected),
                 protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected),
                 disk_blocks=len(on_disk := [e for e in live if any(loc.tier == TIER_DISK for loc in e.locations)]),
@@ -500,7 +515,7 @@ class _Reader:
 
     def record(self) -> KeyRecord:
         digest = Digest(self.digest())
-        dtype = self.take(self.u8()).decode("ascii")
+        dtype = self.take(self.unpack(_U16)[0]).decode("ascii")
         ndim = self.u8()
         shape = self.unpack(struct.Struct(f"<{ndim}Q")) if ndim else ()
         return KeyRecord(digest, dtype, shape, bool(self.u8()))
@@ -529,9 +544,9 @@ def _locations(locations: Iterable[Location]) -> bytes:
 
 def _record(record: KeyRecord) -> bytes:
     dtype = record.dtype.encode("ascii")
-    if len(dtype) > 255 or len(record.shape) > 255:
+    if len(dtype) > 65535 or len(record.shape) > 255:
         raise ValueError(f"dtype {record.dtype!r} or shape {record.shape} too long to encode")
-    return (_digest(record.digest) + _U8.pack(len(dtype)) + dtype + _U8.pack(len(record.shape))
+    return (_digest(record.digest) + _U16.pack(len(dtype)) + dtype + _U8.pack(len(record.shape))
             + b"".join(_U64.pack(d) for d in record.shape) + _U8.pack(record.prefix))
 
 
@@ -543,10 +558,11 @@ class Directory:
     must be registered before requests arrive; a barrier after construction does it).
     """
 
-    def __init__(self, service: Service, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(self, service: Service, *, lease_s: float = DEFAULT_LEASE_S,
+                 state: DirectoryState | None = None) -> None:
         self.service = service
         self.rank, self.size = service.rank, service.size
-        self.state = DirectoryState(lease_s=lease_s)
+        self.state = DirectoryState(lease_s=lease_s) if state is None else state  # persist: a journalled one
         s = self.state
         # Each handler: decode the batch, apply each record to the state, encode the results.
         self._serve(OP_CLAIM, self._claim_one)
@@ -787,4 +803,4 @@ def _read_optional_record(r: _Reader) -> KeyRecord | None:
 
 
 __all__ = ["DEFAULT_LEASE_S", "LOCATION", "OPS", "TIER_DISK", "TIER_MEMORY", "Claim", "ClaimStatus", "CopyStatus",
-           "Directory", "DirectoryState", "HomeStats", "KeyRecord", "LoadStatus", "Located", "Location", "Released"]
+           "Directory", "DirectoryState", "HomeStats", "KeyRecord", "dtype_of", "dtype_text", "LoadStatus", "Located", "Location", "Released"]

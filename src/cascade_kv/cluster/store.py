@@ -52,8 +52,9 @@ from ..tiers import DiskTier
 from ..tiers.slots import SLOT_HEADER, digest16_of
 from .arena import Arena, Copy
 from .counters import Counters, sum_stats
+from .durable import Durability
 from .directory import (LOCATION, TIER_DISK, TIER_MEMORY, Claim, ClaimStatus, CopyStatus, Directory, KeyRecord, LoadStatus,
-                        Location, Released)
+                        Location, Released, dtype_of, dtype_text)
 from .rma import SlotRef, remote_read, remote_read_many
 from .service import RemoteError, Service, _wait
 from .window import ArenaWindow
@@ -90,13 +91,15 @@ def _read_digest(buf: memoryview, pos: int) -> tuple[BlockId, int]:
     return BlockId(bytes(buf[pos + 1:pos + 1 + n])), pos + 1 + n
 
 
-class DistributedStore:
+class DistributedStore(Durability):
     """One cache over every rank of ``comm`` (default ``MPI.COMM_WORLD``). Construction and :meth:`close`
     are collective; every other method may be called by any rank at any time, from any thread.
 
     ``timeout`` bounds every wait on a peer (seconds): a rank that does not answer raises
     :class:`~cascade_kv.errors.PeerTimeout` naming it. ``config.disk_path`` must name one directory that
-    every rank sees (the shared cold tier). ``persist=True`` is not supported (ConfigError).
+    every rank sees (the shared cold tier). With ``persist=True`` that directory outlives the job: every
+    acknowledged write is durable there, and a later job, of any number of ranks, finds every key
+    (:mod:`.durable`); a second job opening it meanwhile is refused (StorageError).
     """
 
     def __init__(self, config: CascadeConfig | None = None, comm: MPI.Comm | None = None, *,
@@ -105,9 +108,6 @@ class DistributedStore:
         cfg = config if config is not None else CascadeConfig()
         if overrides:
             cfg = cfg.replace(**overrides)
-        if cfg.persist:
-            raise ConfigError("DistributedStore does not support persist=True yet: a key journal shared by "
-                              "every rank is not built; use the single-node Store for a persistent directory")
         self.config = cfg
         self.comm: MPI.Comm = MPI.COMM_WORLD if comm is None else comm
         self.rank: int = self.comm.Get_rank()
@@ -124,13 +124,14 @@ class DistributedStore:
         self.disk: DiskTier | None = None
         self._disk_lock = threading.Lock()
         if cfg.disk_path is not None:
-            self.disk = DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity, durable=False,
+            self.disk = DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity, durable=cfg.persist,
                                  o_direct=cfg.o_direct, verify=cfg.verify_reads)
-        self.directory = Directory(self.service)
+        self.directory = Directory(self.service, state=self._open_durable())  # persist: recovers the directory
         for op, handler in ((OP_ADOPT, self._on_adopt), (OP_FREE, self._on_free),
                             (OP_NOTE_PROTECT, self._on_note_protect), (OP_MAKE_ROOM, self._on_make_room)):
             self.service.register(op, handler)
         self.comm.Barrier()  # every rank's handlers are registered before any rank calls
+        self._reload_protected()
         self.open_seconds = time.perf_counter() - t0
         """Seconds to open: window allocation and touch, service start."""
 
@@ -174,7 +175,7 @@ class DistributedStore:
                     for c in pinned:
                         self.arena.unpin(c)
                     pinned.clear()
-            records = [(k, KeyRecord(bid, a.dtype.str, a.shape, p)) for (k, a, p), bid in zip(items, ids)]
+            records = [(k, KeyRecord(bid, dtype_text(a.dtype), a.shape, p)) for (k, a, p), bid in zip(items, ids)]
             old = self.directory.bind_many(records)
         except BaseException:
             for c in pinned:
@@ -264,8 +265,8 @@ class DistributedStore:
             check_key(k)
         self._check_open()
         records = self._records(keys, count_misses=True)
-        results = [np.empty(r.shape, np.dtype(r.dtype)) if outs is None or outs[i] is None
-                   else check_out(outs[i], keys[i], np.dtype(r.dtype), r.shape) for i, r in enumerate(records)]
+        results = [np.empty(r.shape, dtype_of(r.dtype)) if outs is None or outs[i] is None
+                   else check_out(outs[i], keys[i], dtype_of(r.dtype), r.shape) for i, r in enumerate(records)]
         staged = [np.empty(o.shape, o.dtype) if needs_staging(o) else o for o in results]
         # one read per distinct block; duplicates are copied from the first out after
         first: dict[BlockId, int] = {}
@@ -306,7 +307,7 @@ class DistributedStore:
         where = self.directory.locate(r.digest)
         tiers = (("host",) * any(loc.rank == self.rank for loc in where.memory)
                  + ("remote",) * any(loc.rank != self.rank for loc in where.memory) + ("disk",) * (where.disk is not None))
-        return KeyInfo(np.dtype(r.dtype), r.shape, self._nbytes(r), r.prefix, r.digest[:32].hex(), tiers,
+        return KeyInfo(dtype_of(r.dtype), r.shape, self._nbytes(r), r.prefix, r.digest[:32].hex(), tiers,
                        where.refs)
 
     def locations(self, key: Key) -> tuple[Location, ...]:
@@ -378,7 +379,7 @@ class DistributedStore:
         self.service.close()  # its barrier: every rank has stopped calling before any handler goes
         errors: list[BaseException] = []
         for step in (self._remove_files, lambda: self._bounded_barrier("close()"), self._close_disk,
-                     self.arena.close, lambda: self.window.close(timeout=self.service.timeout)):
+                     self.arena.close, lambda: self.window.close(timeout=self.service.timeout), self._close_durable):
             try:
                 step()
             except Exception as e:  # keep going: the steps after it are collective too
@@ -388,7 +389,7 @@ class DistributedStore:
             raise errors[0]
 
     def _remove_files(self) -> None:
-        if self.disk is not None:
+        if self.disk is not None and self.durable is None:  # persist: the files are the point
             for bid in self.disk.block_ids():  # blocks this rank wrote or read: removing twice is harmless
                 self.disk.free(bid)
 
@@ -444,8 +445,12 @@ class DistributedStore:
         """Act on the home's answer for one block of a put; the copies to publish (their slots, if in this
         rank's memory, are appended to ``pinned`` for the caller to unpin once published)."""
         data = byte_view(arr)
+        durable = []  # persist: the block's file is durable before any key names it
+        if self.durable is not None and (claim.status is ClaimStatus.GRANTED
+                                         or not any(loc.tier == TIER_DISK for loc in claim.locations)):
+            durable = [(digest, self._persist_block(digest, data))]
         if claim.status is ClaimStatus.GRANTED:
-            return [(digest, self._store_new(digest, data, prefix, pinned))]
+            return durable + [(digest, self._store_new(digest, data, prefix, pinned))]
         in_memory = [loc for loc in claim.locations if loc.tier == TIER_MEMORY]
         if prefix and claim.protected == 1 and self.config.semantic_eviction:
             if not in_memory:  # a dedup hit on a disk-only block that must now stay in memory: from our bytes
@@ -454,9 +459,9 @@ class DistributedStore:
                     raise CapacityError(f"put: no room in cluster memory for a protected block of "
                                         f"{format_size(data.nbytes)}")
                 pinned.append(c)
-                return [(digest, self.arena.location(c))]
+                return durable + [(digest, self.arena.location(c))]
             self._notify_protection(digest, in_memory, True)
-        return []
+        return durable
 
     def _store_new(self, digest: BlockId, data: memoryview, prefix: bool, pinned: list[Copy]) -> Location:
         """Store a granted block: local memory (making room), else (unprotected) the shared disk."""
@@ -768,7 +773,7 @@ class DistributedStore:
 
     @staticmethod
     def _nbytes(r: KeyRecord) -> int:
-        return np.dtype(r.dtype).itemsize * int(np.prod(r.shape, dtype=np.int64))
+        return dtype_of(r.dtype).itemsize * int(np.prod(r.shape, dtype=np.int64))
 
     def _read_blocks(self, digests: list[BlockId], outs: list[memoryview]) -> None:
         """Fill ``outs[i]`` with block ``digests[i]`` (distinct): local copies, then peers' memory, then disk.
