@@ -166,11 +166,11 @@ def _mpi_versions() -> dict[str, str]:
             out[dist] = metadata.version(dist)
         except Exception:  # noqa: BLE001 - not installed
             continue
-    try:
-        from mpi4py import MPI
+    # Only where this run already uses MPI: importing mpi4py.MPI for a version would start MPI in a run of one
+    # process, and Open MPI 5 leaves such a process's shared-memory segment in /dev/shm at exit.
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None:
         out["mpi_library"] = MPI.Get_library_version().splitlines()[0].strip("\0 ")
-    except Exception:  # noqa: BLE001
-        pass
     return out
 
 
