@@ -9,18 +9,31 @@ then stores the same request block: the cluster keeps one copy and counts the re
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import numpy as np
-from mpi4py import MPI
 
+# cascade_kv before mpi4py: importing mpi4py.MPI starts MPI, and cascade_kv first sets up how it starts when
+# no launcher ran this (`python examples/shared_prefix.py`), so that no shared-memory segment is left behind
 from cascade_kv import CascadeConfig, DistributedStore
+from mpi4py import MPI
 
 
 def main() -> None:
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     shared_dir = comm.bcast(tempfile.mkdtemp(prefix="cascade-example-") if rank == 0 else None)
+    try:
+        run(comm, shared_dir)
+        comm.Barrier()  # every rank has closed its store: the directory is no one's now
+    finally:
+        if rank == 0:
+            shutil.rmtree(shared_dir, ignore_errors=True)
+
+
+def run(comm: MPI.Comm, shared_dir: str) -> None:
+    rank = comm.Get_rank()
     layers, heads, tokens, head_dim = 4, 8, 512, 128  # one 512-token block of a small model, K and V
     kv = np.random.default_rng(0).standard_normal((layers, 2, heads, tokens, head_dim)).astype(np.float16)
 

@@ -29,3 +29,13 @@ def test_the_slurm_scripts_parse_and_name_real_experiments() -> None:
         text = script.read_text()
         for loop in re.findall(r"for experiment in ([a-z -]+); do", text):
             assert set(loop.split()) <= set(EXPERIMENTS), (script, loop)
+
+
+def test_shared_prefix_example_leaves_nothing_behind(leftovers_of) -> None:
+    # on four ranks (the launcher cleans up Open MPI's segments) and alone, as `python shared_prefix.py` (a
+    # singleton, which cascade_kv sets up to make none); the example's disk directory goes in both
+    from cascade_kv.cluster.launch import local_mpi_env, mpiexec_path
+
+    script = str(EXAMPLES / "shared_prefix.py")
+    assert leftovers_of([str(mpiexec_path()), "-n", "4", sys.executable, script], env=local_mpi_env()) == []
+    assert leftovers_of([sys.executable, script]) == []
