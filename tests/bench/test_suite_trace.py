@@ -122,3 +122,8 @@ def test_bad_options_are_refused_before_any_system_opens(tmp_path: Path, trace_f
               options={"trace": trace_file, option: tmp_path / value if option == "trace" else value})
     with pytest.raises(SuiteError, match=message):
         trace_replay.run(run)
+
+
+def test_a_replay_leaves_nothing_behind(leftovers_of, tmp_path: Path) -> None:
+    # --json records the MPI library's version: asking mpi4py for it used to start MPI, whose segment stayed
+    assert leftovers_of([*CLI, "--quick", "--requests", "60", "--json", str(tmp_path / "r.json")]) == []

