@@ -101,3 +101,13 @@ def test_plots_scaling_lines_tier_hits_and_latency_cdf(tmp_path: Path) -> None:
     names = sorted(p.name for p in plot(res, tmp_path / "png"))
     assert {"strong-read_GBps-vs-ranks.png", "strong-tier-hits.png", "strong-prefix-load-cdf.png"} <= set(names)
     assert all((tmp_path / "png" / n).stat().st_size > 1000 for n in names)
+
+
+def test_a_zero_baseline_leaves_the_target_unjudged_instead_of_dividing_by_it() -> None:
+    r = Result("x", "x", ranks=1)
+    r.systems["a"] = SystemResult("a", measures={"hit": Measure("fraction", [0.5])})
+    r.systems["b"] = SystemResult("b", measures={"hit": Measure("fraction", [0.0])})
+    t = Target("a", "hit", 1.0, than="b")
+    r.targets.append(t)
+    r.judge()
+    assert t.passed is None and "no ratio" in t.why

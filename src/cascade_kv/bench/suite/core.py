@@ -140,6 +140,9 @@ class Result:
                 t.passed, t.why = None, f"{t.than} did not run" + (f" ({self.skipped[t.than]})"
                                                                    if t.than in self.skipped else "")
                 continue
+            if base == 0:  # e.g. a short replay where the baseline hit nothing: a ratio would be meaningless
+                t.passed, t.why = None, f"{t.than} measured 0 for {t.key}: no ratio"
+                continue
             t.got = value / base
             t.passed = t.got >= t.factor
 
