@@ -392,8 +392,10 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
             journal.close()
             _unlink(journal.path)
             raise
-        if stop_after == "written":
+        if stop_after == "written":  # as a kill here would leave it: the kernel drops the lock
             journal.close()
+            if lock_fd >= 0:
+                os.close(lock_fd)
             return None  # type: ignore[return-value]
 
         # 3. switch: rank 0 names the new epoch in the manifest; from here on the open has happened
@@ -409,8 +411,10 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
             journal.close()
             _unlink(journal.path)
             raise
-        if stop_after == "switched":
+        if stop_after == "switched":  # as a kill here would leave it: the kernel drops the lock
             journal.close()
+            if lock_fd >= 0:
+                os.close(lock_fd)
             return None  # type: ignore[return-value]
 
         # 4. clean: old epochs, leftovers of interrupted writes, orphan block files (each rank a share)
