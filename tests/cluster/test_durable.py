@@ -404,7 +404,8 @@ def _crash_round(tmp_path: Path, directory: Path, round_no: int, acks_wanted: in
             ready, _, _ = select.select([proc.stdout], [], [], 60)
             assert ready, f"no output from the job for 60 s; acks so far {len(acks)}\n{buf.decode(errors='replace')}"
             chunk = os.read(proc.stdout.fileno(), 65536)
-            assert chunk, f"the job ended before {acks_wanted} acks:\n{buf.decode(errors='replace')}"
+            assert chunk, (f"the job ended (exit {proc.wait()}) before {acks_wanted} acks, {len(acks)} seen:\n"
+                           f"{buf.decode(errors='replace')}")
             buf += chunk
             *lines, rest = buf.split(b"\n")
             buf = rest
