@@ -47,6 +47,8 @@ class Plan:
 
     fresh: list[Block] = field(default_factory=list)  # blocks this put writes (new, or lost and healed)
     held: dict[BlockId, Block] = field(default_factory=dict)  # every distinct block of the batch
+    tiers: dict[BlockId, int] = field(default_factory=dict)  # where the dry run placed each fresh block
+    placing: bool = False  # counted in the store's _placing (the promoter waits): undone at commit or abandon
 
 
 def fastest(where: int) -> int:

@@ -59,6 +59,8 @@ class Placement:
     _hurry: int  # callers waiting for the queue to empty: the promoter stops deferring to reads
     _promoting: int  # promotions the promoter has taken off the queue and not finished
     _promoter: threading.Thread | None
+    _placing = 0  # calls between their dry run and their last move: the promoter waits (its evictions would
+    # move blocks the run counted on). A class default: the count starts at 0 in every store
 
     @contextlib.contextmanager
     def _unlocked(self) -> Iterator[None]:
@@ -71,6 +73,29 @@ class Placement:
             self._lock.acquire()
 
     # ------------------------------------------------------------------ placement (lock held)
+    def _enter_placement(self) -> None:
+        """Before a dry run: let a promotion in hand finish, and start no other until
+        :meth:`_leave_placement` (so the run sees the state its moves will start from)."""
+        while self._promoting:
+            self._cond.wait(WAIT_SLICE)
+        self._placing += 1
+
+    def _leave_placement(self, plan: object = None) -> None:
+        if plan is None or getattr(plan, "placing", False):
+            self._placing -= 1
+            if plan is not None:
+                plan.placing = False  # type: ignore[attr-defined]
+        self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _placement(self) -> Iterator[None]:
+        """A dry run and the moves it planned (protect, demote), with the promoter held off."""
+        self._enter_placement()
+        try:
+            yield
+        finally:
+            self._leave_placement()
+
     def _allocate(self, b: Block, allowed: list[int]) -> int:
         """Allocate ``b`` in the fastest allowed tier that has or can make room; may release the lock."""
         for t in allowed:
@@ -176,9 +201,10 @@ class Placement:
             s.read_into(b.id, memoryview(buf))
             d.write(b.id, memoryview(buf))
 
-    def _bring_to_memory(self, b: Block, data: memoryview | None = None) -> None:
+    def _bring_to_memory(self, b: Block, data: memoryview | None = None, tiers: list[int] | None = None) -> None:
         """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix).
-        ``data``: the block's bytes when the caller holds them (a put), so a bad lower copy cannot fail it."""
+        ``data``: the block's bytes when the caller holds them (a put), so a bad lower copy cannot fail it;
+        ``tiers``: the memory tiers to try, in order (a dry run's choice first)."""
         while b.rising:  # another thread is copying it up: a second slot for it would clash
             self._cond.wait(WAIT_SLICE)
         if b.where & self._memory_mask:
@@ -187,7 +213,7 @@ class Placement:
             raise IntegrityError(f"every copy of block {block_name(b.id)[:16]} failed its digest check")
         b.rising = True
         try:
-            t = self._allocate(b, self._memory)
+            t = self._allocate(b, self._memory if tiers is None else tiers)
             src = fastest(b.where)
             b.pins += 1
             try:
@@ -340,6 +366,9 @@ class Placement:
                         self._promoter = None                         # is not kept alive by its own thread
                         return
                     self._cond.wait(PROMOTER_IDLE)
+                    continue
+                if self._placing:  # a put, protect or demote is carrying out its dry run: no move under it
+                    self._cond.wait(WAIT_SLICE)
                     continue
                 quiet = time.monotonic() - self._last_read
                 if (not self._hurry and self._queued_bytes <= PROMOTION_QUEUE_BYTES // 2

@@ -20,7 +20,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from cascade_kv import BlockNotFound, CapacityError, CascadeConfig, Store
 
-from .conftest import HOST, KIB, block, check_consistent
+from cascade_kv.arrays import byte_view
+
+from .conftest import HOST, KIB, block, check_consistent, snapshot
 
 SIZES = [512, 2 * KIB, 6 * KIB, 10 * KIB, 14 * KIB, 20 * KIB, 24 * KIB, HOST + 16 * KIB]  # multiples of 512:
 # no arena rounding, so the model can add sizes up; ten keys of these overflow the 64 KiB host tier
@@ -118,64 +120,54 @@ class StoreModel(RuleBasedStateMachine):
         """Whether the last tier drops blocks when full (no disk, or a bounded one)."""
         return not self.disk or self.disk_capacity is not None
 
-    def _refusal(self, batch: list[tuple[object, Entry]]) -> tuple[bool, bool]:
-        """Whether a CapacityError is right, and whether it must have come before anything moved.
+    def _refusal(self, batch: list[tuple[object, Entry]]) -> bool:
+        """Whether a CapacityError is right. The store refuses before anything moves, so this is judged on
+        the state it left unchanged: what cannot fit whatever is evicted.
 
-        Right and up front: memory (or a bounded disk) cannot hold what must be in it, whatever is
-        evicted. Right after evicting: every block that could be evicted was and the hole left is
-        still too small (fragmentation); a lossy store may have dropped blocks on the way."""
+        Memory (protected blocks, or every block without a disk): more bytes than the host tier, or no hole
+        big enough once every victim is gone (fragmentation); a batch's blocks, pinned until its commit,
+        may fragment memory for each other. A bounded disk: the batch's new bytes that memory cannot take
+        end there, so it refuses only when they and the disk copies that cannot make room exceed it."""
         if self._memory_need(batch) > HOST:
-            return True, True
+            return True
         batch_contents = {e.value.content for _, e in batch}
+        present = self.store.keys()
         # blocks the batch shares with stored keys are held in place while it runs (the store pins them:
         # they must not go before the new keys refer to them), so those in memory count as needed there
-        present = self.store.keys()  # a failed put may have dropped blocks on its way (lossy stores)
         in_memory = [self.model[k] for k in present if self.dedup and self.model[k].value.content in batch_contents
                      and "host" in self.store.info(k).tiers]
         entries = list(self.model.values()) + [e for _, e in batch]
         protected = self._contents(e for e in self.model.values() if e.prefix)
         needed = self._contents([e for _, e in batch if e.prefix or not self.disk] + in_memory)
         if self._size(protected | needed, entries) > HOST:
-            return True, True
-
-        def exhausted(tier: str) -> bool:  # nothing evictable is left in the tier
-            for k in present:
-                info = self.store.info(k)
-                if (tier in info.tiers and not info.prefix and not self._shares_protected(k)
-                        and (not self.dedup or self.model[k].value.content not in batch_contents)):
-                    return False  # an unprotected block that could have made room is still there
             return True
-
-        def memory_refused() -> bool:  # a block that must be in memory found no hole big enough
-            if not any(e.prefix or not self.disk for _, e in batch) or not exhausted("host"):
-                return False
-            if len(batch) > 1:
-                return True  # blocks of the batch placed before the failing one fragmented memory (then were freed)
-            return self.store.tiers[0].largest_hole < batch[0][1].value.nbytes
-
-        def disk_refused() -> bool:  # an unprotected block found no room: only a bounded disk may refuse it
-            if self.disk_capacity is None or all(e.prefix for _, e in batch):
-                return False
-            big = any(e.value.nbytes > HOST for _, e in batch if not e.prefix)
-            return exhausted("disk") and (exhausted("host") or big)
-
-        def disk_full_up_front() -> bool:  # new blocks only a bounded disk can take, more than it can hold
-            if self.disk_capacity is None:
-                return False
-            stored = {e.value.content for e in self.model.values()}
-            big = {e.value.content: e.value.nbytes for _, e in batch
-                   if not e.prefix and e.value.nbytes > HOST and e.value.content not in stored}
+        memory = [e for _, e in batch if e.prefix or not self.disk]
+        if memory and (len(batch) > 1 or self._largest_hole_left(batch) < memory[0].value.nbytes):
+            return True
+        if self.disk_capacity is not None and any(not e.prefix for _, e in batch):
+            stored = {e.value.content for e in self.model.values()} if self.dedup else set()
+            new = {e.value.content: e.value.nbytes for _, e in batch if e.value.content not in stored}
             fixed = {}  # disk copies that cannot make room: protected, or held by the batch
             for k in present:
                 e = self.model[k]
                 if "disk" in self.store.info(k).tiers and (
-                        self._shares_protected(k) or e.prefix or e.value.content in batch_contents):
+                        self._shares_protected(k) or e.prefix or (self.dedup and e.value.content in batch_contents)):
                     fixed[e.value.content] = e.value.nbytes
-            return sum(big.values()) > self.disk_capacity - sum(fixed.values())
+            if sum(new.values()) + sum(fixed.values()) > self.disk_capacity:
+                return True
+        return False
 
-        if disk_full_up_front():
-            return True, True
-        return memory_refused() or disk_refused(), False
+    def _largest_hole_left(self, batch: list[tuple[object, Entry]]) -> int:
+        """The host arena's largest hole once every block that may be evicted is gone (read from the arena)."""
+        host = self.store.tiers[0]
+        ids = {self.store._hasher.digest(byte_view(np.ascontiguousarray(e.value.array()))) for _, e in batch}
+        stay = sorted(host._slots[b.id] for b in self.store._blocks.values()
+                      if b.where & 1 and (b.protected or (self.dedup and b.id in ids)))
+        edge, largest = 0, 0
+        for offset, nbytes in stay:
+            largest = max(largest, offset - edge)
+            edge = offset + (max(nbytes, 1) + 63) // 64 * 64
+        return max(largest, host._alloc.capacity - edge)
 
     def _shares_protected(self, key) -> bool:
         return self.dedup and any(e.prefix and e.value.content == self.model[key].value.content
@@ -185,16 +177,12 @@ class StoreModel(RuleBasedStateMachine):
         last = {k: i for i, (k, _, _) in enumerate(pairs)}
         batch = [(pairs[i][0], Entry(pairs[i][1], pairs[i][2])) for i in sorted(last.values())]
         too_big = any(e.value.nbytes > HOST and (e.prefix or not self.disk) for _, e in batch)
-        before = self._observe()
+        before, snap = self._observe(), snapshot(self.store)
         try:
             call()
         except CapacityError as err:
-            if too_big:
-                self._reconcile(before, may_drop=False)
-                return
-            legit, up_front = self._refusal(batch)
-            assert legit, f"refused without cause: {err}"
-            self._reconcile(before, may_drop=not up_front)
+            assert snapshot(self.store) == snap, f"a refused put changed the store: {err}"
+            assert too_big or self._refusal(batch), f"refused without cause: {err}"
             return
         assert not too_big, "a block larger than every tier it may live in was accepted"
         stored = self._contents(self.model.values())
@@ -292,13 +280,12 @@ class StoreModel(RuleBasedStateMachine):
                 self.store.protect(key)
             return
         e = self.model[key]
+        snap = snapshot(self.store)
         try:
             self.store.protect(key)
         except CapacityError as err:
-            legit, up_front = self._refusal([(key, Entry(e.value, True))])
-            assert legit, f"refused without cause: {err}"
-            self._reconcile(drops, may_drop=not up_front)
-            assert not self.store.info(key).prefix
+            assert snapshot(self.store) == snap, f"a refused protect changed the store: {err}"
+            assert self._refusal([(key, Entry(e.value, True))]), f"refused without cause: {err}"
             return
         e.prefix = True
         self._reconcile(drops, may_drop=False)

@@ -48,6 +48,13 @@ class ArenaAllocator:
         self.free_bytes -= size
         return size
 
+    def copy(self) -> "ArenaAllocator":
+        """An independent allocator in the same state (a dry run allocates and frees in it)."""
+        other = ArenaAllocator(0)
+        other.capacity, other.free_bytes = self.capacity, self.free_bytes
+        other._by_start, other._by_end, other._by_size = dict(self._by_start), dict(self._by_end), list(self._by_size)
+        return other
+
     @property
     def largest_hole(self) -> int:
         return self._by_size[-1][0] if self._by_size else 0

@@ -29,6 +29,31 @@ from dataclasses import dataclass
 from ..ids import BlockId
 
 
+class RoomModel:
+    """A what-if copy of a tier's room: allocations and frees here change nothing in the tier.
+
+    The store's dry run (:mod:`cascade_kv.dryrun`) replays a put's evictions against these to decide,
+    before anything moves, whether the put can fit. This default counts bytes against ``capacity``,
+    which is exact for a tier whose ``allocate`` does the same (the disk tier); a tier that can
+    fragment (an arena) overrides :meth:`Tier.room_model`."""
+
+    def __init__(self, capacity: int | None, used: int) -> None:
+        self.capacity = capacity
+        self.used = used
+
+    def allocate(self, block_id: BlockId, nbytes: int) -> bool:
+        if self.capacity is not None and self.used + nbytes > self.capacity:
+            return False
+        self.used += nbytes
+        return True
+
+    def free(self, block_id: BlockId, nbytes: int) -> None:
+        self.used -= nbytes
+
+    def copy(self) -> "RoomModel":
+        return RoomModel(self.capacity, self.used)
+
+
 @dataclass(frozen=True, slots=True)
 class TierTraits:
     """What a tier can do, so the store can plan without knowing tier classes."""
@@ -94,6 +119,10 @@ class Tier(ABC):
     def fits(self, nbytes: int) -> bool:
         """Whether a block of ``nbytes`` could ever fit in this tier, empty."""
         return self.capacity is None or nbytes <= self.capacity
+
+    def room_model(self) -> RoomModel:
+        """A what-if copy of this tier's room now (see :class:`RoomModel`)."""
+        return RoomModel(self.capacity, self.used)
 
     def view(self, block_id: BlockId) -> memoryview:
         """The block's bytes in place; only for ``traits.addressable`` tiers."""

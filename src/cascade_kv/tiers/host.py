@@ -20,10 +20,12 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..config import format_size
+from ..errors import CapacityError, ConfigError
 from ..ids import BlockId
 from ..memcopy import copy_bytes
 from .allocator import ArenaAllocator, align_up
-from .base import Tier, TierTraits
+from .base import RoomModel, Tier, TierTraits
 from .slots import SLOT_HEADER, digest16_of, next_generation, pack_header, pack_tombstone, unpack_header
 
 _PAGE = mmap.PAGESIZE
@@ -45,6 +47,82 @@ def _touch(arena: np.ndarray) -> None:
     touch(0)
     for t in threads:
         t.join()
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM this machine has (``None`` where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _map_arena(nbytes: int) -> mmap.mmap:
+    """An anonymous private mapping of ``nbytes``, or CapacityError naming the size and the machine's RAM.
+    Checked ahead because the arena is touched at open: an arena larger than RAM would not fail cleanly
+    later but swap or bring in the OOM killer."""
+    ram = physical_memory()
+    if ram is not None and nbytes > ram:
+        raise CapacityError(f"host tier: host_capacity {format_size(nbytes)} ({nbytes} B) is more than this "
+                            f"machine's {format_size(ram)} of RAM")
+    try:
+        return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, MemoryError, OverflowError) as e:  # ENOMEM: no room in the address space or overcommit
+        have = "" if ram is None else f" (the machine has {format_size(ram)} of RAM)"
+        raise CapacityError(f"host tier: cannot map an arena of {format_size(nbytes)} ({nbytes} B){have}: "
+                            f"{e}") from e
+
+
+class _ArenaRoom(RoomModel):
+    """A what-if copy of the arena's holes: exact about fragmentation, where a byte count is not.
+
+    Cloning the allocator costs O(holes), so it is cloned only once the run frees something or its
+    allocations no longer fit the largest hole together (allocations that do always succeed, one
+    after another, in best fit): a put that needs no eviction pays nothing."""
+
+    def __init__(self, tier: "HostTier") -> None:
+        super().__init__(tier.capacity, tier.used)
+        self._tier = tier
+        self._alloc: ArenaAllocator | None = None
+        self._pending: list[tuple[BlockId, int]] = []  # allocations made before the clone: replayed into it
+        self._pending_bytes = 0
+        self._offsets: dict[BlockId, int] = {}  # ranges this run allocated in its clone
+
+    def _clone(self) -> ArenaAllocator:
+        if self._alloc is None:
+            with self._tier._lock:
+                self._alloc = self._tier._alloc.copy()
+            for block_id, size in self._pending:
+                offset = self._alloc.allocate(size)
+                assert offset is not None, "pending allocations fit the largest hole together"
+                self._offsets[block_id] = offset
+            self._pending.clear()
+        return self._alloc
+
+    def allocate(self, block_id: BlockId, nbytes: int) -> bool:
+        size = self._tier._span(nbytes)
+        if self._alloc is None and self._pending_bytes + size <= self._tier._alloc.largest_hole:
+            self._pending.append((block_id, size))
+            self._pending_bytes += size
+            return True
+        offset = self._clone().allocate(size)
+        if offset is None:
+            return False
+        self._offsets[block_id] = offset
+        return True
+
+    def free(self, block_id: BlockId, nbytes: int) -> None:
+        alloc = self._clone()
+        offset = self._offsets.pop(block_id, None)
+        if offset is None:
+            offset = self._tier._slots[block_id][0] - self._tier._header
+        alloc.free(offset, self._tier._span(nbytes))
+
+    def copy(self) -> "_ArenaRoom":
+        other = _ArenaRoom(self._tier)
+        other._alloc = self._clone().copy()
+        other._offsets = dict(self._offsets)
+        return other
 
 
 class HostTier(Tier):
@@ -69,12 +147,12 @@ class HostTier(Tier):
         if buffer is not None:
             arena = np.frombuffer(buffer, dtype=np.uint8)
             if arena.nbytes < self._alloc.capacity or arena.flags.writeable is False:
-                raise ValueError(f"host tier: buffer holds {arena.nbytes} B (writable: {arena.flags.writeable}); "
+                raise ConfigError(f"host tier: buffer holds {arena.nbytes} B (writable: {arena.flags.writeable}); "
                                  f"capacity is {self._alloc.capacity} B")
             self.arena = arena[:self._alloc.capacity]
             _touch(self.arena)
         elif self._alloc.capacity:
-            self._mmap = mmap.mmap(-1, self._alloc.capacity, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._mmap = _map_arena(self._alloc.capacity)
             self.arena = np.frombuffer(self._mmap, dtype=np.uint8)
             _touch(self.arena)
         self._mv = memoryview(self.arena)
@@ -106,6 +184,9 @@ class HostTier(Tier):
     def largest_hole(self) -> int:
         """Largest block that can be allocated right now (fragmentation shows as largest_hole < free)."""
         return max(self._alloc.largest_hole - self._header, 0)
+
+    def room_model(self) -> RoomModel:
+        return _ArenaRoom(self)
 
     def allocate(self, block_id: BlockId, nbytes: int) -> bool:
         with self._lock:
