@@ -5,17 +5,27 @@ leaves the store exactly as it was.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .errors import InvalidArgument, InvalidArgumentType
 from .ids import Key
 
 
 def check_key(key: object) -> Key:
     if not isinstance(key, (str, bytes)):
-        raise TypeError(f"key must be str or bytes, not {type(key).__name__}: {key!r}")
+        raise InvalidArgumentType(f"key must be str or bytes, not {type(key).__name__}: {key!r}")
     return key
+
+
+def key_list(keys: object, call: str) -> list[Key]:
+    """``keys`` as a list of checked keys: a sequence (or iterable) of str/bytes, not one key on its own
+    (``put_many("ab", ...)`` would otherwise store keys ``"a"`` and ``"b"``)."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+        raise InvalidArgumentType(f"{call}: keys must be a sequence of str or bytes keys, "
+                                  f"not {type(keys).__name__}: {keys!r}")
+    return [check_key(k) for k in keys]
 
 
 def as_block(value: object, key: Key) -> np.ndarray:
@@ -26,11 +36,15 @@ def as_block(value: object, key: Key) -> np.ndarray:
     the caller's cost and is documented in the README."""
     if not isinstance(value, np.ndarray):
         if value is None or isinstance(value, (str, bytes, int, float, complex, dict, set)):
-            raise TypeError(f"put({key!r}): expected a numpy array (or an object numpy can view), "
+            raise InvalidArgumentType(f"put({key!r}): expected a numpy array (or an object numpy can view), "
                             f"got {type(value).__name__}")
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as e:  # ragged nesting, objects numpy cannot convert
+            raise InvalidArgumentType(f"put({key!r}): numpy cannot make an array of the "
+                                      f"{type(value).__name__} given: {e}") from e
     if value.dtype.hasobject:
-        raise TypeError(f"put({key!r}): dtype {value.dtype} holds Python objects, which have no bytes to store")
+        raise InvalidArgumentType(f"put({key!r}): dtype {value.dtype} holds Python objects, which have no bytes to store")
     if not value.flags.c_contiguous:
         value = np.ascontiguousarray(value)
     return value
@@ -42,17 +56,17 @@ def byte_view(arr: np.ndarray) -> memoryview:
 
 
 def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """Validate a caller's buffer for a block of ``dtype``/``shape``; raise ``ValueError`` naming the mismatch.
+    """Validate a caller's buffer for a block of ``dtype``/``shape``; raise :class:`InvalidArgument` naming the mismatch.
 
     A buffer that is writable but not C-contiguous is accepted: the block is read into a
     temporary and copied into it (one extra copy); see :func:`needs_staging`."""
     if not isinstance(out, np.ndarray):
-        raise ValueError(f"get({key!r}): out must be a numpy array, not {type(out).__name__}")
+        raise InvalidArgumentType(f"get({key!r}): out must be a numpy array, not {type(out).__name__}")
     if out.dtype != dtype or out.shape != shape:
-        raise ValueError(f"get({key!r}): out has dtype {out.dtype} and shape {out.shape}; "
-                         f"the stored block has dtype {dtype} and shape {shape}")
+        raise InvalidArgument(f"get({key!r}): out has dtype {out.dtype} and shape {out.shape}; "
+                              f"the stored block has dtype {dtype} and shape {shape}")
     if not out.flags.writeable:
-        raise ValueError(f"get({key!r}): out is read-only")
+        raise InvalidArgument(f"get({key!r}): out is read-only")
     return out
 
 
@@ -63,9 +77,11 @@ def needs_staging(out: np.ndarray) -> bool:
 def normalize_flags(is_prefix: bool | Sequence[bool], n: int) -> list[bool]:
     if isinstance(is_prefix, (bool, np.bool_)):
         return [bool(is_prefix)] * n
+    if not isinstance(is_prefix, Iterable):
+        raise InvalidArgumentType(f"is_prefix must be a bool or {n} bools, got {is_prefix!r}")
     flags = list(is_prefix)
     if len(flags) != n or not all(isinstance(f, (bool, np.bool_)) for f in flags):
-        raise ValueError(f"is_prefix must be a bool or {n} bools, got {is_prefix!r}")
+        raise InvalidArgument(f"is_prefix must be a bool or {n} bools, got {is_prefix!r}")
     return [bool(f) for f in flags]
 
 
@@ -73,9 +89,13 @@ def put_items(keys: Sequence[Key], arrays: Sequence[object],
               is_prefix: bool | Sequence[bool]) -> list[tuple[Key, np.ndarray, bool]]:
     """A put batch checked and normalised before anything changes: ``(key, block, prefix)`` per distinct key,
     in first-seen order, a key given twice taking its last array (every store's ``put_many`` starts here)."""
-    keys, arrays = list(keys), list(arrays)
+    keys = key_list(keys, "put_many")
+    if not isinstance(arrays, Iterable):
+        raise InvalidArgumentType(f"put_many: arrays must be a sequence of arrays (one per key), "
+                                  f"not {type(arrays).__name__}")
+    arrays = list(arrays)
     if len(keys) != len(arrays):
-        raise ValueError(f"put_many: {len(keys)} keys but {len(arrays)} arrays")
+        raise InvalidArgument(f"put_many: {len(keys)} keys but {len(arrays)} arrays")
     flags = normalize_flags(is_prefix, len(keys))
-    last = {check_key(k): i for i, k in enumerate(keys)}
+    last = {k: i for i, k in enumerate(keys)}
     return [(keys[i], as_block(arrays[i], keys[i]), flags[i]) for i in sorted(last.values())]

@@ -16,11 +16,28 @@ class ConfigError(CascadeError, ValueError):
     """A configuration value is invalid (raised when the config is built)."""
 
 
+class InvalidArgument(CascadeError, ValueError):
+    """An argument has the right type but a value the call cannot take: lengths that do not match, an
+    ``out`` buffer of the wrong dtype or shape or read-only, demoting a protected key."""
+
+
+class InvalidArgumentType(CascadeError, TypeError):
+    """An argument has the wrong type: a key that is not ``str``/``bytes``, a value with no bytes to store
+    (``None``, a ``str``, an object array), an ``out`` that is not a numpy array."""
+
+
 class BlockNotFound(CascadeError, KeyError):
     """The key is not in the store (never written, deleted, or dropped)."""
 
     def __str__(self) -> str:  # KeyError.__str__ would repr() the message
         return str(self.args[0]) if self.args else "block not found"
+
+
+class TierNotFound(CascadeError, KeyError):
+    """No tier has the name asked for (``StoreStats.tier``); the message lists the tiers there are."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "tier not found"
 
 
 class CapacityError(CascadeError, MemoryError):

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .config import EvictionOrder
+from .errors import ConfigError
 from .ids import BlockId
 
 
@@ -87,7 +88,7 @@ class Policy:
     def __init__(self, capacities: Sequence[int | None], *, semantic: bool = True, order: EvictionOrder = "lru",
                  credit: ReuseCredit = ReuseCredit(), promotion_threshold: int = 3, promote: bool = True) -> None:
         if order not in ("reuse", "lru"):
-            raise ValueError(f"eviction order must be 'reuse' or 'lru', got {order!r}")
+            raise ConfigError(f"eviction order must be 'reuse' or 'lru', got {order!r}")
         self.semantic = semantic
         self.order = order
         self.promotion_threshold = promotion_threshold

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import TierNotFound
+
 
 @dataclass(slots=True)
 class TierCounters:
@@ -111,11 +113,11 @@ class StoreStats:
     """Bytes that reached this rank from other ranks' memory: remote reads and victims adopted. 0 on one node."""
 
     def tier(self, name: str) -> TierStats:
-        """The stats of the tier called ``name`` (``KeyError`` if there is none)."""
+        """The stats of the tier called ``name`` (:class:`TierNotFound`, a ``KeyError``, if there is none)."""
         for t in self.tiers:
             if t.name == name:
                 return t
-        raise KeyError(f"no tier named {name!r}; tiers are {[t.name for t in self.tiers]}")
+        raise TierNotFound(f"no tier named {name!r}; tiers are {[t.name for t in self.tiers]}")
 
     @property
     def hits(self) -> int:

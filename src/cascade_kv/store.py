@@ -29,12 +29,14 @@ from pathlib import Path
 import numpy as np
 
 from . import catalog
-from .arrays import byte_view, check_key, check_out, needs_staging, put_items
-from .config import CascadeConfig
-from .errors import BlockNotFound, CapacityError, ConfigError, IntegrityError, StorageError, StoreClosed
+from .arrays import byte_view, check_key, check_out, key_list, needs_staging, put_items
+from .config import CascadeConfig, format_size
+from .errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
+                     StorageError, StoreClosed)
 from .hashing import Hasher
 from .ids import BlockId, Key, block_name
 from .blocks import Block, Entry, Plan, fastest
+from .dryrun import DryRun
 from .persistence import Persistence
 from .placement import WAIT_SLICE, Placement
 from .policy import Policy
@@ -161,7 +163,7 @@ class Store(Persistence, Placement):
 
     def delete_many(self, keys: Iterable[Key]) -> None:
         """Remove every key (all must exist: otherwise nothing is removed)."""
-        keys = list(dict.fromkeys(check_key(k) for k in keys))
+        keys = list(dict.fromkeys(key_list(keys, "delete_many")))
         with self._write_order:
             with self._lock:
                 self._check_open()
@@ -183,8 +185,9 @@ class Store(Persistence, Placement):
 
     def demote(self, keys: Iterable[Key]) -> None:
         """Move the blocks of ``keys`` out of memory into the disk tier (cold starts, freeing memory ahead of a
-        known burst). Protected keys raise ``ValueError`` and nothing moves; without a disk tier, ConfigError."""
-        keys = list(dict.fromkeys(check_key(k) for k in keys))
+        known burst). Protected keys raise :class:`InvalidArgument` (a ``ValueError``) and nothing moves; so does a
+        demotion the disk tier cannot take (:class:`CapacityError`); without a disk tier, ConfigError."""
+        keys = list(dict.fromkeys(key_list(keys, "demote")))
         with self._write_order:
             with self._lock:
                 self._check_open()
@@ -194,31 +197,65 @@ class Store(Persistence, Placement):
                 blocks = {e.block_id: self._blocks[e.block_id] for e in self._entries(keys)}
                 for k in keys:
                     if self._blocks[self._keys[k].block_id].protected and self.config.semantic_eviction:
-                        raise ValueError(f"demote: the block of {k!r} is protected (is_prefix); unprotect it first")
-                for b in blocks.values():
-                    if not b.where & self._memory_mask or self._blocks.get(b.id) is not b:
-                        continue
-                    b.pins += 1
-                    try:
-                        if not b.where >> self._disk & 1:
-                            if not self._make_room(self._disk, b):
-                                raise CapacityError(f"demote: the disk tier cannot hold {b.nbytes} B more")
-                            try:
-                                src = fastest(b.where)
-                                with self._unlocked():
-                                    self._copy_between(b, src, self._disk)
-                            except BaseException:
-                                self._tiers[self._disk].free(b.id)
-                                raise
-                            self._add_copy(b, self._disk)
-                        while b.pins > 1:  # a reader outside the lock holds the memory copy: let it finish
-                            self._cond.wait(WAIT_SLICE)
-                        for t in self._memory:
-                            if b.where >> t & 1:
-                                self._drop_copy(b, t)
-                        self._c.demotions += 1
-                    finally:
-                        self._unpin(b)
+                        raise InvalidArgument(f"demote: the block of {k!r} is protected (is_prefix); "
+                                              f"unprotect it first")
+                with self._placement():
+                    self._precheck_demote(blocks, keys)
+                    for b in blocks.values():
+                        self._demote_block(b)
+
+    def _precheck_demote(self, blocks: dict[BlockId, Block], keys: list[Key]) -> None:
+        """Refuse a demotion the disk tier cannot take before any block moves (a dry run)."""
+        assert self._disk is not None
+        run = DryRun(self)
+        for i, b in enumerate(blocks.values()):
+            if not run.where(b) & self._memory_mask or b.id in run.dropped:
+                continue
+            run.held.add(b.id)  # pinned while it moves, as _demote_block does
+            if not run.where(b) >> self._disk & 1:
+                if not run.make_room(self._disk, b):
+                    key = next(k for k in keys if self._keys[k].block_id == b.id)
+                    raise self._no_room(f"demote({key!r})", b, [self._disk], i, len(blocks))
+                run.add(b, self._disk)
+            for t in self._memory:
+                if run.where(b) >> t & 1:
+                    run.free_copy(b, t)
+            run.held.discard(b.id)
+
+    def _demote_block(self, b: Block) -> None:
+        """Move ``b``'s memory copies to the disk tier (lock held; released around the copy)."""
+        assert self._disk is not None
+        # Another demote (of a key sharing the block) or an eviction may be moving it now: wait for that
+        # first, else both would allocate it in the disk tier. Waiting unpinned: the mover waits for
+        # readers' pins to go before it frees the memory copy, and would wait for ours forever.
+        while b.moving or b.rising:
+            self._cond.wait(WAIT_SLICE)
+        if not b.where & self._memory_mask or self._blocks.get(b.id) is not b:
+            return
+        b.pins += 1
+        b.moving = True
+        try:
+            if not b.where >> self._disk & 1:
+                if not self._make_room(self._disk, b):
+                    raise CapacityError(f"demote: the disk tier cannot hold {b.nbytes} B more "
+                                        f"({self._room_report(self._disk)})")
+                try:
+                    src = fastest(b.where)
+                    with self._unlocked():
+                        self._copy_between(b, src, self._disk)
+                except BaseException:
+                    self._tiers[self._disk].free(b.id)
+                    raise
+                self._add_copy(b, self._disk)
+            while b.pins > 1:  # a reader outside the lock holds the memory copy: let it finish
+                self._cond.wait(WAIT_SLICE)
+            for t in self._memory:
+                if b.where >> t & 1:
+                    self._drop_copy(b, t)
+            self._c.demotions += 1
+        finally:
+            b.moving = False
+            self._unpin(b)
 
     # ------------------------------------------------------------------ public API: reads
     def get(self, key: Key, out: np.ndarray | None = None) -> np.ndarray:
@@ -227,11 +264,13 @@ class Store(Persistence, Placement):
 
     def get_many(self, keys: Sequence[Key], outs: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """Read many keys; every key and buffer is checked before anything is copied."""
-        keys = list(keys)
-        if outs is not None and len(outs) != len(keys):
-            raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
-        for k in keys:
-            check_key(k)
+        keys = key_list(keys, "get_many")
+        if outs is not None:
+            if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
+                raise InvalidArgumentType(f"get_many: outs must be a sequence of numpy arrays or None (one per key), "
+                                          f"not {type(outs).__name__}")
+            if len(outs) != len(keys):
+                raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
         jobs: list[tuple[int, Block, np.ndarray]] = []
         with self._lock:
             self._check_open()
@@ -266,24 +305,32 @@ class Store(Persistence, Placement):
         return results
 
     def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is stored (``False`` for anything that is not a key, as a dict answers)."""
         with self._lock:
-            return key in self._keys
+            self._check_open()
+            return isinstance(key, (str, bytes)) and key in self._keys
 
     def contains(self, key: Key) -> bool:
+        """Like ``in``, but a key that is not str or bytes raises :class:`InvalidArgumentType`."""
         return check_key(key) in self
 
     def __len__(self) -> int:
-        return len(self._keys)
+        with self._lock:
+            self._check_open()
+            return len(self._keys)
 
     def keys(self) -> list[Key]:
         with self._lock:
+            self._check_open()
             return list(self._keys)
 
     def info(self, key: Key) -> KeyInfo:
         """Where ``key`` lives and what it holds."""
+        check_key(key)
         with self._lock:
+            self._check_open()
             self._settle()
-            e = self._entries([check_key(key)])[0]
+            e = self._entries([key])[0]
             b = self._blocks[e.block_id]
             return KeyInfo(e.dtype, e.shape, b.nbytes, e.prefix, b.id[:32].hex(),
                            tuple(t.traits.name for i, t in enumerate(self._tiers) if b.where >> i & 1),
@@ -293,12 +340,14 @@ class Store(Persistence, Placement):
         """Wait until the promotions queued by earlier reads are done. Reads never need this (a block being
         promoted is read from where it is); benchmarks call it for repeatable placement between phases."""
         with self._lock:
+            self._check_open()
             self._settle()
 
     # ------------------------------------------------------------------ observability & lifecycle
     def stats(self) -> StoreStats:
         """A consistent snapshot of the counters (after every promotion queued by earlier reads)."""
         with self._lock:
+            self._check_open()
             self._settle()
             c = self._c
             tiers = tuple(
@@ -319,7 +368,11 @@ class Store(Persistence, Placement):
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
-        self.settle()  # what the tiers hold is what a caller would see had the reads promoted themselves
+        """The tier objects, fastest first. Still answers after :meth:`close` (closed tiers: their paths, not
+        their data), unlike every other call, so that a test or a tool can find a closed store's files."""
+        with self._lock:
+            if not self._closed:
+                self._settle()  # what the tiers hold is what a caller would see had the reads promoted themselves
         return tuple(self._tiers)
 
     def close(self) -> None:
@@ -401,50 +454,49 @@ class Store(Persistence, Placement):
 
     def _precheck_capacity(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId],
                            plan: Plan) -> None:
-        """Refuse, before anything moves, a put that cannot fit whatever is evicted (evicting first and
-        failing then would have demoted or dropped blocks for nothing)."""
-        memory_only = len(self._memory) == len(self._tiers)  # no slower tier: every block needs memory
-        memory_need = lower_need = 0
-        counted: set[BlockId] = set()  # a block given twice in the batch needs its room once
-        for (key, arr, prefix), bid in zip(items, ids):
+        """Refuse, before anything moves, a put that cannot fit whatever is evicted, and record in ``plan``
+        the tier each new block goes to: a dry run of :meth:`_place_all`'s steps in the same order
+        (evicting first and failing then would have demoted or dropped blocks for nothing)."""
+        for key, arr, prefix in items:
             allowed = self._allowed_tiers(prefix)
             if not any(self._tiers[t].fits(arr.nbytes) for t in allowed):
                 where = "memory tier" if self._must_be_in_memory(prefix) else "tier"
                 biggest = max((self._tiers[t].capacity or 0) for t in allowed)
                 raise CapacityError(f"put({key!r}): block of {arr.nbytes} B is larger than every {where} "
                                     f"(largest holds {biggest} B)")
-            b = self._blocks[bid]
-            if bid in counted or b.where & self._memory_mask:
-                continue
-            if self._must_be_in_memory(prefix) or memory_only:
-                counted.add(bid)
-                memory_need += arr.nbytes
-            elif not b.where and not any(self._tiers[t].fits(arr.nbytes) for t in self._memory):
-                counted.add(bid)
-                lower_need += arr.nbytes  # a new block too large for memory: only a lower tier can take it
-        self._check_room(self._memory, memory_need, "" if memory_only else "protected ")
-        lower = [t for t in range(len(self._tiers)) if t not in self._memory]
-        if lower_need and all(self._tiers[t].capacity is not None for t in lower):
-            self._check_room(lower, lower_need, "")
+        needs_memory = {bid for (_, _, p), bid in zip(items, ids) if self._must_be_in_memory(p)}
+        fresh = {b.id for b in plan.fresh}
+        rising = [self._blocks[bid] for bid in dict.fromkeys(ids) if bid in needs_memory and bid not in fresh
+                  and not self._blocks[bid].where & self._memory_mask]  # dedup hits to bring into memory
+        rising_ids = {b.id for b in rising}
+        if not plan.fresh and not rising:
+            return  # every block is stored already, where it may stay: nothing to place
+        self._enter_placement()
+        plan.placing = True
+        run = DryRun(self, plan.held)
+        key_of = {bid: key for (key, _, _), bid in zip(items, ids)}
+        placed = 0
+        for b in rising + sorted(plan.fresh, key=lambda b: b.id not in needs_memory):
+            allowed = self._memory if b.id in rising_ids else self._allowed_tiers(b.id in needs_memory)
+            t = run.allocate(b, allowed)
+            if t is None:
+                raise self._no_room(f"put({key_of[b.id]!r})", b, allowed, placed, len(rising) + len(plan.fresh))
+            run.add(b, t)
+            plan.tiers[b.id] = t
+            if self.config.persist and t != self._disk and b.id not in rising_ids:
+                assert self._disk is not None
+                if not run.make_room(self._disk, b):
+                    raise self._no_room(f"put({key_of[b.id]!r}) (a durable copy)", b, [self._disk], placed,
+                                        len(rising) + len(plan.fresh))
+                run.add(b, self._disk)
+            placed += 1
 
-    def _check_room(self, tiers: list[int], need: int, what: str) -> None:
-        """Raise CapacityError if ``need`` bytes cannot fit in ``tiers`` even after evicting every victim."""
-        free = sum(self._tiers[t].capacity - self._tiers[t].used for t in tiers)  # type: ignore[operator]
-        if need <= free:
-            return
-        evictable = 0
-        for t in tiers:
-            for bid in self._policy.victims(t):
-                v = self._blocks[bid]
-                evictable += v.nbytes if v.pins == 0 else 0
-                if need <= free + evictable:
-                    return  # enough (stop here: summing every victim would make each put O(blocks))
-        if need > free + evictable:
-            protected = sum(self._protected_bytes[t] for t in tiers)
-            names = "/".join(self._tiers[t].traits.name for t in tiers)
-            raise CapacityError(f"{need} B of {what}blocks need room in the {names} tier(s), which have "
-                                f"{free} B free, {evictable} B evictable and {protected} B protected "
-                                f"(capacity {sum(self._tiers[t].capacity or 0 for t in tiers)} B)")
+    def _no_room(self, what: str, b: Block, tiers: list[int], placed: int, total: int) -> CapacityError:
+        names = "/".join(self._tiers[t].traits.name for t in tiers)
+        return CapacityError(
+            f"{what}: no room for a block of {format_size(b.nbytes)} ({b.nbytes} B) in the {names} tier(s) "
+            f"even after evicting every victim, with {placed} of the call's {total} blocks placed before it; "
+            f"nothing was moved. " + ", ".join(self._room_report(t) for t in range(len(self._tiers))))
 
     def _place_all(self, plan: Plan, items: list[tuple[Key, np.ndarray, bool]],
                    ids: list[BlockId]) -> None:
@@ -453,18 +505,20 @@ class Store(Persistence, Placement):
         needs_memory = {bid for (_, _, p), bid in zip(items, ids) if self._must_be_in_memory(p)}
         # dedup hits on blocks that must now be protected but sit on disk only: bring them up first, from
         # the caller's bytes (a bad disk copy must not fail a put that carries good ones)
+        # In the order of _precheck_capacity's dry run, into the tiers it chose (only if another thread took
+        # the room meanwhile does _allocate fall back to the slower tiers the block may live in).
         fresh = {b.id for b in plan.fresh}
         with self._lock:
-            for bid in needs_memory - fresh:
+            for bid in dict.fromkeys(ids):
                 b = self._blocks[bid]
-                if not b.where & self._memory_mask:
-                    self._bring_to_memory(b, byte_view(src[bid][0]))
+                if bid in needs_memory and bid not in fresh and not b.where & self._memory_mask:
+                    self._bring_to_memory(b, byte_view(src[bid][0]), self._chosen(plan, b, self._memory))
         # blocks that must be in memory before the others: a block of this batch placed in memory stays
         # pinned until the commit, so it could not make room for them
         for b in sorted(plan.fresh, key=lambda b: b.id not in needs_memory):
             arr, _ = src[b.id]
             with self._lock:
-                t = self._allocate(b, self._allowed_tiers(b.id in needs_memory))
+                t = self._allocate(b, self._chosen(plan, b, self._allowed_tiers(b.id in needs_memory)))
             self._write_copy(b, t, byte_view(arr))
             if self.config.persist and t != self._disk:
                 assert self._disk is not None
@@ -481,6 +535,12 @@ class Store(Persistence, Placement):
             for t in range(len(self._tiers)):
                 if b.where >> t & 1 and not self._tiers[t].trusted(bid) and not b.where & ~(1 << t):
                     self._tiers[t].write(bid, byte_view(src[bid][0]))
+
+    @staticmethod
+    def _chosen(plan: Plan, b: Block, allowed: list[int]) -> list[int]:
+        """The dry run's tier for ``b`` first, then the slower ones it may live in."""
+        t = plan.tiers.get(b.id)
+        return allowed if t is None else [t] + [u for u in allowed if u > t]
 
     def _write_copy(self, b: Block, t: int, data: memoryview) -> None:
         """Copy ``data`` into the slot allocated for ``b`` in tier ``t`` (outside the lock; b is pinned)."""
@@ -516,7 +576,7 @@ class Store(Persistence, Placement):
             b.ready = True
         for b in plan.held.values():
             self._unpin(b)
-        self._cond.notify_all()
+        self._leave_placement(plan)
 
     def _abandon(self, plan: Plan) -> None:
         """Undo a put that failed: free what its new blocks placed, unpin the rest."""
@@ -528,7 +588,7 @@ class Store(Persistence, Placement):
             b.lost = bool(b.keys)  # a lost block that was being healed stays lost
         for b in plan.held.values():
             self._unpin(b)
-        self._cond.notify_all()
+        self._leave_placement(plan)
 
     # ------------------------------------------------------------------ key bookkeeping (lock held)
     def _entries(self, keys: list[Key], count_misses: bool = False) -> list[Entry]:
@@ -565,10 +625,13 @@ class Store(Persistence, Placement):
                     return
                 b = self._blocks[e.block_id]
                 if prefix and self._must_be_in_memory(True) and not b.where & self._memory_mask:
-                    self._check_room(self._memory, b.nbytes, "protected ")  # refuse before demoting anything
                     b.pins += 1  # cannot be dropped while we make room for it
                     try:
-                        self._bring_to_memory(b)
+                        with self._placement():
+                            t = DryRun(self, [b.id]).allocate(b, self._memory)  # refuse before demoting anything
+                            if t is None:
+                                raise self._no_room(f"protect({key!r})", b, self._memory, 0, 1)
+                            self._bring_to_memory(b, tiers=[t])
                     finally:
                         self._unpin(b)
                     if self._keys.get(key) is not e:
