@@ -718,8 +718,13 @@ def _bad_input(comm, scratch: Path) -> None:
 
     rank = comm.Get_rank()
     # a config the distributed store refuses: refused on every rank, nobody left waiting
+    # (persist=True on a single-node store's directory: rank 0 finds out, every rank raises)
+    if rank == 0:
+        (scratch / "persist").mkdir()
+        (scratch / "persist" / "journal.log").write_bytes(b"")
+    comm.Barrier()
     _raises(ConfigError, lambda: _open(comm, host_capacity="1MiB", persist=True,
-                                       disk_path=str(scratch / "persist")), "persist=True")
+                                       disk_path=str(scratch / "persist")), "persist=True on a single-node dir")
     comm.Barrier()
 
     good = _value("e/good", (64, 256), "float32")
