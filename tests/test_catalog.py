@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cascade_kv.catalog import Journal, KeyRecord, delete_record, protect_record, put_record
-from cascade_kv.errors import StorageError
+from cascade_kv.catalog import (Journal, KeyRecord, decode_dtype, delete_record, encode_dtype, protect_record,
+                                put_record)
+from cascade_kv.errors import IntegrityError, StorageError
 from cascade_kv.ids import BlockId, Key
 
 DTYPES = [
@@ -193,13 +197,131 @@ def test_random_garbage_tail_is_ignored(tmp_path: Path, garbage: bytes):
     assert reopen(path) == states[-1]
 
 
-def test_torn_record_in_the_middle_hides_the_rest(path: Path):
-    # replay stops at the first bad record: nothing after it is trusted
+def test_damaged_record_in_the_middle_is_skipped_and_later_ones_recovered(path: Path):
+    # v2 records delimit themselves: replay skips the bad one and resynchronises on the next header
     full, ends, states = write_history(path)
     broken = bytearray(full)
-    broken[ends[1] + 9] ^= 0xFF  # a byte inside the third record's payload
+    broken[ends[1] + 20] ^= 0xFF  # a byte inside the third record (protect "a")
     path.write_bytes(bytes(broken))
-    assert reopen(path) == states[1]
+    replay = Journal(path).read()
+    assert replay.damaged == ((ends[1], ends[2] - ends[1]),) and replay.torn_at is None
+    assert replay.state == {"a": record("a", 1), "c": record("c", 3, shape=(0,))}  # only the protect is lost
+    assert path.read_bytes() == bytes(broken)  # read() writes nothing
+
+
+@pytest.mark.parametrize("where", ["magic", "length", "payload-crc", "header-crc", "payload"])
+def test_one_flipped_byte_costs_one_record(path: Path, where: str):
+    full, ends, states = write_history(path)
+    offset = ends[0] + {"magic": 1, "length": 5, "payload-crc": 9, "header-crc": 13, "payload": 30}[where]
+    broken = bytearray(full)
+    broken[offset] ^= 0x40
+    path.write_bytes(bytes(broken))
+    replay = Journal(path).read()
+    assert [off for off, _ in replay.damaged] == [ends[0]] and replay.torn_at is None
+    assert replay.records == len(ends) - 1
+
+
+def test_damaged_last_record_is_damage_not_a_torn_tail(path: Path):
+    full, ends, states = write_history(path)
+    broken = bytearray(full)
+    broken[-1] ^= 0x01  # a complete record whose bytes changed: not what a crash mid-append leaves
+    path.write_bytes(bytes(broken))
+    replay = Journal(path).read()
+    assert replay.damaged == ((ends[3], ends[4] - ends[3]),) and replay.torn_at is None
+    assert replay.state == states[3]
+
+
+def test_appends_after_a_torn_tail_are_recovered(path: Path):
+    full, ends, states = write_history(path)
+    torn = full + put_record(record("d", 4))[:10]
+    late = put_record(record("e", 5))
+    path.write_bytes(torn + late)  # a torn tail that could not be cut off, then a later append
+    replay = Journal(path).read()
+    assert replay.state == {**states[-1], "e": record("e", 5)}
+    assert [off for off, _ in replay.damaged] == [len(full)]
+
+
+def v1_record(payload: dict) -> bytes:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return struct.pack("<II", len(body), zlib.crc32(body)) + body
+
+
+V1 = [{"op": "put", "k": {"s": "a"}, "id": "01" * 32, "n": 8, "dt": "<f2", "sh": [4], "p": False},
+      {"op": "put", "k": {"b": "YmI="}, "id": "02" * 32, "n": 8, "dt": [["k", "<f2"], ["v", "<f2"]], "sh": [2], "p": True},
+      {"op": "prot", "k": {"s": "a"}, "p": True},
+      {"op": "put", "k": {"s": "c"}, "id": "03" * 32, "n": 8, "dt": "<i8", "sh": [], "p": False}]
+
+
+def test_a_v1_journal_still_opens_and_is_rewritten_as_v2(path: Path):
+    path.write_bytes(b"".join(v1_record(p) for p in V1))
+    j = Journal(path)
+    replay = j.read()
+    assert replay.version == 1 and replay.records == 4 and not replay.damaged
+    kv = np.dtype([("k", "<f2"), ("v", "<f2")])
+    assert replay.state == {"a": record("a", 1, prefix=True), b"bb": record(b"bb", 2, kv, (2,), prefix=True),
+                            "c": KeyRecord("c", BlockId(bytes([3]) * 32), 8, np.dtype("<i8"), (), False)}
+    j.open()
+    j.append([delete_record("c")], sync=True)  # a v2 append after v1 records (compaction had no room)
+    j.close()
+    assert set(reopen(path)) == {"a", b"bb"}
+    assert Journal(path).read().version == 2  # load() compacted it
+
+
+def test_a_v1_journal_with_a_torn_tail_opens(path: Path):
+    data = b"".join(v1_record(p) for p in V1)
+    path.write_bytes(data + v1_record(V1[0])[:15])
+    replay = Journal(path).read()
+    assert replay.records == 4 and replay.torn_at == len(data) and not replay.damaged
+
+
+def test_a_v1_journal_damaged_in_the_middle_is_refused(path: Path):
+    data = bytearray(b"".join(v1_record(p) for p in V1))
+    offset = len(v1_record(V1[0])) + 12
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=f"offset {len(v1_record(V1[0]))}"):
+        Journal(path).read()
+    assert path.read_bytes() == bytes(data)
+
+
+# -- dtypes -----------------------------------------------------------------------------------
+EXOTIC = [
+    np.dtype({"names": ["a", "b"], "formats": ["<i4", "<f8"], "titles": ["A title", None], "offsets": [0, 8],
+              "itemsize": 24}),
+    np.dtype({"names": ["a", "b"], "formats": ["<i4", "<i2"], "offsets": [0, 2], "itemsize": 4}),  # overlapping
+    np.dtype("<f4", metadata={"unit": "K", "scale": [1, 2.5, None]}),
+    np.dtype([("x", np.dtype(">i2", metadata={"k": True})), ("y", "<u1", (2, 3))], align=True),
+    np.dtype((np.record, [("a", "<i4")])),
+    np.dtype([]),
+]
+
+
+def same_dtype(a: np.dtype, b: np.dtype) -> bool:
+    """Equal, and equal in what ``==`` ignores: metadata, scalar type, alignment (recursively)."""
+    if a != b or a.metadata != b.metadata or a.type is not b.type or a.isalignedstruct != b.isalignedstruct:
+        return False
+    if a.names is not None:
+        return a.names == b.names and all(
+            same_dtype(a.fields[n][0], b.fields[n][0]) and a.fields[n][1:] == b.fields[n][1:] for n in a.names)
+    if a.subdtype is not None:
+        return a.subdtype[1] == b.subdtype[1] and same_dtype(a.subdtype[0], b.subdtype[0])
+    return True
+
+
+@pytest.mark.parametrize("dtype", DTYPES + EXOTIC, ids=str)
+def test_dtype_encoding_is_exact(dtype: np.dtype):
+    got = decode_dtype(json.loads(json.dumps(encode_dtype(dtype))))
+    assert same_dtype(got, dtype)
+
+
+@pytest.mark.parametrize("dtype", [
+    np.dtype("O"), np.dtype([("a", "O")]), np.dtype("<f4", metadata={"f": (1, 2)}),
+    np.dtype("<f4", metadata={1: "int key"}), np.dtype("<f4", metadata={"obj": object()}),
+    np.dtype({"names": ["a"], "formats": ["<i4"], "titles": [3]}),
+], ids=str)
+def test_dtype_without_an_exact_encoding_is_refused(dtype: np.dtype):
+    with pytest.raises(TypeError):
+        encode_dtype(dtype)
 
 
 # -- compaction -------------------------------------------------------------------------------
@@ -209,7 +331,7 @@ def test_load_compacts_to_one_put_per_live_key(path: Path):
     state = reopen(path)
     assert state == states[-1]
     assert path.read_bytes() == b"".join(put_record(r) for r in state.values())
-    assert not path.with_suffix(".compact").exists()
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
     assert reopen(path) == state  # the compacted file replays to the same state
 
 
