@@ -25,6 +25,8 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
 
+_FLAGS = ("persist", "dedup_enabled", "semantic_eviction", "locality_aware", "o_direct", "group_access")
+
 HashAlgorithm = Literal["blake3", "sha256"]
 VerifyMode = Literal["auto", "always"]
 EvictionOrder = Literal["reuse", "lru"]
@@ -114,6 +116,12 @@ class CascadeConfig:
     """Read and write disk blocks with ``O_DIRECT`` (bypass the page cache; needs a file system that
     supports it)."""
 
+    group_access: bool = False
+    """Let the owner's group read the disk tier: files the store creates (block files, the journal,
+    ``FORMAT``, ``LOCK``) are ``0640`` and its directories ``0750``. ``False``: owner only (``0600``/``0700``),
+    since a block holds a prompt's KV and the journal every key name. Modes are set explicitly, whatever
+    the umask; directories that already exist keep theirs."""
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise in place once, here
         set_(self, "host_capacity", parse_size(self.host_capacity, "host_capacity"))
@@ -123,7 +131,7 @@ class CascadeConfig:
             if not isinstance(self.disk_path, (str, os.PathLike)) or str(self.disk_path) == "":
                 raise ConfigError(f"disk_path: expected a directory path, got {self.disk_path!r}")
             set_(self, "disk_path", Path(self.disk_path))
-        for flag in ("persist", "dedup_enabled", "semantic_eviction", "locality_aware", "o_direct"):
+        for flag in _FLAGS:
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         if self.persist and self.disk_path is None:
@@ -154,7 +162,7 @@ class CascadeConfig:
             raw = env.get(f"CASCADE_{f.name.upper()}")
             if raw is None:
                 continue
-            if f.name in ("persist", "dedup_enabled", "semantic_eviction", "locality_aware", "o_direct"):
+            if f.name in _FLAGS:
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ConfigError(f"CASCADE_{f.name.upper()}: expected a boolean, got {raw!r}")
                 kwargs[f.name] = raw.lower() in ("1", "true", "yes", "on")

@@ -4,12 +4,23 @@ Layout under ``root``::
 
     blocks/ab/abcdef...          one file per block, named by its digest (hex), raw bytes only
     tmp/                         files being written; renamed into blocks/ when complete
-    quarantine/                  copies that failed their digest check, kept for inspection
+    quarantine/                  copies that failed their digest check (or were found damaged or
+                                 unaccounted for when a persistent store reopened), kept for inspection
 
 A file holds the block's bytes and nothing else, so a raw ``readinto`` of it
 is the exact ceiling of a read, and the name is the checksum. A write goes to
 ``tmp/`` and is renamed into place, so no reader ever sees half a block.
 Reads go straight into the caller's buffer with ``readv``.
+
+Files are private: created ``0600`` in ``0700`` directories (``0640``/``0750`` with
+``group_access``), set with ``fchmod``/``chmod`` so the umask cannot widen or narrow them.
+Directories that already exist keep their mode (a site may have set it on purpose).
+A temporary file has an unpredictable name and is created with ``O_EXCL|O_NOFOLLOW``
+relative to a descriptor of ``tmp/`` opened with ``O_NOFOLLOW`` and checked to be a
+directory owned by this user, so a link planted in or as ``tmp/`` cannot redirect a
+write outside the tier. With ``durable=True`` every rename (into ``blocks/`` or
+``quarantine/``) is followed by an fsync of the directories it changed, so it
+survives power loss, not just a killed process.
 
 Integrity: every read checks the file's size; the bytes are hashed on the first
 read of a file and again whenever its identity changed (inode, size, mtime or
@@ -21,10 +32,13 @@ again, as git does for its index. ``verify="always"`` hashes every read.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import mmap
 import os
+import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +58,16 @@ _COARSE_RACY_NS = 2_000_000_000  # file systems that keep whole seconds (some Lu
 
 _Signature = tuple[int, int, int, int]  # (inode, size, mtime_ns, ctime_ns)
 
+PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
+GROUP_FILE, GROUP_DIR = 0o640, 0o750
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def modes(group_access: bool) -> tuple[int, int]:
+    """(file mode, directory mode) for files a store creates."""
+    return (GROUP_FILE, GROUP_DIR) if group_access else (PRIVATE_FILE, PRIVATE_DIR)
+
 
 def _racy_ns(ctime_ns: int) -> int:
     """How close to its verification a ctime must not be. A ctime with no sub-second part comes from a
@@ -61,14 +85,19 @@ class DiskTier(Tier):
     traits = TierTraits(name="disk", memory=False, persistent=True, addressable=False)
 
     def __init__(self, root: str | os.PathLike[str], hasher: Hasher, *, capacity: int | None = None,
-                 durable: bool = False, o_direct: bool = False, verify: str = "auto") -> None:
+                 durable: bool = False, o_direct: bool = False, verify: str = "auto",
+                 group_access: bool = False) -> None:
         self.root = Path(root)
         self._blocks = self.root / "blocks"
         self._tmp = self.root / "tmp"
         self._quarantine = self.root / "quarantine"
+        self.file_mode, self.dir_mode = modes(group_access)
+        """Modes of the files and directories this tier (and a persistent store on it) creates."""
         try:
             for d in (self._blocks, self._tmp):
-                d.mkdir(parents=True, exist_ok=True)
+                make_dirs(d, self.dir_mode)
+            with self._tmp_dir():
+                pass  # refuse a tmp/ that is a link or someone else's now, not at the first write
         except OSError as e:
             raise StorageError(e.errno, f"disk tier: cannot create {self.root}: {e.strerror}", str(self.root)) from e
         if o_direct and not hasattr(os, "O_DIRECT"):
@@ -131,26 +160,45 @@ class DiskTier(Tier):
             raise ValueError(f"disk tier: block is {nbytes} B, source is {src.nbytes} B")
         src = src.cast("B") if src.format != "B" or src.ndim != 1 else src
         final = self.path(block_id)
-        tmp = self._tmp / f"{final.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            final.parent.mkdir(exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | self._direct, 0o644)
-            try:
-                if self._direct:
-                    self._write_direct(fd, src)
-                else:
-                    _write_all(fd, src)
+            with self._tmp_dir() as tmp_fd:
+                make_dirs(final.parent, self.dir_mode)
+                fd, tmp = create_exclusive(tmp_fd, f"{final.name}.", self.file_mode, self._direct)
+                try:
+                    try:
+                        if self._direct:
+                            self._write_direct(fd, src)
+                        else:
+                            _write_all(fd, src)
+                        if self._durable:
+                            os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except BaseException:
+                    _unlink_quietly(tmp, tmp_fd)
+                    raise
+                try:
+                    os.rename(tmp, final, src_dir_fd=tmp_fd)  # atomic: readers see the old state or the whole block
+                except OSError:
+                    _unlink_quietly(tmp, tmp_fd)
+                    raise
                 if self._durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, final)  # atomic: readers see the old state or the whole block
-            if self._durable:
-                _fsync_dir(final.parent)
+                    fsync_dir(final.parent)
         except OSError as e:
-            _unlink_quietly(tmp)
             raise StorageError(e.errno, f"disk tier: cannot write block to {final}: {e.strerror}",
                                str(final)) from e
+
+    @contextlib.contextmanager
+    def _tmp_dir(self) -> Iterator[int]:
+        """A descriptor of ``tmp/`` (not a link, a directory, ours) that temporary files are created under."""
+        fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise OSError(errno.EPERM, f"{self._tmp} belongs to uid {st.st_uid}, not to this user")
+            yield fd
+        finally:
+            os.close(fd)
 
     def read_into(self, block_id: BlockId, out: memoryview) -> None:
         nbytes = self._sizes[block_id]
@@ -203,14 +251,24 @@ class DiskTier(Tier):
         _unlink_quietly(self.path(block_id))
 
     # -- recovery -----------------------------------------------------------------------------
-    def adopt(self, block_id: BlockId) -> int | None:
-        """Track a block file already present (written by an earlier run); its size, or ``None``.
+    def adopt(self, block_id: BlockId, expected: int | None = None) -> int | None:
+        """Track a block file already present (written by an earlier run); its size, or ``None`` if
+        there is none. A file that is not a regular file (or cannot be examined) reads as size -1, and
+        one whose size is not ``expected`` (when given) is not tracked either: both are damaged.
 
         Adopted files are not trusted: their first read is hashed."""
         try:
-            size = self.path(block_id).stat().st_size
+            st = os.lstat(self.path(block_id))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            log.warning("disk tier: cannot examine %s: %s", self.path(block_id), e.strerror)
+            return -1
+        if not stat.S_ISREG(st.st_mode):
+            return -1
+        size = st.st_size
+        if expected is not None and size != expected:
+            return size
         with self._lock:
             if block_id not in self._sizes:
                 self._sizes[block_id] = size
@@ -229,30 +287,52 @@ class DiskTier(Tier):
 
     def remove_untracked(self, block_id: BlockId) -> None:
         """Delete a block file that no tracked block refers to (an orphan of a crash)."""
-        assert block_id not in self._sizes
+        if block_id in self._sizes:  # a real check, not an assert: deleting a live block's file loses it
+            raise ValueError(f"disk tier: block {block_name(block_id)[:16]} is tracked; free() it instead")
         _unlink_quietly(self.path(block_id))
 
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted writes; how many were removed."""
         n = 0
-        for f in self._tmp.iterdir():
-            _unlink_quietly(f)
-            n += 1
+        try:
+            with self._tmp_dir() as tmp_fd:
+                for name in os.listdir(tmp_fd):
+                    _unlink_quietly(name, tmp_fd)
+                    n += 1
+        except OSError as e:  # leftovers only cost space: never fail an open over them
+            log.warning("disk tier: cannot clean %s: %s", self._tmp, e.strerror)
         return n
 
     def quarantine(self, block_id: BlockId) -> Path | None:
         """Move a bad copy aside (never deleted: someone will want to look at it) and stop tracking it."""
-        src = self.path(block_id)
         self._release(block_id)
+        return self.quarantine_untracked(block_id, unlink_on_failure=True)
+
+    def quarantine_untracked(self, block_id: BlockId, *, unlink_on_failure: bool = False) -> Path | None:
+        """Move an untracked block file aside; where it went, or ``None`` if it is gone or could not move
+        (then it is deleted with ``unlink_on_failure``: a bad copy must not be read again; otherwise left)."""
+        src = self.path(block_id)
+        return self.move_aside(src, unlink_on_failure=unlink_on_failure)
+
+    def move_aside(self, src: Path, *, unlink_on_failure: bool = False) -> Path | None:
+        """Rename ``src`` (a file under ``root``) into ``quarantine/``; where it went, or ``None``."""
         dst = self._quarantine / f"{src.name}.{time.time_ns()}"
         try:
-            self._quarantine.mkdir(exist_ok=True)
+            make_dirs(self._quarantine, self.dir_mode)
             os.rename(src, dst)
         except FileNotFoundError:
             return None
-        except OSError:
-            _unlink_quietly(src)
+        except OSError as e:
+            log.warning("disk tier: cannot move %s to %s: %s", src, self._quarantine, e.strerror)
+            if unlink_on_failure:
+                _unlink_quietly(src)
             return None
+        if self._durable:
+            try:
+                fsync_dir(self._quarantine)
+                fsync_dir(src.parent)
+            except OSError as e:  # the rename happened; only its durability is in doubt
+                log.warning("disk tier: cannot fsync after moving %s aside: %s", src, e.strerror)
         return dst
 
     def close(self) -> None:
@@ -315,19 +395,57 @@ def _read_all(fd: int, out: memoryview) -> int:
     return got
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: Path) -> None:
+    """Make the renames and creations in directory ``path`` durable (power loss, not only a crash)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _unlink_quietly(path: Path) -> None:
+def make_dirs(path: Path, mode: int) -> None:
+    """Create ``path`` and any missing parents with exactly ``mode``; existing directories keep theirs."""
+    missing = []
+    p = Path(path)
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue  # made meanwhile by someone else: theirs, keep its mode
+        os.chmod(d, mode)  # mkdir's mode is filtered by the umask
+
+
+def create_exclusive(dir_fd: int, prefix: str, mode: int, extra_flags: int = 0) -> tuple[int, str]:
+    """Create a new file ``prefix<random>.tmp`` under ``dir_fd``, write only, with exactly ``mode``.
+
+    The name is unpredictable and ``O_EXCL|O_NOFOLLOW`` refuse anything already there, so a file or link
+    planted in advance is never written through (a predictable name was rejected: it let a link in
+    ``tmp/`` redirect the write outside the tier)."""
+    name = f"{prefix}{secrets.token_hex(8)}.tmp"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | extra_flags, mode,
+                 dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)  # the umask filtered the mode given to open
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(name, dir_fd)
+        raise
+    return fd, name
+
+
+def _unlink_quietly(path: Path | str, dir_fd: int | None = None) -> None:
     """Remove a file we no longer track. Failing to (a read-only or failing disk) must not fail the
     operation that no longer needs it: the file is an orphan, removed when a persistent store reopens."""
     try:
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except OSError as e:
