@@ -3,6 +3,18 @@
 A mixin of :class:`~cascade_kv.store.Store`, kept apart because recovering a
 directory (locking it, replaying the journal, adopting block files) is its own
 job with its own failure modes, separate from moving data between tiers.
+
+Opening runs in two phases. The *read* phase takes the lock, reads ``FORMAT``,
+reads and parses the whole journal and examines every block file it names;
+it writes nothing, so an open that fails there (a bad record we must not
+guess past, a read-only disk, a config that does not match) leaves every file
+exactly as it was. Only when all of that succeeded does the *commit* phase
+write: ``FORMAT`` for a new directory, damaged block files into
+``quarantine/``, orphans removed (or kept in ``quarantine/`` when the journal
+was not read whole: they may belong to keys in the damaged part), ``tmp/``
+emptied, and the journal compacted if there is room (never required: on a
+full disk the old journal stays and appends follow it). What the open found
+is :attr:`Store.recovery`.
 """
 from __future__ import annotations
 
@@ -10,15 +22,62 @@ import errno
 import fcntl
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog
 from .blocks import Block, Entry
 from .errors import CapacityError, ConfigError, IntegrityError, StorageError
-from .ids import block_name
+from .ids import BlockId, Key, block_name
 from .tiers import DiskTier
+from .tiers.disk import create_exclusive, fsync_dir, make_dirs
 
 log = logging.getLogger(__name__)
+
+JOURNAL = "journal.log"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What opening a persistent directory found and did (:attr:`Store.recovery`)."""
+
+    journal_version: int
+    """Format of the journal read: 2, 1 (legacy, rewritten as 2 when compacted), or 0 (none yet)."""
+    records: int
+    """Intact journal records replayed."""
+    keys: int
+    """Keys the store opened with."""
+    damaged: tuple[tuple[int, int], ...]
+    """(offset, length) of journal regions that failed their checks and were skipped; the records
+    before and after them were recovered. Non-empty means the journal was not read whole."""
+    torn_tail: int | None
+    """Offset of an incomplete last record (a crash mid-append; never an acknowledged put), dropped."""
+    lost_keys: tuple[Key, ...]
+    """Journalled keys dropped because their block file was missing or damaged."""
+    quarantined: tuple[str, ...]
+    """Names of the files moved to ``quarantine/``: damaged block files, block files kept because the
+    journal was not read whole, and a copy of the damaged journal."""
+    orphans_removed: int
+    """Block files no key referred to (written by a put that crashed before its record), deleted."""
+    orphans_kept: int
+    """Block files no key referred to, moved to ``quarantine/`` instead because the journal was not
+    read whole (they may belong to keys in a damaged record)."""
+    tmp_removed: int
+    """Half-written files of interrupted writes removed from ``tmp/``."""
+    compacted: bool
+    """The journal was rewritten as one record per live key (``False``: no room; retried at close)."""
+
+    @property
+    def read_whole(self) -> bool:
+        return not self.damaged
+
+    @property
+    def clean(self) -> bool:
+        """Nothing was damaged, lost or quarantined (a torn tail and orphans are a crash's normal leftovers)."""
+        return not (self.damaged or self.lost_keys or self.quarantined)
 
 
 class Persistence:
@@ -28,10 +87,103 @@ class Persistence:
         if self._journal is not None:
             self._journal.append(records, sync=True)
 
+    def _refuse_unpersistable(self, items: list[tuple[Key, object, bool]]) -> None:
+        """TypeError, before anything changes, for a value whose dtype the journal cannot record exactly
+        (a put that succeeded but could not be reloaded would lose the key at the next open)."""
+        if self._journal is None:
+            return
+        for key, arr, _ in items:
+            try:
+                catalog.encode_dtype(arr.dtype)  # type: ignore[attr-defined]
+            except TypeError as e:
+                raise TypeError(f"put({key!r}) with persist=True: {e}") from None
+
     def _recover(self, root: Path) -> None:
-        """Take the directory's lock, replay the journal, adopt block files, reload protected blocks."""
-        root.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        """Open the directory in two phases (see the module docstring) and reload protected blocks."""
+        if self._disk is None or not isinstance(self._tiers[self._disk], DiskTier):
+            raise ConfigError("persist=True needs a DiskTier among the store's tiers")
+        disk: DiskTier = self._tiers[self._disk]
+        # -- read phase: nothing below writes a byte
+        self._lock_dir(root, disk.file_mode)
+        marker = root / "FORMAT"
+        wanted = f"cascade-kv blocks v1 hash={self.config.hash_algorithm}\n"
+        has_format = self._check_format(marker, wanted)
+        self._journal = catalog.Journal(root / JOURNAL, file_mode=disk.file_mode)
+        replay = self._journal.read()
+        self._journal.open()  # a read-only disk fails here
+        lost: list[Key] = []
+        damaged_files: set[BlockId] = set()
+        for key, r in replay.state.items():
+            b = self._blocks.get(r.block_id)
+            if b is None and r.block_id not in damaged_files:
+                size = disk.adopt(r.block_id, r.nbytes)
+                if size == r.nbytes:
+                    b = self._blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True)
+                    self._add_copy(b, self._disk)
+                elif size is not None:
+                    damaged_files.add(r.block_id)  # truncated, grown, not a file, or unreadable
+            if b is None or b.nbytes != r.nbytes:
+                lost.append(key)
+                continue
+            e = Entry(r.block_id, r.dtype, r.shape, r.prefix)
+            self._keys[key] = e
+            self._attach(key, e, b)
+        orphans = [bid for bid in disk.scan() if bid not in self._blocks and bid not in damaged_files]
+        # -- commit phase: everything was read; from here on the open only tidies, best effort
+        if not has_format:
+            self._write_format(marker, wanted, disk.file_mode)
+        quarantined: list[str] = []
+        for bid in sorted(damaged_files):
+            if (dst := disk.quarantine_untracked(bid)) is not None:
+                quarantined.append(dst.name)
+        kept = removed = 0
+        if replay.damaged:
+            if (dst := self._keep_damaged_journal(root, disk)) is not None:
+                quarantined.append(dst.name)
+            for bid in orphans:  # they may belong to the keys of a damaged record: never delete them
+                if (dst := disk.quarantine_untracked(bid)) is not None:
+                    quarantined.append(dst.name)
+                    kept += 1
+        else:
+            for bid in orphans:
+                disk.remove_untracked(bid)  # written by a put that crashed before its journal record
+                removed += 1
+        tmp_removed = disk.clean_tmp()
+        for leftover in self._journal.leftovers():
+            try:
+                leftover.unlink()
+            except OSError as e:
+                log.warning("cannot remove %s: %s", leftover, e.strerror)
+        compacted = self._compact_at_open(self._journal, replay)
+        self._c.quarantined += len(quarantined)
+        self._c.tiers[self._disk].bytes_written = 0
+        self.recovery = RecoveryReport(
+            journal_version=replay.version, records=replay.records, keys=len(self._keys), damaged=replay.damaged,
+            torn_tail=replay.torn_at, lost_keys=tuple(lost), quarantined=tuple(quarantined),
+            orphans_removed=removed, orphans_kept=kept, tmp_removed=tmp_removed, compacted=compacted)
+        if not self.recovery.clean:
+            log.warning("%s: recovery: %d journal region(s) damaged %s, %d key(s) lost, %d file(s) quarantined "
+                        "(%d unaccounted block files kept); %d keys recovered", root, len(replay.damaged),
+                        [off for off, _ in replay.damaged], len(lost), len(quarantined), kept, len(self._keys))
+        with self._lock:
+            for b in [b for b in self._blocks.values() if b.protected]:
+                if self._must_be_in_memory(True):
+                    try:
+                        self._bring_to_memory(b)
+                    except (CapacityError, IntegrityError, StorageError) as e:  # served from disk meanwhile
+                        log.warning("protected block %s not reloaded into memory: %s", block_name(b.id)[:16], e)
+            self._c.promotions = 0
+
+    def _lock_dir(self, root: Path, mode: int) -> None:
+        lock = root / "LOCK"
+        try:
+            try:
+                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
+                os.fchmod(self._lock_fd, mode)
+            except FileExistsError:
+                self._lock_fd = os.open(lock, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
+        except OSError as e:
+            raise StorageError(e.errno, f"cannot open {lock}: {e.strerror}", str(lock)) from e
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -39,59 +191,76 @@ class Persistence:
                                f"(its LOCK file is held)", str(root)) from None
         except OSError as e:  # Lustre mounted without flock: nothing to lock with; say so and go on
             log.warning("cannot lock %s (%s); make sure no other store opens it", root, e.strerror)
-        self._check_format(root)
-        assert self._disk is not None
-        disk = self._tiers[self._disk]
-        assert isinstance(disk, DiskTier)
-        disk.clean_tmp()
-        self._journal = catalog.Journal(root / "journal.log")
-        records = self._journal.load()
-        missing = 0
-        for key, r in records.items():
-            b = self._blocks.get(r.block_id)
-            if b is None:
-                if disk.adopt(r.block_id) != r.nbytes:
-                    missing += 1
-                    continue
-                b = self._blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True)
-                self._add_copy(b, self._disk)
-            e = Entry(r.block_id, r.dtype, r.shape, r.prefix)
-            self._keys[key] = e
-            self._attach(key, e, b)
-        if missing:
-            log.warning("%s: %d journalled keys had no intact block file and were dropped", root, missing)
-        referenced = set(self._blocks)
-        for bid in disk.scan():
-            if bid not in referenced:
-                disk.remove_untracked(bid)  # written by a put that crashed before its journal record
-        self._c.tiers[self._disk].bytes_written = 0
-        with self._lock:
-            for b in [b for b in self._blocks.values() if b.protected]:
-                if self._must_be_in_memory(True):
-                    try:
-                        self._bring_to_memory(b)
-                    except (CapacityError, IntegrityError) as e:
-                        log.warning("protected block %s not reloaded into memory: %s", block_name(b.id)[:16], e)
-            self._c.promotions = 0
 
-    def _check_format(self, root: Path) -> None:
+    def _check_format(self, marker: Path, wanted: str) -> bool:
         """A persistent directory records the digest its block files are named by. Reopening it with
-        another ``hash_algorithm`` would fail every file's check and quarantine them all: refuse instead."""
-        marker = root / "FORMAT"
-        wanted = f"cascade-kv blocks v1 hash={self.config.hash_algorithm}\n"
+        another ``hash_algorithm`` would fail every file's check and quarantine them all: refuse instead.
+        Whether the marker exists (it is written in the commit phase)."""
         try:
             found = marker.read_text()
         except FileNotFoundError:
-            try:
-                tmp = marker.with_suffix(".tmp")
-                tmp.write_text(wanted)
-                os.replace(tmp, marker)
-            except OSError as e:
-                raise StorageError(e.errno, f"cannot write {marker}: {e.strerror}", str(marker)) from e
-            return
+            return False
+        except (OSError, UnicodeDecodeError) as e:
+            raise StorageError(getattr(e, "errno", None) or errno.EIO, f"cannot read {marker}: {e}", str(marker)) from e
         if found != wanted:
-            raise ConfigError(f"{root} holds blocks written as {found.strip()!r}; this store is configured "
+            raise ConfigError(f"{marker.parent} holds blocks written as {found.strip()!r}; this store is configured "
                               f"for {wanted.strip()!r}: open it with the same hash_algorithm")
+        return True
+
+    @staticmethod
+    def _write_format(marker: Path, wanted: str, mode: int) -> None:
+        try:
+            dir_fd = os.open(marker.parent, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+            try:
+                fd, tmp = create_exclusive(dir_fd, "FORMAT.", mode)
+                try:
+                    try:
+                        os.write(fd, wanted.encode())
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    os.replace(tmp, marker.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    try:
+                        os.unlink(tmp, dir_fd=dir_fd)
+                    except OSError:
+                        pass
+                    raise
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise StorageError(e.errno, f"cannot write {marker}: {e.strerror}", str(marker)) from e
+
+    def _keep_damaged_journal(self, root: Path, disk: DiskTier) -> Path | None:
+        """Hard-link the damaged journal into ``quarantine/`` (no data copied: works on a full disk), so
+        that compaction does not erase what someone will want to inspect."""
+        dst = root / "quarantine" / f"{JOURNAL}.{time.time_ns()}"
+        try:
+            make_dirs(dst.parent, disk.dir_mode)
+            os.link(root / JOURNAL, dst)
+            fsync_dir(dst.parent)
+        except OSError as e:
+            log.warning("cannot keep a copy of the damaged journal in %s: %s", dst.parent, e.strerror)
+            return None
+        return dst
+
+    def _compact_at_open(self, journal: catalog.Journal, replay: catalog.Replay) -> bool:
+        """Rewrite the journal from the keys just opened, if there is room. Optional: without room the
+        old journal stays (a torn tail is cut off, which needs no room) and compaction is retried at close."""
+        try:
+            journal.compact(catalog.KeyRecord(k, e.block_id, self._blocks[e.block_id].nbytes, e.dtype,
+                                                    e.shape, e.prefix) for k, e in self._keys.items())
+            return True
+        except StorageError as e:
+            log.warning("journal not compacted at open (retried at close): %s", e)
+        journal.create()  # a new directory on a full disk still gets an (empty) journal
+        if replay.torn_at is not None:
+            try:
+                journal.truncate(replay.torn_at)
+            except StorageError as e:  # appends then follow the garbage: replay resynchronises past it
+                log.warning("torn journal tail not cut off: %s", e)
+        return False
 
     def _release_dir_lock(self) -> None:
         if self._lock_fd >= 0:

@@ -37,7 +37,7 @@ from .hashing import Hasher
 from .ids import BlockId, Key, block_name
 from .blocks import Block, Entry, Plan, fastest
 from .dryrun import DryRun
-from .persistence import Persistence
+from .persistence import Persistence, RecoveryReport
 from .placement import WAIT_SLICE, Placement
 from .policy import Policy
 from .stats import Counters, StoreStats, TierCounters, TierStats
@@ -80,6 +80,12 @@ class Store(Persistence, Placement):
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._closed = False
+        # set last in __init__: close() and __del__ of a store that did not finish opening must not write
+        # (compacting the journal from its empty key table once erased a cache the open merely failed on)
+        self._opened = False
+        self.recovery: RecoveryReport | None = None
+        """What opening the persistent directory found (damage skipped, keys lost, files quarantined);
+        ``None`` for a store without ``persist``."""
         self._keys: dict[Key, Entry] = {}
         self._blocks: dict[BlockId, Block] = {}
         self._serial = itertools.count(int(time.time_ns()))  # dedup off: ids unique across reopenings
@@ -111,12 +117,16 @@ class Store(Persistence, Placement):
             if cfg.persist:
                 self._recover(Path(cfg.disk_path))  # type: ignore[arg-type]
         except BaseException:
+            self._closed = True  # releases memory, descriptors and the lock; writes nothing
+            if self._journal is not None:
+                self._journal.close()
             for t in tiers:
                 t.close()
             self._release_dir_lock()
             raise
         self.open_seconds = time.perf_counter() - t0
         """Seconds to open: arena allocation and touch, journal replay, reloading protected blocks."""
+        self._opened = True
 
     def _make_tiers(self, cfg: CascadeConfig) -> list[Tier]:
         """The tiers, fastest first. The store's logic sees only their order and traits, so a subclass
@@ -125,7 +135,8 @@ class Store(Persistence, Placement):
         if cfg.disk_path is not None:
             try:
                 tiers.append(DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity,
-                                      durable=cfg.persist, o_direct=cfg.o_direct, verify=cfg.verify_reads))
+                                      durable=cfg.persist, o_direct=cfg.o_direct, verify=cfg.verify_reads,
+                                      group_access=cfg.group_access))
             except BaseException:
                 tiers[0].close()
                 raise
@@ -140,6 +151,7 @@ class Store(Persistence, Placement):
                  is_prefix: bool | Sequence[bool] = False) -> None:
         """Store many arrays at once; all or nothing. A key given twice takes its last array."""
         items = put_items(keys, arrays, is_prefix)
+        self._refuse_unpersistable(items)
         ids = [self._block_id(byte_view(a)) for _, a, _ in items]  # hashing: outside every lock
         with self._write_order:
             with self._lock:
@@ -391,8 +403,9 @@ class Store(Persistence, Placement):
                 disk.free(bid)
         if self._journal is not None:
             try:  # a long-lived store's journal holds every change since it opened: keep only live keys
-                self._journal.compact(catalog.KeyRecord(k, e.block_id, self._blocks[e.block_id].nbytes, e.dtype,
-                                                        e.shape, e.prefix) for k, e in self._keys.items())
+                if self._opened:  # only a store that finished opening knows every key
+                    self._journal.compact(catalog.KeyRecord(k, e.block_id, self._blocks[e.block_id].nbytes, e.dtype,
+                                                            e.shape, e.prefix) for k, e in self._keys.items())
             except StorageError as e:  # the old journal is intact (compaction writes aside, then renames)
                 log.warning("journal not compacted at close: %s", e)
             self._journal.close()
@@ -407,7 +420,7 @@ class Store(Persistence, Placement):
         self.close()
 
     def __del__(self) -> None:
-        if not getattr(self, "_closed", True):
+        if getattr(self, "_opened", False) and not self._closed:  # a half-built store released all in __init__
             with contextlib.suppress(Exception):
                 self.close()
 
