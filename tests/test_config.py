@@ -197,3 +197,12 @@ def test_from_env_rejects_bad_values(env: dict[str, str]):
 def test_from_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("CASCADE_HOST_CAPACITY", "3MiB")
     assert CascadeConfig.from_env().host_capacity == 3 << 20
+
+
+def test_group_access_defaults_to_owner_only_and_reads_from_env():
+    assert CascadeConfig().group_access is False
+    assert CascadeConfig.from_env({"CASCADE_GROUP_ACCESS": "yes"}).group_access is True
+    with pytest.raises(ConfigError, match="group_access"):
+        CascadeConfig(group_access="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="CASCADE_GROUP_ACCESS"):
+        CascadeConfig.from_env({"CASCADE_GROUP_ACCESS": "maybe"})
