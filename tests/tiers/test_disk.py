@@ -495,3 +495,22 @@ def test_clean_tmp(make_disk: MakeDisk, hasher: Hasher):
     assert files_under(disk.root / "tmp") == []
     assert disk.clean_tmp() == 0
     assert load(disk, bid) == b"survivor"  # finished blocks are not leftovers
+
+
+def test_adopt_with_an_expected_size_does_not_track_a_damaged_file(make_disk: MakeDisk, hasher: Hasher):
+    first = make_disk()
+    bid = store(first, hasher, b"0123456789")
+    os.truncate(first.path(bid), 4)
+    reopened = make_disk()
+    assert reopened.adopt(bid, 10) == 4 and not reopened.contains(bid)
+    first.path(bid).unlink()
+    first.path(bid).mkdir()
+    assert reopened.adopt(bid) == -1 and not reopened.contains(bid)  # not a regular file
+
+
+def test_remove_untracked_refuses_a_tracked_block_even_under_python_O(make_disk: MakeDisk, hasher: Hasher):
+    disk = make_disk()
+    bid = store(disk, hasher, b"live")
+    with pytest.raises(ValueError):
+        disk.remove_untracked(bid)
+    assert load(disk, bid) == b"live"
