@@ -61,7 +61,7 @@ def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) ->
     A buffer that is writable but not C-contiguous is accepted: the block is read into a
     temporary and copied into it (one extra copy); see :func:`needs_staging`."""
     if not isinstance(out, np.ndarray):
-        raise InvalidArgumentType(f"get({key!r}): out must be a numpy array, not {type(out).__name__}")
+        raise InvalidArgument(f"get({key!r}): out must be a numpy array, not {type(out).__name__}")
     if out.dtype != dtype or out.shape != shape:
         raise InvalidArgument(f"get({key!r}): out has dtype {out.dtype} and shape {out.shape}; "
                               f"the stored block has dtype {dtype} and shape {shape}")
