@@ -9,9 +9,11 @@ Across the ranks of an MPI job (``mpiexec -n 4 python app.py``), ``DistributedSt
 memory into one cache with the same API (imported lazily: ``import cascade_kv`` does not initialise MPI).
 """
 from .config import CascadeConfig, format_size, parse_size
-from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, LaunchError,
-                     LaunchTimeout, PeerTimeout, RemoteError, ServiceClosed, StorageError, StoreClosed)
+from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, InvalidArgument,
+                     InvalidArgumentType, LaunchError, LaunchTimeout, PeerTimeout, RemoteError, ServiceClosed,
+                     StorageError, StoreClosed, TierNotFound)
 from .ids import BlockId, Digest, Key
+from .persistence import RecoveryReport
 from .stats import StoreStats, TierStats
 from .store import KeyInfo, Store
 
@@ -27,7 +29,7 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "CascadeConfig", "Store", "DistributedStore", "StoreStats", "TierStats", "KeyInfo",
-    "CascadeError", "ConfigError", "BlockNotFound", "CapacityError", "IntegrityError", "StorageError",
+    "CascadeConfig", "Store", "DistributedStore", "StoreStats", "TierStats", "KeyInfo", "RecoveryReport",
+    "CascadeError", "ConfigError", "InvalidArgument", "InvalidArgumentType", "BlockNotFound", "TierNotFound", "CapacityError", "IntegrityError", "StorageError",
     "StoreClosed", "PeerTimeout", "RemoteError", "ServiceClosed", "LaunchError", "LaunchTimeout", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
 ]

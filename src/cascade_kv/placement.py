@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,9 @@ from .errors import CapacityError, IntegrityError, StorageError
 from .ids import BlockId, Key, block_name
 from .policy import Policy
 from .stats import Counters
+
+if TYPE_CHECKING:
+    from .namespace import Space
 from .tiers import Tier
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,8 @@ class Placement:
     _keys: dict[Key, Entry]
     _blocks: dict[BlockId, Block]
     _policy: Policy
-    _c: Counters
+    _c: Counters  # the store's totals (every namespace)
+    _default: Space  # the default namespace (the store's own API)
     _demoting: list[int]
     _protected_bytes: list[int]  # per tier: bytes of its copies of protected blocks (for CapacityError's message)
     _lock: threading.Lock
@@ -59,8 +64,8 @@ class Placement:
     _hurry: int  # callers waiting for the queue to empty: the promoter stops deferring to reads
     _promoting: int  # promotions the promoter has taken off the queue and not finished
     _promoter: threading.Thread | None
-    _placing = 0  # calls between their dry run and their last move: the promoter waits (its evictions would
-    # move blocks the run counted on). A class default: the count starts at 0 in every store
+    _placing: int  # calls between their dry run and their last move: the promoter waits (its evictions would
+    # move blocks the run counted on)
 
     @contextlib.contextmanager
     def _unlocked(self) -> Iterator[None]:
@@ -138,7 +143,8 @@ class Placement:
         ``may_drop``, answer False instead of dropping a block."""
         dst = t + 1
         if v.where >> dst:  # a slower copy exists: this one can simply go
-            self._c.tiers[t].evictions += 1
+            for c in self._counts(v):
+                c.tiers[t].evictions += 1
             self._drop_copy(v, t)
             return True
         if dst == len(self._tiers):
@@ -148,7 +154,8 @@ class Placement:
                 return False
             else:
                 self._drop_block(v)
-            self._c.tiers[t].evictions += 1
+            for c in self._counts(v):
+                c.tiers[t].evictions += 1
             return True
         v.moving = True
         try:
@@ -158,10 +165,12 @@ class Placement:
         if not placed:
             if not may_drop:
                 return False
-            self._c.tiers[t].evictions += 1
+            for c in self._counts(v):
+                c.tiers[t].evictions += 1
             self._drop_block(v)
             return True
-        self._c.tiers[t].evictions += 1
+        for c in self._counts(v):
+            c.tiers[t].evictions += 1
         v.moving = True
         v.pins += 1
         self._demoting[t] += 1
@@ -177,11 +186,17 @@ class Placement:
             self._demoting[t] -= 1
             self._cond.notify_all()
         self._add_copy(v, dst)
-        self._c.demotions += 1
+        for c in self._counts(v):
+            c.demotions += 1
         if v.pins == 0:
             self._drop_copy(v, t)
         self._maybe_release(v)
         return True
+
+    def _counts(self, b: Block) -> tuple[Counters, Counters]:
+        """The store's totals and the counters of ``b``'s namespace: an event on a block counts in both."""
+        space = b.space if b.space is not None else self._default
+        return self._c, space.counters
 
     def _durable_copy(self, t: int) -> bool:
         """Whether tier ``t`` holds the copies a persistent store's journal relies on (they cannot
@@ -232,7 +247,8 @@ class Placement:
             finally:
                 b.pins -= 1
             self._add_copy(b, t)
-            self._c.promotions += 1
+            for c in self._counts(b):
+                c.promotions += 1
         finally:
             b.rising = False
             self._cond.notify_all()
@@ -244,7 +260,8 @@ class Placement:
         if b.protected:
             self._protected_bytes[t] += b.nbytes
         self._policy.added(t, b.id, b.nbytes, b.reads, use=use)
-        self._c.tiers[t].bytes_written += b.nbytes
+        for c in self._counts(b):
+            c.tiers[t].bytes_written += b.nbytes
 
     def _drop_copy(self, b: Block, t: int) -> None:
         self._tiers[t].free(b.id)
@@ -259,16 +276,22 @@ class Placement:
             if b.where >> t & 1:
                 self._protected_bytes[t] += sign * b.nbytes
 
+    def _space_protected(self, b: Block, sign: int) -> None:
+        """``b`` became protected (+1) or unprotected (-1): its namespace's protected bytes (its quota's use)."""
+        (b.space if b.space is not None else self._default).protected_bytes += sign * b.nbytes
+
     def _drop_block(self, b: Block) -> None:
         """The last tier is full: the block and every key referring to it go (counted, never silent)."""
         log.debug("dropping block %s (%d B, %d keys)", block_name(b.id)[:16], b.nbytes, len(b.keys))
-        self._c.drops += 1
-        self._c.dropped_bytes += b.nbytes
+        for c in self._counts(b):
+            c.drops += 1
+            c.dropped_bytes += b.nbytes
         for k in list(b.keys):
             self._keys.pop(k, None)
         b.keys.clear()
         if b.protected:
             self._count_protected(b, -1)
+            self._space_protected(b, -1)
         b.protected = 0
         self._policy.set_protected(b.id, False)
         self._maybe_release(b)
@@ -312,7 +335,8 @@ class Placement:
                         self._tiers[t].free(b.id)
                         raise
                     self._add_copy(b, t)
-                    self._c.promotions += 1
+                    for c in self._counts(b):
+                        c.promotions += 1
                     return
                 finally:
                     self._unpin(b)
@@ -403,14 +427,17 @@ class Placement:
 
     def _bad_copy(self, b: Block, t: int) -> None:
         """A copy failed its check: quarantine it; the block is lost if no other copy remains."""
-        self._c.integrity_errors += 1
+        counts = self._counts(b)
+        for c in counts:
+            c.integrity_errors += 1
         tier = self._tiers[t]
         if not (b.where >> t & 1) or not tier.contains(b.id):
             return  # another reader got here first
         quarantine = getattr(tier, "quarantine", None)
         if quarantine is not None:
             dst = quarantine(b.id)
-            self._c.quarantined += dst is not None
+            for c in counts:
+                c.quarantined += dst is not None
             log.warning("block %s failed its digest check in the %s tier; moved to %s",
                         block_name(b.id)[:16], tier.traits.name, dst)
         else:

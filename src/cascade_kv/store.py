@@ -34,9 +34,10 @@ from .config import CascadeConfig, format_size
 from .errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
                      StorageError, StoreClosed)
 from .hashing import Hasher
-from .ids import BlockId, Key, block_name
+from .ids import BlockId, Key, SpacedKey, StoreKey, block_name
 from .blocks import Block, Entry, Plan, fastest
 from .dryrun import DryRun
+from .namespace import Namespace, Space, check_name, check_quota, user_key
 from .persistence import Persistence, RecoveryReport
 from .placement import WAIT_SLICE, Placement
 from .policy import Policy
@@ -86,7 +87,7 @@ class Store(Persistence, Placement):
         self.recovery: RecoveryReport | None = None
         """What opening the persistent directory found (damage skipped, keys lost, files quarantined);
         ``None`` for a store without ``persist``."""
-        self._keys: dict[Key, Entry] = {}
+        self._keys: dict[StoreKey, Entry] = {}
         self._blocks: dict[BlockId, Block] = {}
         self._serial = itertools.count(int(time.time_ns()))  # dedup off: ids unique across reopenings
         self._journal: catalog.Journal | None = None
@@ -104,7 +105,9 @@ class Store(Persistence, Placement):
             self._policy = Policy([t.capacity if t.traits.memory else None for t in tiers], semantic=cfg.semantic_eviction,
                                   order=cfg.eviction_order, promotion_threshold=cfg.promotion_threshold,
                                   promote=cfg.locality_aware)
-            self._c = Counters(tiers=[TierCounters() for _ in tiers])
+            self._c = Counters(tiers=[TierCounters() for _ in tiers])  # totals: every namespace's
+            self._default = Space(None, Counters(tiers=[TierCounters() for _ in tiers]))  # the store's own API
+            self._spaces: dict[str, Space] = {}  # named namespaces, made by namespace() or found at reopen
             self._demoting = [0] * len(tiers)  # demotions in flight out of each tier (they will free room)
             self._protected_bytes = [0] * len(tiers)
             self._promotions = collections.deque()
@@ -113,6 +116,7 @@ class Store(Persistence, Placement):
             self._last_read = 0.0  # time.monotonic() when the last get_many with reads outside the lock ended
             self._hurry = 0  # callers waiting in _settle: the promoter stops deferring to reads
             self._promoting = 0
+            self._placing = 0  # calls between their dry run and their last move (the promoter waits for them)
             self._promoter = None
             if cfg.persist:
                 self._recover(Path(cfg.disk_path))  # type: ignore[arg-type]
@@ -150,13 +154,17 @@ class Store(Persistence, Placement):
     def put_many(self, keys: Sequence[Key], arrays: Sequence[object], *,
                  is_prefix: bool | Sequence[bool] = False) -> None:
         """Store many arrays at once; all or nothing. A key given twice takes its last array."""
-        items = put_items(keys, arrays, is_prefix)
+        self._put_many(self._default, keys, arrays, is_prefix)
+
+    def _put_many(self, space: Space, keys: Sequence[Key], arrays: Sequence[object],
+                  is_prefix: bool | Sequence[bool]) -> None:
+        items = [(space.internal(k), a, p) for k, a, p in put_items(keys, arrays, is_prefix)]
         self._refuse_unpersistable(items)
-        ids = [self._block_id(byte_view(a)) for _, a, _ in items]  # hashing: outside every lock
+        ids = [self._block_id(byte_view(a), space) for _, a, _ in items]  # hashing: outside every lock
         with self._write_order:
             with self._lock:
                 self._check_open()
-                plan = self._plan_put(items, ids)
+                plan = self._plan_put(items, ids, space)
             try:
                 self._place_all(plan, items, ids)
                 if self._journal is not None:  # records cost ~5 us each: build them only to write them
@@ -167,7 +175,7 @@ class Store(Persistence, Placement):
                     self._abandon(plan)
                 raise
             with self._lock:
-                self._commit_put(items, ids, plan)
+                self._commit_put(items, ids, plan, space)
 
     def delete(self, key: Key) -> None:
         """Remove ``key``; its block is freed when no other key refers to it."""
@@ -175,7 +183,10 @@ class Store(Persistence, Placement):
 
     def delete_many(self, keys: Iterable[Key]) -> None:
         """Remove every key (all must exist: otherwise nothing is removed)."""
-        keys = list(dict.fromkeys(key_list(keys, "delete_many")))
+        self._delete_many(self._default, keys)
+
+    def _delete_many(self, space: Space, keys: Iterable[Key]) -> None:
+        keys = list(dict.fromkeys(space.internal(k) for k in key_list(keys, "delete_many")))
         with self._write_order:
             with self._lock:
                 self._check_open()
@@ -186,6 +197,7 @@ class Store(Persistence, Placement):
                     if k in self._keys:  # a drop may have taken it meanwhile
                         self._detach(k, self._keys.pop(k))
                 self._c.deletes += len(keys)
+                space.counters.deletes += len(keys)
 
     def unprotect(self, key: Key) -> None:
         """Release ``key``'s protection: its block may now be demoted like any other."""
@@ -264,7 +276,8 @@ class Store(Persistence, Placement):
             for t in self._memory:
                 if b.where >> t & 1:
                     self._drop_copy(b, t)
-            self._c.demotions += 1
+            for c in self._counts(b):
+                c.demotions += 1
         finally:
             b.moving = False
             self._unpin(b)
@@ -276,6 +289,10 @@ class Store(Persistence, Placement):
 
     def get_many(self, keys: Sequence[Key], outs: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """Read many keys; every key and buffer is checked before anything is copied."""
+        return self._get_many(self._default, keys, outs)
+
+    def _get_many(self, space: Space, keys: Sequence[Key],
+                  outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         keys = key_list(keys, "get_many")
         if outs is not None:
             if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
@@ -286,7 +303,7 @@ class Store(Persistence, Placement):
         jobs: list[tuple[int, Block, np.ndarray]] = []
         with self._lock:
             self._check_open()
-            entries = self._entries(keys, count_misses=True)
+            entries = self._entries([space.internal(k) for k in keys], count_misses=space)
             results = [np.empty(e.shape, e.dtype) if outs is None or outs[i] is None
                        else check_out(outs[i], keys[i], e.dtype, e.shape) for i, e in enumerate(entries)]
             blocks = [self._blocks[e.block_id] for e in entries]
@@ -295,20 +312,21 @@ class Store(Persistence, Placement):
                     raise IntegrityError(f"get({k!r}): every copy of block {block_name(b.id)[:16]} failed "
                                          f"its digest check; put the value again")
             self._c.gets += len(keys)
+            space.counters.gets += len(keys)
             for i, b in enumerate(blocks):
                 t = fastest(b.where)
                 tier = self._tiers[t]
                 out = results[i]
                 if t == 0 and b.nbytes <= SMALL_COPY and tier.traits.addressable and not needs_staging(out):
                     tier.read_into(b.id, byte_view(out))
-                    self._account_read(b, t)
+                    self._account_read(b, t, space)
                 else:
                     b.pins += 1
                     jobs.append((i, b, out))
             self._reads_in_flight += bool(jobs)
         if jobs:
             try:
-                self._read_pinned(jobs)
+                self._read_pinned(jobs, space)
             finally:
                 with self._lock:
                     self._reads_in_flight -= 1
@@ -318,31 +336,72 @@ class Store(Persistence, Placement):
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is stored (``False`` for anything that is not a key, as a dict answers)."""
-        with self._lock:
-            self._check_open()
-            return isinstance(key, (str, bytes)) and key in self._keys
+        return self._contains(self._default, key)
 
     def contains(self, key: Key) -> bool:
         """Like ``in``, but a key that is not str or bytes raises :class:`InvalidArgumentType`."""
-        return check_key(key) in self
+        return self._contains(self._default, key, strict=True)
+
+    def _contains(self, space: Space, key: object, strict: bool = False) -> bool:
+        if strict:
+            check_key(key)
+        with self._lock:
+            self._check_open()
+            return isinstance(key, (str, bytes)) and space.internal(key) in self._keys
 
     def __len__(self) -> int:
+        """Keys of the default namespace (the store's own; a namespace's are counted by its view)."""
+        return self._len(self._default)
+
+    def _len(self, space: Space) -> int:
         with self._lock:
             self._check_open()
-            return len(self._keys)
+            if not self._spaces:
+                return len(self._keys)
+            return sum(1 for k in self._keys if space.owns(k))  # one table for every namespace: a scan
 
     def keys(self) -> list[Key]:
+        """Keys of the default namespace."""
+        return self._keys_of(self._default)
+
+    def _keys_of(self, space: Space) -> list[Key]:
         with self._lock:
             self._check_open()
-            return list(self._keys)
+            return [user_key(k) for k in self._keys if space.owns(k)]
+
+    def namespace(self, name: str, protected_quota: int | str | None = None) -> Namespace:
+        """A view of this store that sees only the keys put through it (see :mod:`cascade_kv.namespace`): its own
+        dedup, counters and ``protected_quota`` (bytes of protected blocks at most; ``"64MiB"`` accepted) over
+        the same tiers and capacity. The same name gives views over the same keys; a quota, once set, is fixed
+        (another one raises :class:`InvalidArgument`; ``None`` leaves it)."""
+        name = check_name(name)
+        quota = check_quota(protected_quota)
+        with self._lock:
+            self._check_open()
+            space = self._space_named(name)
+            space.set_quota(quota)
+            return Namespace(self, space)
+
+    def _space_named(self, name: str) -> Space:
+        """The named namespace's state, made on first use (lock held)."""
+        space = self._spaces.get(name)
+        if space is None:
+            space = self._spaces[name] = Space(name, Counters(tiers=[TierCounters() for _ in self._tiers]))
+        return space
+
+    def _space_of(self, key: StoreKey) -> Space:
+        return self._space_named(key.space) if isinstance(key, SpacedKey) else self._default
 
     def info(self, key: Key) -> KeyInfo:
         """Where ``key`` lives and what it holds."""
+        return self._info(self._default, key)
+
+    def _info(self, space: Space, key: Key) -> KeyInfo:
         check_key(key)
         with self._lock:
             self._check_open()
             self._settle()
-            e = self._entries([key])[0]
+            e = self._entries([space.internal(key)])[0]
             b = self._blocks[e.block_id]
             return KeyInfo(e.dtype, e.shape, b.nbytes, e.prefix, b.id[:32].hex(),
                            tuple(t.traits.name for i, t in enumerate(self._tiers) if b.where >> i & 1),
@@ -356,21 +415,31 @@ class Store(Persistence, Placement):
             self._settle()
 
     # ------------------------------------------------------------------ observability & lifecycle
-    def stats(self) -> StoreStats:
-        """A consistent snapshot of the counters (after every promotion queued by earlier reads)."""
+    def stats(self, all_namespaces: bool = False) -> StoreStats:
+        """A consistent snapshot of the counters (after every promotion queued by earlier reads): the default
+        namespace's, or with ``all_namespaces`` the whole store's (the operator's view). Tiers' ``used_bytes``
+        and ``capacity_bytes`` are the shared tiers' in both."""
+        return self._stats(None if all_namespaces else self._default)
+
+    def _stats(self, space: Space | None) -> StoreStats:
+        """``space``'s stats; ``None``: every namespace's."""
         with self._lock:
             self._check_open()
             self._settle()
-            c = self._c
+            c = self._c if space is None else space.counters
+            default = self._default
+            blocks = [b for b in self._blocks.values()
+                      if space is None or (b.space if b.space is not None else default) is space]
+            entries = [e for k, e in self._keys.items() if space is None or space.owns(k)]
             tiers = tuple(
                 TierStats(t.traits.name, tc.hits, tc.misses, tc.bytes_read, tc.bytes_written, tc.evictions,
-                          sum(1 for b in self._blocks.values() if b.where >> i & 1), t.used, t.capacity)
+                          sum(1 for b in blocks if b.where >> i & 1), t.used, t.capacity)
                 for i, (t, tc) in enumerate(zip(self._tiers, c.tiers)))
-            protected = [b for b in self._blocks.values() if b.protected]
+            protected = [b for b in blocks if b.protected]
             return StoreStats(
-                tiers=tiers, keys=len(self._keys), blocks=sum(1 for b in self._blocks.values() if b.keys),
-                logical_bytes=sum(self._blocks[e.block_id].nbytes for e in self._keys.values()),
-                unique_bytes=sum(b.nbytes for b in self._blocks.values() if b.keys),
+                tiers=tiers, keys=len(entries), blocks=sum(1 for b in blocks if b.keys),
+                logical_bytes=sum(self._blocks[e.block_id].nbytes for e in entries),
+                unique_bytes=sum(b.nbytes for b in blocks if b.keys),
                 protected_blocks=len(protected),
                 protected_in_memory=sum(1 for b in protected if b.where & self._memory_mask),
                 puts=c.puts, gets=c.gets, misses=c.misses, deletes=c.deletes, dedup_hits=c.dedup_hits,
@@ -425,13 +494,15 @@ class Store(Persistence, Placement):
                 self.close()
 
     # ------------------------------------------------------------------ put internals
-    def _block_id(self, data: memoryview) -> BlockId:
+    def _block_id(self, data: memoryview, space: Space) -> BlockId:
+        """Dedup on: the digest, followed in a named namespace by its tag (so equal bytes in two namespaces
+        are two blocks); dedup off: the digest and a serial, never shared whatever the namespace."""
         digest = self._hasher.digest(data)
         if self.config.dedup_enabled:
-            return BlockId(digest)
+            return BlockId(digest + space.tag)
         return BlockId(digest + next(self._serial).to_bytes(8, "big"))
 
-    def _plan_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId]) -> Plan:
+    def _plan_put(self, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId], space: Space) -> Plan:
         """Under the lock: wait out other threads' pending copies of these bytes, then pin every block
         of the batch, registering those this put must write as pending."""
         while True:  # wait before registering anything: two batches can never wait on each other
@@ -440,13 +511,14 @@ class Store(Persistence, Placement):
                 break
             self._cond.wait(WAIT_SLICE)
             self._check_open()
+        self._check_quota(space, items, ids)
         plan = Plan()
         for (key, arr, prefix), bid in zip(items, ids):
             if bid in plan.held:
                 continue
             b = self._blocks.get(bid)
             if b is None:
-                b = self._blocks[bid] = Block(bid, arr.nbytes)
+                b = self._blocks[bid] = Block(bid, arr.nbytes, space=space)
             if b.lost or not b.ready:
                 b.ready, b.lost = False, False
                 plan.fresh.append(b)
@@ -458,6 +530,34 @@ class Store(Persistence, Placement):
             self._abandon(plan)
             raise
         return plan
+
+    def _check_quota(self, space: Space, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId]) -> None:
+        """CapacityError, before anything changes, if the batch would leave ``space`` with more protected bytes
+        than its quota: the batch's key changes are replayed on the blocks' prefix counts (an overwritten prefix
+        key releases its block, a block protected twice counts once). Lock held."""
+        if space.protected_quota is None or not any(p for _, _, p in items):
+            return
+        counts: dict[BlockId, int] = {}
+        sizes: dict[BlockId, int] = {}
+
+        def change(bid: BlockId, nbytes: int, delta: int) -> None:
+            if bid not in counts:
+                b = self._blocks.get(bid)
+                counts[bid] = b.protected if b is not None else 0
+                sizes[bid] = nbytes
+            counts[bid] += delta
+
+        for (key, arr, prefix), bid in zip(items, ids):
+            old = self._keys.get(key)
+            if old is not None and old.prefix:
+                change(old.block_id, self._blocks[old.block_id].nbytes, -1)
+            change(bid, arr.nbytes, +1 if prefix else 0)
+        before = {bid: (b.protected if (b := self._blocks.get(bid)) is not None else 0) for bid in counts}
+        after = space.protected_bytes + sum(sizes[bid] * ((counts[bid] > 0) - (before[bid] > 0)) for bid in counts)
+        if after > space.protected_quota:
+            raise CapacityError(f"namespace {space.name!r}: protected_quota is {space.protected_quota} B, "
+                                f"{space.protected_bytes} B are protected and this call needs "
+                                f"{after - space.protected_bytes} B more; nothing was changed")
 
     def _must_be_in_memory(self, prefix: bool) -> bool:
         return prefix and self.config.semantic_eviction
@@ -566,7 +666,8 @@ class Store(Persistence, Placement):
         with self._lock:
             self._add_copy(b, t, use=True)
 
-    def _commit_put(self, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId], plan: Plan) -> None:
+    def _commit_put(self, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId], plan: Plan,
+                    space: Space) -> None:
         written = {b.id for b in plan.fresh}
         for (key, arr, prefix), bid in zip(items, ids):
             b = self._blocks[bid]
@@ -577,11 +678,13 @@ class Store(Persistence, Placement):
             if old is not None:
                 self._detach(key, old)
             self._c.puts += 1
+            space.counters.puts += 1
             if bid in written:
                 written.discard(bid)  # the first put of these bytes stores them; any later one is a hit
                 continue
-            self._c.dedup_hits += 1
-            self._c.dedup_bytes_saved += arr.nbytes
+            for c in (self._c, space.counters):  # only ever a hit on this namespace's own block
+                c.dedup_hits += 1
+                c.dedup_bytes_saved += arr.nbytes
             for t in range(len(self._tiers)):
                 if b.where >> t & 1:  # a use, but not a read: only reads earn the reuse credit
                     self._policy.accessed(t, bid, b.nbytes, b.reads)
@@ -604,23 +707,25 @@ class Store(Persistence, Placement):
         self._leave_placement(plan)
 
     # ------------------------------------------------------------------ key bookkeeping (lock held)
-    def _entries(self, keys: list[Key], count_misses: bool = False) -> list[Entry]:
+    def _entries(self, keys: list[StoreKey], count_misses: Space | None = None) -> list[Entry]:
+        """The keys' entries, or BlockNotFound; ``count_misses``: the namespace a miss counts in."""
         out = []
         for k in keys:
             e = self._keys.get(k)
             if e is None:
-                if count_misses:
+                if count_misses is not None:
                     self._c.misses += 1
+                    count_misses.counters.misses += 1
                 raise BlockNotFound(f"key {k!r} is not in the store")
             out.append(e)
         return out
 
-    def _attach(self, key: Key, e: Entry, b: Block) -> None:
+    def _attach(self, key: StoreKey, e: Entry, b: Block) -> None:
         b.keys.add(key)
         if e.prefix:
             self._protect_block(b, +1)
 
-    def _detach(self, key: Key, e: Entry) -> None:
+    def _detach(self, key: StoreKey, e: Entry) -> None:
         b = self._blocks[e.block_id]
         if e.prefix:
             self._protect_block(b, -1)
@@ -628,8 +733,10 @@ class Store(Persistence, Placement):
             b.keys.discard(key)
         self._maybe_release(b)
 
-    def _set_prefix(self, key: Key, prefix: bool) -> None:
+    def _set_prefix(self, key: Key, prefix: bool, space: Space | None = None) -> None:
         check_key(key)
+        space = self._default if space is None else space
+        key = space.internal(key)
         with self._write_order:
             with self._lock:
                 self._check_open()
@@ -637,6 +744,11 @@ class Store(Persistence, Placement):
                 if e.prefix == prefix:
                     return
                 b = self._blocks[e.block_id]
+                if prefix and not b.protected and space.protected_quota is not None and (
+                        space.protected_bytes + b.nbytes > space.protected_quota):
+                    raise CapacityError(f"protect({key!r}): namespace {space.name!r} has protected_quota "
+                                        f"{space.protected_quota} B, {space.protected_bytes} B are protected and "
+                                        f"this call needs {b.nbytes} B more; nothing was changed")
                 if prefix and self._must_be_in_memory(True) and not b.where & self._memory_mask:
                     b.pins += 1  # cannot be dropped while we make room for it
                     try:
@@ -666,19 +778,21 @@ class Store(Persistence, Placement):
         b.protected += delta
         if b.protected == (1 if delta > 0 else 0):
             self._count_protected(b, 1 if delta > 0 else -1)
+            self._space_protected(b, 1 if delta > 0 else -1)
             self._policy.set_protected(b.id, delta > 0, b.reads)
 
     # ------------------------------------------------------------------ read internals
-    def _account_read(self, b: Block, t: int) -> None:
-        tc = self._c.tiers[t]
-        tc.hits += 1
-        for faster in self._c.tiers[:t]:
-            faster.misses += 1
-        tc.bytes_read += b.nbytes
+    def _account_read(self, b: Block, t: int, space: Space) -> None:
+        for c in (self._c, space.counters):  # a read counts for the namespace that read it
+            tc = c.tiers[t]
+            tc.hits += 1
+            for faster in c.tiers[:t]:
+                faster.misses += 1
+            tc.bytes_read += b.nbytes
         b.reads += 1
         self._policy.accessed(t, b.id, b.nbytes, b.reads)
 
-    def _read_pinned(self, jobs: list[tuple[int, Block, np.ndarray]]) -> None:
+    def _read_pinned(self, jobs: list[tuple[int, Block, np.ndarray]], space: Space) -> None:
         """Copy pinned blocks out of their tiers (no lock), then account, promote and unpin."""
         error: BaseException | None = None
         done: list[tuple[Block, int, np.ndarray]] = []
@@ -707,7 +821,7 @@ class Store(Persistence, Placement):
                 error = error or e
         with self._lock:
             for b, t, data in done:
-                self._account_read(b, t)
+                self._account_read(b, t, space)
                 if t != 0:
                     b.lower_reads += 1
             for _, b, _ in jobs:

@@ -151,3 +151,18 @@ def test_concurrent_demotes_of_a_shared_block_copy_it_once(make_store, monkeypat
     assert store.info("a").tiers == store.info("b").tiers == ("disk",)
     assert store.stats().demotions == 1
     assert np.array_equal(store.get("b"), block(seed=1))
+
+
+def test_every_error_class_is_in_the_family_subclasses_a_builtin_and_is_exported() -> None:
+    import inspect
+
+    import cascade_kv
+    from cascade_kv import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
+    assert len(classes) > 10
+    for c in classes:
+        assert issubclass(c, errors.CascadeError), c
+        builtin = [b for b in c.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException, object)]
+        assert c is errors.CascadeError or builtin, f"{c.__name__} subclasses no builtin a caller would catch"
+        assert getattr(cascade_kv, c.__name__) is c and c.__name__ in cascade_kv.__all__, c
