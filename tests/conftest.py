@@ -26,8 +26,18 @@ _SESSION_PREFIX = "cascade-pytest-"  # this session's folders, in /dev/shm and i
 _SM_BACKING = "OMPI_MCA_btl_sm_backing_directory"
 
 
+def _remove_dead_sessions_folders() -> None:
+    """A session killed outright (SIGKILL, a CI timeout) cannot remove its segment folder: the next session
+    does, once no process of that pid lives (the pid is the folder's name; a reused pid only delays it)."""
+    for folder in SHM.glob(f"{_SESSION_PREFIX}*") if SHM.is_dir() else ():
+        pid = folder.name[len(_SESSION_PREFIX):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class _Watch:
     def __init__(self) -> None:
+        _remove_dead_sessions_folders()
         tag = f"{_SESSION_PREFIX}{os.getpid()}"
         self.shm_before = _names(SHM)
         self.segments: Path | None = None
