@@ -6,10 +6,14 @@ both work on these records) can live in small modules of their own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .ids import BlockId, Key
+from .ids import BlockId, StoreKey
+
+if TYPE_CHECKING:
+    from .namespace import Space
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +32,7 @@ class Block:
 
     id: BlockId
     nbytes: int
-    keys: set[Key] = field(default_factory=set)  # reverse index: a drop must remove every key of the block
+    keys: set[StoreKey] = field(default_factory=set)  # reverse index: a drop must remove every key of the block
     protected: int = 0  # how many of `keys` are prefix keys; > 0 means the block stays in memory
     where: int = 0  # bit i set: tiers[i] holds a copy. A bitmask keeps "fastest copy" a bit trick
     ready: bool = False  # False while the first copy is being written (other puts of these bytes wait)
@@ -39,6 +43,8 @@ class Block:
     lower_reads: int = 0  # reads served below the top tier since the last promotion
     reads: int = 0  # reads since it was stored, any tier: the policy's reuse class
     lost: bool = False  # every copy failed its digest check; a put of the same bytes heals it
+    space: Space | None = None  # the namespace whose keys refer to it (a block id is never shared by two);
+    # None: the default one. Events on the block (evictions, demotions, ...) count in its namespace's stats
 
 
 @dataclass(slots=True)

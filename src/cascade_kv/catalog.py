@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IntegrityError, StorageError
-from .ids import BlockId, Key
+from .ids import BlockId, SpacedKey, StoreKey
 from .tiers.disk import PRIVATE_FILE, create_exclusive, fsync_dir
 
 MAGIC = b"CKV\xa7"  # as a v1 length it would be 2.8 GB: a v1 file never starts a record with it
@@ -63,7 +63,7 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 class KeyRecord:
     """The journalled state of one key."""
 
-    key: Key
+    key: StoreKey
     block_id: BlockId
     nbytes: int
     dtype: np.dtype
@@ -75,7 +75,7 @@ class KeyRecord:
 class Replay:
     """What :meth:`Journal.read` found. Reading changes nothing; the caller decides what to write."""
 
-    state: dict[Key, KeyRecord]
+    state: dict[StoreKey, KeyRecord]
     """The live keys after every intact record."""
     records: int
     """Intact records replayed."""
@@ -174,12 +174,21 @@ def _descr(raw: object) -> object:
 
 
 # -- records ----------------------------------------------------------------------------------
-def _encode_key(key: Key) -> dict[str, str]:
+def _encode_key(key: StoreKey) -> dict[str, str]:
+    """A key as a JSON object: ``{"s": str}`` or ``{"b": base64}``, plus ``"n": namespace`` for a namespaced
+    key (records without ``"n"``, every v1 and older v2 record, are the default namespace's)."""
+    if isinstance(key, SpacedKey):
+        return {"n": key.space, **_encode_key(key.key)}
     return {"s": key} if isinstance(key, str) else {"b": base64.b64encode(key).decode()}
 
 
-def _decode_key(d: dict[str, str]) -> Key:
-    return d["s"] if "s" in d else base64.b64decode(d["b"], validate=True)
+def _decode_key(d: dict[str, str]) -> StoreKey:
+    key = d["s"] if "s" in d else base64.b64decode(d["b"], validate=True)
+    if "n" in d:
+        if not isinstance(d["n"], str) or not d["n"]:
+            raise ValueError(f"journal: namespace must be a non-empty str, got {d['n']!r:.80}")
+        return SpacedKey(d["n"], key)
+    return key
 
 
 def _pack(payload: dict[str, object]) -> bytes:
@@ -193,11 +202,11 @@ def put_record(r: KeyRecord) -> bytes:
                   "dt": encode_dtype(r.dtype), "sh": list(r.shape), "p": r.prefix})
 
 
-def delete_record(key: Key) -> bytes:
+def delete_record(key: StoreKey) -> bytes:
     return _pack({"op": "del", "k": _encode_key(key)})
 
 
-def protect_record(key: Key, prefix: bool) -> bytes:
+def protect_record(key: StoreKey, prefix: bool) -> bytes:
     return _pack({"op": "prot", "k": _encode_key(key), "p": prefix})
 
 
@@ -301,7 +310,7 @@ def _scan(data: bytes) -> _Scan:
     return _Scan(records, damaged, torn_at, version)
 
 
-def _apply(state: dict[Key, KeyRecord], rec: dict[str, object]) -> None:
+def _apply(state: dict[StoreKey, KeyRecord], rec: dict[str, object]) -> None:
     key = _decode_key(rec["k"])  # type: ignore[arg-type]
     op = rec["op"]
     if op == "put":
@@ -337,7 +346,7 @@ class Journal:
         except OSError as e:
             raise StorageError(e.errno, f"journal: cannot read {self.path}: {e.strerror}", str(self.path)) from e
         scan = _scan(data)
-        state: dict[Key, KeyRecord] = {}
+        state: dict[StoreKey, KeyRecord] = {}
         damaged = list(scan.damaged)
         records = 0
         for off, end, rec in scan.records:
@@ -374,7 +383,7 @@ class Journal:
         except OSError as e:
             raise StorageError(e.errno, f"journal: cannot create {self.path}: {e.strerror}", str(self.path)) from e
 
-    def load(self) -> dict[Key, KeyRecord]:
+    def load(self) -> dict[StoreKey, KeyRecord]:
         """Read, open, and compact if there is room (else drop a torn tail): the whole open, for callers
         that need no report. A store does these steps itself, around its own checks."""
         replay = self.read()

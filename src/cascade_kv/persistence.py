@@ -118,7 +118,7 @@ class Persistence:
             if b is None and r.block_id not in damaged_files:
                 size = disk.adopt(r.block_id, r.nbytes)
                 if size == r.nbytes:
-                    b = self._blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True)
+                    b = self._blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True, space=self._space_of(key))
                     self._add_copy(b, self._disk)
                 elif size is not None:
                     damaged_files.add(r.block_id)  # truncated, grown, not a file, or unreadable
@@ -155,8 +155,10 @@ class Persistence:
             except OSError as e:
                 log.warning("cannot remove %s: %s", leftover, e.strerror)
         compacted = self._compact_at_open(self._journal, replay)
-        self._c.quarantined += len(quarantined)
-        self._c.tiers[self._disk].bytes_written = 0
+        for c in (self._c, self._default.counters):  # files no key accounts for: the store's own
+            c.quarantined += len(quarantined)
+        for c in [self._c, self._default.counters] + [s.counters for s in self._spaces.values()]:
+            c.tiers[self._disk].bytes_written = 0
         self.recovery = RecoveryReport(
             journal_version=replay.version, records=replay.records, keys=len(self._keys), damaged=replay.damaged,
             torn_tail=replay.torn_at, lost_keys=tuple(lost), quarantined=tuple(quarantined),
@@ -172,7 +174,8 @@ class Persistence:
                         self._bring_to_memory(b)
                     except (CapacityError, IntegrityError, StorageError) as e:  # served from disk meanwhile
                         log.warning("protected block %s not reloaded into memory: %s", block_name(b.id)[:16], e)
-            self._c.promotions = 0
+            for c in [self._c, self._default.counters] + [s.counters for s in self._spaces.values()]:
+                c.promotions = 0
 
     def _lock_dir(self, root: Path, mode: int) -> None:
         lock = root / "LOCK"
