@@ -45,11 +45,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..arrays import check_key
 from ..catalog import decode_dtype, encode_dtype
 from ..errors import BlockNotFound, PeerTimeout
-from ..ids import Digest, Key
-from .homes import home_of_digest, home_of_key
+from ..ids import DIGEST_SIZE, TAG_SIZE, Digest, Key, StoreKey
+from .homes import decode_key, encode_key, home_of_digest, home_of_key
 from .service import Service
 
 T = TypeVar("T")
@@ -70,6 +69,7 @@ OP_DROP_COPY = 26
 OP_LOAD = 27
 OP_SET_PREFIX = 28
 OP_KEYS = 29
+OP_SPACE_PROTECTED = 30
 OPS = range(16, 32)
 """The op numbers reserved for the directory."""
 
@@ -92,7 +92,8 @@ _I32 = struct.Struct("<i")
 _CLAIM_REQ = struct.Struct("<QB")  # nbytes, prefix; after the digest
 _STATUS_REPLY = struct.Struct("<BiII")  # status, pending rank (-1 unless PENDING), protected, refs; then locations
 _UNREF_REPLY = struct.Struct("<BB")  # freed, unprotected; then locations
-_STR_TAG, _BYTES_TAG = b"s", b"b"
+_SPACED_IDS = (DIGEST_SIZE + TAG_SIZE, DIGEST_SIZE + TAG_SIZE + 12)  # lengths of namespaced block ids:
+# the digest and the namespace's tag, then (dedup off) the putting rank and a serial (DistributedStore._block_id)
 _FIRST_POLL_S = 200e-6
 _MAX_POLL_S = 10e-3
 """Bounds of the wait between claims of a PENDING digest (doubling: a store takes ~0.1-10 ms)."""
@@ -206,6 +207,11 @@ def dtype_text(dt: np.dtype) -> str:
 def dtype_of(text: str) -> np.dtype:
     """Inverse of :func:`dtype_text`."""
     return decode_dtype(json.loads(text)) if text[:1] in ("{", "[") else np.dtype(text)
+
+
+def space_tag(digest: bytes) -> bytes:
+    """The namespace tag a block id carries (``b""``: the default namespace's)."""
+    return digest[DIGEST_SIZE:DIGEST_SIZE + TAG_SIZE] if len(digest) in _SPACED_IDS else b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,13 +455,20 @@ class DirectoryState:
             return ({d: (e.refs, e.protected, tuple(e.locations)) for d, e in self._digests.items()},
                     dict(self._keys))
 
-    def stats(self) -> HomeStats:
+    def protected_bytes(self, tag: bytes) -> int:
+        """Bytes of the protected digests of the namespace whose tag is ``tag`` homed here (its quota's use)."""
         with self._lock:
-            live = [e for e in self._digests.values() if e.refs]
+            return sum(e.nbytes for d, e in self._digests.items() if e.protected > 0 and space_tag(d) == tag)
+
+    def stats(self, space: tuple[Callable[[StoreKey], bool], bytes] | None = None) -> HomeStats:
+        """What this rank is home for; ``space``: only one namespace's (its key test and its tag)."""
+        with self._lock:
+            live = [e for d, e in self._digests.items() if e.refs and (space is None or space_tag(d) == space[1])]
+            keys = [r for k, r in self._keys.items() if space is None or space[0](k)]
             protected = [e for e in live if e.protected > 0]
             return HomeStats(
-                keys=len(self._keys), blocks=len(live),
-                logical_bytes=sum(dtype_of(r.dtype).itemsize * math.prod(r.shape) for r in self._keys.values()),
+                keys=len(keys), blocks=len(live),
+                logical_bytes=sum(dtype_of(r.dtype).itemsize * math.prod(r.shape) for r in keys),
                 unique_bytes=sum(e.nbytes for e in live), protected_blocks=len(protected),
                 protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected),
                 disk_blocks=len(on_disk := [e for e in live if any(loc.tier == TIER_DISK for loc in e.locations)]),
@@ -498,14 +511,8 @@ class _Reader:
     def digest(self) -> bytes:
         return self.take(self.u8())
 
-    def key(self) -> Key:
-        raw = self.take(self.u32())
-        tag, body = raw[:1], raw[1:]
-        if tag == _STR_TAG:
-            return body.decode("utf-8", "surrogatepass")
-        if tag == _BYTES_TAG:
-            return body
-        raise ValueError(f"key with unknown type tag {tag!r}")
+    def key(self) -> StoreKey:
+        return decode_key(self.take(self.u32()))
 
     def location(self) -> Location:
         return Location(*self.unpack(LOCATION))
@@ -531,9 +538,8 @@ def _digest(digest: bytes) -> bytes:
     return _U8.pack(len(digest)) + digest
 
 
-def _key(key: Key) -> bytes:
-    check_key(key)
-    raw = _STR_TAG + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else _BYTES_TAG + key
+def _key(key: StoreKey) -> bytes:
+    raw = encode_key(key)
     return _U32.pack(len(raw)) + raw
 
 
@@ -578,6 +584,7 @@ class Directory:
         self._serve(OP_LOOKUP, lambda src, r: _optional_record(s.lookup(self._my_key(r.key()))))
         self._serve(OP_UNBIND, lambda src, r: _optional_record(s.unbind(self._my_key(r.key()))))
         self.service.register(OP_KEYS, lambda src, payload: b"".join(_key(k) for k in s.keys()))
+        self.service.register(OP_SPACE_PROTECTED, lambda src, payload: _U64.pack(s.protected_bytes(bytes(payload))))
         self._serve(OP_SET_PREFIX, lambda src, r: _optional_record(
             s.set_prefix(self._my_key(r.key()), bool(r.u8()), r.digest() or None)))
 
@@ -751,6 +758,11 @@ class Directory:
             while r.pos < len(r.buf):
                 out.append(r.key())
         return out
+
+    def protected_bytes(self, tag: bytes) -> int:
+        """Bytes of a namespace's protected blocks over every home (one request to every rank): a snapshot."""
+        return sum(_U64.unpack(reply)[0]
+                   for reply in self.service.call_many([(r, OP_SPACE_PROTECTED, tag) for r in range(self.size)]))
 
     def locate_many(self, digests: Sequence[bytes]) -> list[Located]:
         return self._fan_out(OP_LOCATE, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),

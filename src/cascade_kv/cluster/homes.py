@@ -12,16 +12,22 @@ below 2**-50 for any realistic size.
 """
 from __future__ import annotations
 
+import struct
+
 import blake3
 
 from ..arrays import check_key
-from ..ids import DIGEST_SIZE, Key
+from ..ids import DIGEST_SIZE, SpacedKey, StoreKey
 
 # One byte ahead of the key's bytes says what they were, so "a" and b"a" (different keys,
 # as in a dict) hash apart. The tag is a prefix of fixed length, so no two distinct
-# (type, bytes) pairs can encode alike.
+# (type, bytes) pairs can encode alike. A namespaced key is b"n" + u16 length + the
+# namespace's UTF-8 + the user key's own encoding: length-prefixed, so ("a", "bc") and
+# ("ab", "c") differ, and never equal to a default key's (whose first byte is s or b).
 _STR_TAG = b"s"
 _BYTES_TAG = b"b"
+_SPACE_TAG = b"n"
+_U16 = struct.Struct("<H")
 
 
 def _check_size(size: int) -> None:
@@ -43,12 +49,37 @@ def home_of_digest(digest: bytes, size: int) -> int:
     return int.from_bytes(bytes(digest[:8]), "little") % size
 
 
-def home_of_key(key: Key, size: int) -> int:
-    """Home rank of a user key among ``size`` ranks: BLAKE3 of the type-tagged key."""
-    _check_size(size)
+def encode_key(key: StoreKey) -> bytes:
+    """The type-tagged bytes of a key (what its home is hashed from, and what the directory sends)."""
+    if isinstance(key, SpacedKey):
+        name = key.space.encode("utf-8", "surrogatepass")
+        if len(name) > 0xFFFF:
+            raise ValueError(f"namespace name of {len(name)} B is too long (64 KiB at most)")
+        return _SPACE_TAG + _U16.pack(len(name)) + name + encode_key(check_key(key.key))
     check_key(key)
-    encoded = _STR_TAG + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else _BYTES_TAG + key
-    return int.from_bytes(blake3.blake3(encoded).digest(length=8), "little") % size
+    return _STR_TAG + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else _BYTES_TAG + key
 
 
-__all__ = ["home_of_digest", "home_of_key"]
+def decode_key(raw: bytes) -> StoreKey:
+    """Inverse of :func:`encode_key`; ValueError for bytes that are not one."""
+    tag, body = raw[:1], raw[1:]
+    if tag == _STR_TAG:
+        return body.decode("utf-8", "surrogatepass")
+    if tag == _BYTES_TAG:
+        return body
+    if tag == _SPACE_TAG and len(body) >= 2:
+        n = _U16.unpack_from(body)[0]
+        name, inner = body[2:2 + n], body[2 + n:]
+        if len(name) == n and n and inner[:1] in (_STR_TAG, _BYTES_TAG):
+            return SpacedKey(name.decode("utf-8", "surrogatepass"), decode_key(inner))  # type: ignore[arg-type]
+    raise ValueError(f"not an encoded key: {raw[:40]!r}")
+
+
+def home_of_key(key: StoreKey, size: int) -> int:
+    """Home rank of a key among ``size`` ranks: BLAKE3 of the type-tagged key (a namespaced key's includes
+    its namespace, so one user's keys spread over the ranks like anyone's)."""
+    _check_size(size)
+    return int.from_bytes(blake3.blake3(encode_key(key)).digest(length=8), "little") % size
+
+
+__all__ = ["decode_key", "encode_key", "home_of_digest", "home_of_key"]

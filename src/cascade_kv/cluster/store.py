@@ -28,6 +28,7 @@ make room), it returns the changes to the caller, who forwards them.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -45,7 +46,8 @@ from ..arrays import byte_view, check_key, check_out, needs_staging, put_items
 from ..config import CascadeConfig, format_size
 from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, PeerTimeout, StoreClosed)
 from ..hashing import Hasher
-from ..ids import BlockId, Key, block_name
+from ..ids import BlockId, Key, StoreKey, block_name
+from ..namespace import Namespace, Space, check_name, check_quota, user_key
 from ..stats import StoreStats, TierStats
 from ..store import KeyInfo
 from ..tiers import DiskTier
@@ -53,8 +55,8 @@ from ..tiers.slots import SLOT_HEADER, digest16_of
 from .arena import Arena, Copy
 from .counters import Counters, sum_stats
 from .durable import Durability
-from .directory import (LOCATION, TIER_DISK, TIER_MEMORY, Claim, ClaimStatus, CopyStatus, Directory, KeyRecord, LoadStatus,
-                        Location, Released, dtype_of, dtype_text)
+from .directory import (LOCATION, TIER_DISK, TIER_MEMORY, Claim, ClaimStatus, CopyStatus, Directory, HomeStats, KeyRecord,
+                        LoadStatus, Location, Released, dtype_of, dtype_text)
 from .rma import SlotRef, remote_read, remote_read_many
 from .service import RemoteError, Service, _wait
 from .window import ArenaWindow
@@ -115,7 +117,10 @@ class DistributedStore(Durability):
         self._hasher = Hasher(cfg.hash_algorithm)
         self._serial = itertools.count(time.time_ns())
         self._closed = False
-        self._c = Counters()
+        self._c = Counters()  # this rank's totals, every namespace
+        self._default = Space(None, Counters())  # the store's own API
+        self._spaces: dict[str, Space] = {}  # named namespaces this rank made a view of, or found at reopen
+        self._spaces_lock = threading.Lock()
         self._remote_reads: dict[BlockId, int] = {}  # per digest: reads served by peers since the last replica
         self._where: dict[BlockId, tuple[Location, int]] = {}  # last good remote copy per digest (see _read_elsewhere)
         self.service = Service(self.comm, timeout=timeout)
@@ -143,9 +148,14 @@ class DistributedStore(Durability):
     def put_many(self, keys: Sequence[Key], arrays: Sequence[object], *,
                  is_prefix: bool | Sequence[bool] = False) -> None:
         """Store many arrays at once; all or nothing. A key given twice takes its last array."""
-        items = put_items(keys, arrays, is_prefix)
+        self._put_many(self._default, keys, arrays, is_prefix)
+
+    def _put_many(self, space: Space, keys: Sequence[Key], arrays: Sequence[object],
+                  is_prefix: bool | Sequence[bool]) -> None:
+        items = [(space.internal(k), a, p) for k, a, p in put_items(keys, arrays, is_prefix)]
         self._check_open()
-        ids = [self._block_id(byte_view(a)) for _, a, _ in items]  # hashing: no lock, no message
+        ids = [self._block_id(byte_view(a), space) for _, a, _ in items]  # hashing: no lock, no message
+        self._check_quota(space, items, ids)
         first: dict[BlockId, int] = {}  # one claim per distinct block first: a second would wait on our own grant
         for i, bid in enumerate(ids):
             first.setdefault(bid, i)
@@ -187,9 +197,10 @@ class DistributedStore(Durability):
         saved = sum(items[i][1].nbytes for i, c in zip(lead, claims) if c.status is ClaimStatus.EXISTS) + sum(
             items[i][1].nbytes for i in rest)
         with self.arena.lock:
-            self._c.puts += len(items)
-            self._c.dedup_hits += hits
-            self._c.dedup_bytes_saved += saved
+            for c in (self._c, space.counters):  # a hit is only ever on this namespace's own block
+                c.puts += len(items)
+                c.dedup_hits += hits
+                c.dedup_bytes_saved += saved
 
     def delete(self, key: Key) -> None:
         """Remove ``key`` on every rank; its block's copies are freed when no other key refers to it."""
@@ -197,7 +208,10 @@ class DistributedStore(Durability):
 
     def delete_many(self, keys: Iterable[Key]) -> None:
         """Remove every key (all must exist: otherwise nothing is removed)."""
-        keys = list(dict.fromkeys(check_key(k) for k in keys))
+        self._delete_many(self._default, keys)
+
+    def _delete_many(self, space: Space, keys: Iterable[Key]) -> None:
+        keys = list(dict.fromkeys(space.internal(check_key(k)) for k in keys))
         self._check_open()
         for k, r in zip(keys, self.directory.lookup_many(keys)):
             if r is None:
@@ -206,6 +220,7 @@ class DistributedStore(Durability):
         self._release_refs([(r.digest, r.prefix) for r in old if r is not None])
         with self.arena.lock:
             self._c.deletes += len(keys)
+            space.counters.deletes += len(keys)
 
     def protect(self, key: Key) -> None:
         """Protect ``key`` as if it had been put with ``is_prefix=True`` (its block is brought into memory)."""
@@ -258,13 +273,17 @@ class DistributedStore(Durability):
 
     def get_many(self, keys: Sequence[Key], outs: Sequence[np.ndarray | None] | None = None) -> list[np.ndarray]:
         """Read many keys; every key and buffer is checked before anything is copied."""
+        return self._get_many(self._default, keys, outs)
+
+    def _get_many(self, space: Space, keys: Sequence[Key],
+                  outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         keys = list(keys)
         if outs is not None and len(outs) != len(keys):
             raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
         for k in keys:
             check_key(k)
         self._check_open()
-        records = self._records(keys, count_misses=True)
+        records = self._records([space.internal(k) for k in keys], count_misses=space)
         results = [np.empty(r.shape, dtype_of(r.dtype)) if outs is None or outs[i] is None
                    else check_out(outs[i], keys[i], dtype_of(r.dtype), r.shape) for i, r in enumerate(records)]
         staged = [np.empty(o.shape, o.dtype) if needs_staging(o) else o for o in results]
@@ -282,28 +301,59 @@ class DistributedStore(Durability):
                 np.copyto(results[i], staged[i])
         with self.arena.lock:
             self._c.gets += len(keys)
+            space.counters.gets += len(keys)
         return results
 
     def contains(self, key: Key) -> bool:
-        self._check_open()
-        return self.directory.lookup(check_key(key)) is not None
+        return self._contains(self._default, key, strict=True)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, (str, bytes)) and self.contains(key)
+        return self._contains(self._default, key)
+
+    def _contains(self, space: Space, key: object, strict: bool = False) -> bool:
+        if strict:
+            check_key(key)
+        self._check_open()
+        return isinstance(key, (str, bytes)) and self.directory.lookup(space.internal(key)) is not None
 
     def keys(self) -> list[Key]:
-        """Every key in the store, on any rank (asks every rank: a snapshot, in no particular order)."""
+        """Every key of the default namespace, on any rank (asks every rank: a snapshot, in no particular order)."""
+        return self._keys_of(self._default)
+
+    def _keys_of(self, space: Space) -> list[Key]:
         self._check_open()
-        return self.directory.keys()
+        return [user_key(k) for k in self.directory.keys() if space.owns(k)]
 
     def __len__(self) -> int:
         return len(self.keys())
 
+    def _len(self, space: Space) -> int:
+        return len(self._keys_of(space))
+
+    def namespace(self, name: str, protected_quota: int | str | None = None) -> Namespace:
+        """As :meth:`Store.namespace`. Not collective: a view is this rank's, over keys every rank shares (the
+        same name on any rank reaches the same keys). The quota is this rank's view's: give every rank the
+        same one. It is checked against the namespace's protected bytes summed over every home, asked before
+        each put that protects (one message per rank); two ranks protecting at once may both pass the check
+        (it is not a reservation), so the bound can be overshot by what concurrent puts add."""
+        name = check_name(name)
+        quota = check_quota(protected_quota)
+        self._check_open()
+        with self._spaces_lock:
+            space = self._spaces.get(name)
+            if space is None:
+                space = self._spaces[name] = Space(name, Counters())
+            space.set_quota(quota)
+        return Namespace(self, space)  # type: ignore[arg-type]  # the same private interface as Store
+
     def info(self, key: Key) -> KeyInfo:
         """Where ``key``'s block lives and what it holds. ``tiers``: ``host`` (a copy in this rank's memory),
         ``remote`` (in another rank's memory), ``disk`` (the shared disk tier)."""
+        return self._info(self._default, key)
+
+    def _info(self, space: Space, key: Key) -> KeyInfo:
         self._check_open()
-        r = self._records([check_key(key)])[0]
+        r = self._records([space.internal(check_key(key))])[0]
         where = self.directory.locate(r.digest)
         tiers = (("host",) * any(loc.rank == self.rank for loc in where.memory)
                  + ("remote",) * any(loc.rank != self.rank for loc in where.memory) + ("disk",) * (where.disk is not None))
@@ -316,10 +366,26 @@ class DistributedStore(Durability):
         return self.directory.locate(self._records([check_key(key)])[0].digest).locations
 
     # ================================================================== observability & lifecycle
-    def stats(self) -> StoreStats:
+    def stats(self, all_namespaces: bool = False) -> StoreStats:
         """This rank's counters. Keys, blocks and protection count what this rank is home to, so the sums
-        over ranks (:meth:`cluster_stats`) are the cluster's totals."""
-        home = self.directory.state.stats()
+        over ranks (:meth:`cluster_stats`) are the cluster's totals. The default namespace's, or with
+        ``all_namespaces`` every namespace's (a namespace's tiers show only capacity: per-tier read counters
+        are not kept per namespace in the distributed store)."""
+        return self._stats(None if all_namespaces else self._default)
+
+    def _stats(self, space: Space | None) -> StoreStats:
+        home = self.directory.state.stats(None if space is None else (space.owns, space.tag))
+        if space is not None and space.name is not None:
+            return self._space_stats(space, home)
+        if space is not None:  # the default namespace: its own operations; tiers and moves are the rank's
+            d = space.counters
+            with self.arena.lock:
+                ops = dict(puts=d.puts, gets=d.gets, misses=d.misses, deletes=d.deletes, dedup_hits=d.dedup_hits,
+                           dedup_bytes_saved=d.dedup_bytes_saved)
+            return dataclasses.replace(self._rank_stats(home), **ops)
+        return self._rank_stats(home)
+
+    def _rank_stats(self, home: HomeStats) -> StoreStats:
         copies = self.arena.copies()
         with self.arena.lock:
             c = self._c
@@ -341,10 +407,31 @@ class DistributedStore(Durability):
                 integrity_errors=c.integrity_errors, quarantined=c.quarantined, open_seconds=self.open_seconds,
                 ranks=1, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received)
 
-    def cluster_stats(self) -> StoreStats:
-        """Every rank's :meth:`stats` summed (collective: every rank must call it)."""
+    def _space_stats(self, space: Space, home: HomeStats) -> StoreStats:
+        """A named namespace's stats on this rank: its own operations and what this rank is home to of it."""
+        with self.arena.lock:
+            c = space.counters
+            tiers = [TierStats("host", 0, 0, 0, 0, 0, 0, self.arena.tier.used, self.arena.capacity),
+                     TierStats("remote", 0, 0, 0, 0, 0, 0, 0, None)]
+            if self.disk is not None:
+                tiers.append(TierStats("disk", 0, 0, 0, 0, 0, home.disk_blocks, home.disk_bytes,
+                                       self.disk.capacity))
+            return StoreStats(
+                tiers=tuple(tiers), keys=home.keys, blocks=home.blocks, logical_bytes=home.logical_bytes,
+                unique_bytes=home.unique_bytes, protected_blocks=home.protected_blocks,
+                protected_in_memory=home.protected_in_memory, puts=c.puts, gets=c.gets, misses=c.misses,
+                deletes=c.deletes, dedup_hits=c.dedup_hits, dedup_bytes_saved=c.dedup_bytes_saved, demotions=0,
+                promotions=0, drops=0, dropped_bytes=0, integrity_errors=0, quarantined=0,
+                open_seconds=self.open_seconds, ranks=1)
+
+    def cluster_stats(self, namespace: str | None = None, all_namespaces: bool = False) -> StoreStats:
+        """Every rank's :meth:`stats` summed (collective: every rank must call it); ``namespace``: that
+        namespace's (a view's ``stats()`` is this rank's share only)."""
         self._check_open()
-        mine = self.stats()
+        if namespace is not None:
+            mine = self.namespace(namespace).stats()
+        else:
+            mine = self.stats(all_namespaces)
         return sum_stats(self.comm.allgather(mine))
 
     def settle(self) -> None:
@@ -409,11 +496,29 @@ class DistributedStore(Durability):
         self.close()
 
     # ================================================================== put internals
-    def _block_id(self, data: memoryview) -> BlockId:
-        digest = self._hasher.digest(data)
+    def _block_id(self, data: memoryview, space: Space) -> BlockId:
+        """As :meth:`Store._block_id`: the digest, then a named namespace's tag (equal bytes in two namespaces
+        are two blocks: separate claims, never a dedup hit), then with dedup off the rank and a serial. The
+        tag stays before the serial so the directory can tell a block's namespace (:func:`.directory.space_tag`)."""
+        digest = self._hasher.digest(data) + space.tag
         if self.config.dedup_enabled:
             return BlockId(digest)
         return BlockId(digest + self.rank.to_bytes(4, "big") + next(self._serial).to_bytes(8, "big"))
+
+    def _check_quota(self, space: Space, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId]) -> None:
+        """CapacityError, before any claim, when the namespace's protected bytes (summed over every home) plus
+        the batch's protected blocks not protected yet would pass its quota. Conservative: a prefix key the
+        batch overwrites is not counted as released."""
+        quota = space.protected_quota
+        if quota is None or not any(p for _, _, p in items):
+            return
+        new = {bid: a.nbytes for (_, a, p), bid in zip(items, ids) if p}
+        located = self.directory.locate_many(list(new))
+        need = sum(n for (bid, n), where in zip(new.items(), located) if where.protected == 0)
+        used = self.directory.protected_bytes(space.tag)
+        if need and used + need > quota:
+            raise CapacityError(f"namespace {space.name!r}: protected_quota is {quota} B, {used} B are protected "
+                                f"and this call needs {need} B more; nothing was changed")
 
     def _check_protected_room(self, items: list[tuple[Key, np.ndarray, bool]],
                               lead: list[int], claims: list) -> None:
@@ -694,7 +799,7 @@ class DistributedStore(Durability):
         if requests:
             self.service.call_many(requests)
 
-    def _set_prefix(self, key: Key, prefix: bool) -> None:
+    def _set_prefix(self, key: Key, prefix: bool, space: Space | None = None) -> None:
         """Turn ``key``'s reference into a prefix reference or back. The flag lives at the key's home and
         the count at the digest's home, so they cannot change together; a put or delete of the key in
         between gives back a reference of the kind the flag says. So the count may run ahead of the flags,
@@ -705,12 +810,16 @@ class DistributedStore(Durability):
         an overwrite give back a prefix reference the count did not hold yet.)"""
         check_key(key)
         self._check_open()
+        space = self._default if space is None else space
+        key = space.internal(key)
         deadline = time.monotonic() + self.service.timeout
         pause = _RETRY_SLEEP_S
         while True:
             record = self._records([key])[0]
             if record.prefix == prefix:
                 return
+            if prefix:
+                self._check_quota(space, [(key, np.empty(self._nbytes(record), np.uint8), True)], [record.digest])
             # EXISTS, or GRANTED for a block with no copy left (dropped; or freed, and the key changed): our
             # release below gives such a grant back. PENDING: being freed or stored, so the key is changing.
             claim = self.directory.claim(record.digest, self._nbytes(record), prefix)
@@ -761,13 +870,14 @@ class DistributedStore(Durability):
         self._publish_pinned(c)
 
     # ================================================================== read internals
-    def _records(self, keys: list[Key], count_misses: bool = False) -> list[KeyRecord]:
+    def _records(self, keys: list[StoreKey], count_misses: Space | None = None) -> list[KeyRecord]:
         records = self.directory.lookup_many(keys)
         for k, r in zip(keys, records):
             if r is None:
-                if count_misses:
+                if count_misses is not None:
                     with self.arena.lock:
                         self._c.misses += 1
+                        count_misses.counters.misses += 1
                 raise BlockNotFound(f"key {k!r} is not in the store")
         return records  # type: ignore[return-value]
 
