@@ -27,7 +27,7 @@ answers with ``count`` results in order, so the client sends one request per
 home rank (:meth:`Service.call_many`) and the single-item calls are thin
 wrappers. Records are fixed structs plus length-prefixed bytes, no pickle:
 digest = ``u8 len`` + bytes; key = ``u32 len`` + the type-tagged key (``b"s"`` +
-UTF-8 or ``b"b"`` + raw, as in ``homes.py``); location = :data:`LOCATION`;
+UTF-8 or ``b"b"`` + raw; a namespaced key ``b"n"`` + u16 length + namespace + one of those: ``homes.encode_key``); location = :data:`LOCATION`;
 locations = ``u32 count`` + locations; array metadata = ``u8 len`` + numpy
 :func:`dtype_text` (``u16 len`` + ASCII), ``u8 ndim`` + ``ndim`` little-endian u64 dims.
 """
