@@ -386,9 +386,10 @@ def _kill_job(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _crash_round(tmp_path: Path, directory: Path, round_no: int, acks_wanted: int) -> tuple[int, int]:
+def _crash_round(tmp_path: Path, directory: Path, round_no: int, acks_wanted: int, earlier: list[str]
+                 ) -> list[str]:
     """One job doing persistent puts, deletes and protects, killed after ``acks_wanted`` acknowledgements;
-    then a new job (1, 2 or 3 ranks) checks them. (acks seen, keys checked)."""
+    then a new job (1, 2 or 3 ranks) checks them and those of every ``earlier`` round. This round's acks."""
     from cascade_kv.cluster.launch import mpiexec_path
 
     scratch = tmp_path / f"job{round_no}"
@@ -398,32 +399,39 @@ def _crash_round(tmp_path: Path, directory: Path, round_no: int, acks_wanted: in
     proc = subprocess.Popen(cmd, env=_job_env(scratch), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
     acks: list[str] = []
+    other: list[bytes] = []  # everything but acks (tracebacks, MPI errors): the failure message shows it
     buf = b""
     try:
         while len(acks) < acks_wanted:
             ready, _, _ = select.select([proc.stdout], [], [], 60)
-            assert ready, f"no output from the job for 60 s; acks so far {len(acks)}\n{buf.decode(errors='replace')}"
+            said = b"\n".join([*other[-200:], buf]).decode(errors="replace")
+            assert ready, f"no output from the job for 60 s; acks so far {len(acks)}\n{said}"
             chunk = os.read(proc.stdout.fileno(), 65536)
-            assert chunk, (f"the job ended (exit {proc.wait()}) before {acks_wanted} acks, {len(acks)} seen:\n"
-                           f"{buf.decode(errors='replace')}")
+            assert chunk, f"the job ended (exit {proc.wait()}) before {acks_wanted} acks, {len(acks)} seen:\n{said}"
             buf += chunk
             *lines, rest = buf.split(b"\n")
             buf = rest
             acks += [ln.decode() for ln in lines if ln.startswith(b"ack ")]
+            other += [ln for ln in lines if not ln.startswith(b"ack ")]
     finally:
         _kill_job(proc)
         proc.stdout.close()
     expect = tmp_path / f"acks{round_no}.json"
-    expect.write_text(json.dumps(acks))
+    expect.write_text(json.dumps(earlier + acks))
     _ranks(1 + round_no % 3, "check", directory, str(expect))
-    return len(acks), len({a.split()[2] for a in acks})
+    return acks
 
 
 def _crash_rounds(tmp_path: Path, rounds: int) -> None:
     directory = tmp_path / "d"
     shm_before = set(os.listdir("/dev/shm"))
+    acks: list[str] = []
     for i in range(rounds):
-        _crash_round(tmp_path, directory, i, acks_wanted=10 + (i * 17) % 40)
+        acks += _crash_round(tmp_path, directory, i, 10 + (i * 17) % 40, acks)
+    puts = {a.split()[2] for a in acks if a.startswith("ack put ")}
+    deletes = {a.split()[2] for a in acks if a.startswith("ack del ")}
+    print(f"crash rounds: {rounds}, acks {len(acks)}: {len(puts)} keys put ({len(puts - deletes)} live, "
+          f"{len(deletes)} deleted), each checked after every later round; lost 0")
     leftovers = {n for n in set(os.listdir("/dev/shm")) - shm_before if n.startswith("sm_segment.")}
     # other jobs on this machine make their own segments; ours go to the scratch dirs, so none may name them
     assert not {n for n in leftovers if any((tmp_path / f"job{i}" / n).exists() for i in range(rounds))}
@@ -478,6 +486,16 @@ def _read_phase(comm, directory: str) -> None:
     del size
 
 
+def _work_tag(key: str, i: int) -> str:
+    """What the work phase's ``i``-th put stores under ``key``: every third shares its block with keys of every
+    round, and protected keys (``i % 7 == 0``) use a few blocks between them. Protected blocks must stay in
+    memory, so a store refuses one that does not fit (CapacityError): with a block of its own per protected key,
+    20-odd rounds filled the 2 x 128 KiB of the work job and the next one died before its acks."""
+    if i % 3 == 0:
+        return f"c/{i % 9}"
+    return f"c/p{i % 4}" if i % 7 == 0 else key
+
+
 def _work_phase(comm, directory: str, round_no: str) -> None:
     """Puts (some protected, some sharing a block), deletes and overwrites, printing each acknowledgement
     after the call returned, until killed."""
@@ -485,7 +503,7 @@ def _work_phase(comm, directory: str, round_no: str) -> None:
     with _store(comm, directory, host_capacity="128KiB") as s:
         for i in range(100000):
             key = f"c/{round_no}/{rank}/{i}"
-            tag = f"c/{i % 9}" if i % 3 == 0 else key  # every third shares its block with other keys
+            tag = _work_tag(key, i)
             s.put(key, _value(tag), is_prefix=i % 7 == 0)
             print(f"ack put {key} {tag} {int(i % 7 == 0)}", flush=True)
             if i % 5 == 4:
@@ -520,7 +538,7 @@ def _check_phase(comm, directory: str, acks_file: str) -> None:
             if key.startswith("c/") and key not in put:
                 got = s.get(key)
                 i = int(key.rsplit("/", 1)[1])
-                assert _same(got, _value(f"c/{i % 9}" if i % 3 == 0 else key)), f"{key}: torn"
+                assert _same(got, _value(_work_tag(key, i))), f"{key}: torn"
         s.barrier()
 
 
