@@ -6,23 +6,44 @@ per change, with a JSON payload (small, rare next to the block write it
 accompanies, and readable in a pinch). Appending a batch is one ``write`` (it
 tears as a unit at most) and ``fsync`` makes it durable.
 
-Format v2 (written since 0.x; v1 files are still read)::
+Record format v3 (written now; v2 and v1 records are still read, also in one file)::
 
-    b"CKV\\xa7" <u32 length> <u32 crc32(payload)> <u32 crc32(the 12 bytes before)> <payload>
+    b"CKV\\xa8" <u32 length> <u32 crc32(payload)> <u64 key id> <u32 crc32(the 20 bytes before)> <payload>
+    b"CKV\\xa7" <u32 length> <u32 crc32(payload)> <u32 crc32(the 12 bytes before)> <payload>      (v2)
 
 Each record delimits itself: the header checks itself, so a length is only
 trusted when its header is intact, and the magic (whose last byte cannot occur
-in a JSON payload, which is ASCII) lets replay *resynchronise* after damage: a
-record that fails its check is skipped, and reading resumes at the next magic
-whose header checks out. So one flipped byte costs one record, not every later
-one. A damaged region is told apart from the torn tail a crash leaves (a
-header whose record runs past the end of the file, fewer bytes than a header,
-or zeros): only the latter is normal; the former is reported, and the store then
-keeps the block files it cannot account for instead of deleting them.
+in a JSON payload, which is ASCII) lets replay *resynchronise* after damage:
+reading resumes at the next magic whose header checks out. A damaged region is
+told apart from the torn tail a crash leaves (a header whose record runs past
+the end of the file, fewer bytes than a header, or zeros): only the latter is
+normal (the unanswered last append, dropped); the former is reported, and the
+store then keeps the block files it cannot account for instead of deleting them.
+
+Skipping a damaged record is not enough: if it was a delete, an overwrite or an
+(un)protect, the key's older records would bring back a state that is no longer
+true, served as if current. So damage never falls back on older records:
+
+* header intact, payload damaged: the v3 header names the key (:func:`key_id`,
+  a 64-bit hash of the encoded key), which replay then *drops* (reported lost);
+  a later intact put or delete of it decides its state again.
+* header damaged, payload intact (the region between two intact records is one
+  header and a JSON payload that checks out against the header's CRC field, or
+  rebuilds the header but for one byte): the record is *repaired*, replayed as is.
+* anything else (damage across records; a damaged v2 payload, whose header names
+  no key) cannot be tied to a key: every key live before it is dropped unless a
+  later intact put or delete decides it. Keeping them could serve stale data;
+  refusing to open was rejected because the remedy left to an operator (moving
+  the journal aside) loses every key, more than this does. A KV cache recomputes
+  what it lost; it must not serve what is no longer true. The region's offset is
+  reported, the damaged journal and the unaccounted block files are kept.
+
+So any single flipped byte either repairs exactly or drops exactly the key of
+the record it hit (in a v3 journal; a store compacts to v3 at its first open).
 
 v1 (``<u32 length><u32 crc32><payload>``) has no marker to resynchronise on: a
 v1 record that fails its check is skipped when it is the last one (or the last
-before v2 records), and anything else refuses with :class:`IntegrityError`
+before v2/v3 records), and anything else refuses with :class:`IntegrityError`
 naming the offset, leaving the file as it is.
 
 Reading (:meth:`Journal.read`) never writes; rewriting the journal compactly
@@ -37,6 +58,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import hashlib
 import json
 import os
 import struct
@@ -51,10 +73,15 @@ from .errors import IntegrityError, StorageError
 from .ids import BlockId, SpacedKey, StoreKey
 from .tiers.disk import PRIVATE_FILE, create_exclusive, fsync_dir
 
-MAGIC = b"CKV\xa7"  # as a v1 length it would be 2.8 GB: a v1 file never starts a record with it
-_HEADER = struct.Struct("<4sIII")  # magic, payload length, crc32(payload), crc32(magic + length + payload crc)
+MAGIC = b"CKV\xa7"  # v2; as a v1 length it would be 2.8 GB: a v1 file never starts a record with it
+MAGIC3 = b"CKV\xa8"  # v3: the header also names the record's key
+_MARK = b"CKV"  # both magics start with it; as a v1 length, >= 5.6 MB: no v1 record starts with it either
+_HEADER = struct.Struct("<4sIII")  # v2: magic, payload length, crc32(payload), crc32(magic + length + payload crc)
+_HEADER3 = struct.Struct("<4sIIQI")  # v3: magic, payload length, crc32(payload), key id, crc32(the 20 bytes before)
+_HEADERS = {MAGIC3: _HEADER3, MAGIC: _HEADER}
 _V1_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 _V1_PLAUSIBLE = 1 << 24  # no v1 record was this long (one key's JSON)
+_SMALLEST = _HEADER.size + len(b'{"op":"del","k":{"s":""}}')  # no whole record is shorter
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
@@ -76,11 +103,11 @@ class Replay:
     """What :meth:`Journal.read` found. Reading changes nothing; the caller decides what to write."""
 
     state: dict[StoreKey, KeyRecord]
-    """The live keys after every intact record."""
+    """The live keys after every intact record, less those that damage made unknown (``lost``)."""
     records: int
-    """Intact records replayed."""
+    """Intact (or repaired) records replayed."""
     version: int
-    """Format of the first record: 1 (legacy), 2, or 0 for an empty or missing journal."""
+    """Format of the first record: 1 (legacy), 2, 3, or 0 for an empty or missing journal."""
     damaged: tuple[tuple[int, int], ...]
     """(offset, length) of each region that failed its checks and was skipped (not a torn tail)."""
     torn_at: int | None
@@ -88,6 +115,16 @@ class Replay:
     size: int
     """Bytes in the file when it was read."""
     exists: bool
+    repaired: tuple[int, ...] = ()
+    """Offsets of records whose header was damaged but whose payload checked out: replayed as written."""
+    lost: tuple[StoreKey, ...] = ()
+    """Keys dropped because a damaged record concerned them, or (no key named) preceded them: their latest
+    state is unknown, and the one older records give may be stale."""
+    lost_unnamed: int = 0
+    """Damaged records naming (by key id) a key no intact record names, such as a new key's put: absent."""
+    unidentified: tuple[int, ...] = ()
+    """Offsets of the damaged regions (among ``damaged``) that no key could be named for: every key live
+    before one was dropped unless a later record decided it."""
 
 
 # -- dtypes -----------------------------------------------------------------------------------
@@ -191,10 +228,27 @@ def _decode_key(d: dict[str, str]) -> StoreKey:
     return key
 
 
+def key_id(key: StoreKey) -> int:
+    """The 64-bit identity a v3 record header gives its key: a hash of the key's JSON encoding (so a namespace
+    is part of it). It lets replay drop the key of a record whose payload is damaged; two keys sharing an id
+    (one pair in 2**32 among 2**32 keys) would only both be dropped. It must not change for a given key:
+    damaged records written earlier are matched against the ids of keys read now."""
+    return _encoded_key_id(_encode_key(key))
+
+
+def _encoded_key_id(encoded: object) -> int:
+    raw = json.dumps(encoded, sort_keys=True, separators=(",", ":")).encode()
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+def _v3_header(body: bytes, kid: int) -> bytes:
+    head = _HEADER3.pack(MAGIC3, len(body), zlib.crc32(body), kid, 0)[:-4]
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
 def _pack(payload: dict[str, object]) -> bytes:
-    body = json.dumps(payload, separators=(",", ":")).encode()  # ensure_ascii: no byte >= 0x80, so no MAGIC
-    head = MAGIC + struct.pack("<II", len(body), zlib.crc32(body))
-    return head + struct.pack("<I", zlib.crc32(head)) + body
+    body = json.dumps(payload, separators=(",", ":")).encode()  # ensure_ascii: no byte >= 0x80, so no magic
+    return _v3_header(body, _encoded_key_id(payload["k"])) + body
 
 
 def put_record(r: KeyRecord) -> bytes:
@@ -210,121 +264,237 @@ def protect_record(key: StoreKey, prefix: bool) -> bytes:
     return _pack({"op": "prot", "k": _encode_key(key), "p": prefix})
 
 
-def _v2_length(data: bytes, off: int) -> int | None:
-    """Payload length of the v2 record at ``off`` if its header is intact, else ``None``."""
-    if off + _HEADER.size > len(data) or not data.startswith(MAGIC, off):
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """An intact v2 or v3 record header."""
+
+    size: int  # bytes of header
+    length: int  # bytes of payload
+    crc: int  # crc32 of the payload
+    key: int | None  # the key id (v3); None in a v2 header
+
+
+def _head(data: bytes, off: int) -> _Head | None:
+    """The header at ``off`` if it is there whole and checks out, else ``None``."""
+    fmt = _HEADERS.get(data[off:off + 4])
+    if fmt is None or off + fmt.size > len(data):
         return None
-    _, length, _, head_crc = _HEADER.unpack_from(data, off)
-    return length if zlib.crc32(data[off:off + 12]) == head_crc else None
+    fields = fmt.unpack_from(data, off)
+    if zlib.crc32(data[off:off + fmt.size - 4]) != fields[-1]:
+        return None
+    return _Head(fmt.size, fields[1], fields[2], fields[3] if fmt is _HEADER3 else None)
+
+
+def _next_mark(data: bytes, start: int) -> int:
+    """Offset of the next v2 or v3 magic at or after ``start``; ``len(data)`` when there is none."""
+    while (i := data.find(_MARK, start)) >= 0:
+        if data[i + 3:i + 4] in (MAGIC[3:], MAGIC3[3:]):
+            return i
+        start = i + 1
+    return len(data)
 
 
 def _json_object(body: bytes) -> dict[str, object] | None:
     try:
         payload = json.loads(body)
-    except ValueError:
+    except ValueError:  # UnicodeDecodeError too
         return None
     return payload if isinstance(payload, dict) else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Record:
+    offset: int
+    end: int
+    payload: dict[str, object]
+    key: int | None  # the key id an intact v3 header carried
+    repaired: bool  # its header was damaged; the payload checked out against what was left of it
+
+
+@dataclass(frozen=True, slots=True)
+class _Damage:
+    offset: int
+    end: int
+    key: int | None  # the key id of the intact v3 header of a damaged payload; None: no key can be named
+
+
+def _repair(data: bytes, start: int, stop: int) -> _Record | None:
+    """``data[start:stop]`` as one record whose header was damaged, if its payload is intact: it parses and
+    matches the header's payload CRC field (4 bytes), or rebuilds the whole header but for one byte (a hit on
+    that CRC field). Either way it is one header and one JSON payload, so damage across records never
+    passes: their second header is not JSON."""
+    for magic, fmt in _HEADERS.items():
+        body = data[start + fmt.size:stop]
+        payload = _json_object(body) if body else None
+        if payload is None:
+            continue
+        found = data[start:start + fmt.size]
+        crc = zlib.crc32(body)
+        if magic == MAGIC3:
+            rebuilt = _v3_header(body, _encoded_key_id(payload.get("k")))
+        else:
+            head = MAGIC + struct.pack("<II", len(body), crc)
+            rebuilt = head + struct.pack("<I", zlib.crc32(head))
+        if found[8:12] == struct.pack("<I", crc) or sum(a != b for a, b in zip(found, rebuilt)) <= 1:
+            return _Record(start, stop, payload, None, True)
+    return None
+
+
+def _split(data: bytes, start: int, stop: int, head: _Head | None) -> list[_Record | _Damage]:
+    """What the skipped region ``[start, stop)`` holds: the damaged record an intact header at ``start``
+    names (it ends where that header says, or sooner when an intact record starts sooner: a torn record
+    with appends after it), then anything left, tried as one record with a damaged header."""
+    out: list[_Record | _Damage] = []
+    if head is not None:
+        end = min(start + head.size + head.length, stop)
+        out.append(_Damage(start, end, head.key))
+        start = end
+    if start < stop:
+        out.append(_repair(data, start, stop) or _Damage(start, stop, None))
+    return out
+
+
 @dataclass(slots=True)
 class _Scan:
-    records: list[tuple[int, int, dict[str, object]]]  # (offset, end, payload) of each intact record
-    damaged: list[tuple[int, int]]  # (start, end)
+    items: list[_Record | _Damage]  # in file order
     torn_at: int | None
     version: int
 
 
 def _scan(data: bytes) -> _Scan:
-    """Split ``data`` into intact records and the regions between them (see the module docstring)."""
+    """Split ``data`` into records and damaged regions, in order (see the module docstring)."""
     n = len(data)
-    records: list[tuple[int, int, dict[str, object]]] = []
-    damaged: list[tuple[int, int]] = []
+    items: list[_Record | _Damage] = []
     bad: int | None = None  # start of the region being skipped
-    v1 = True  # v1 records are read until the first v2 record or damage
+    bad_head: _Head | None = None  # the intact header that region starts with (its payload failed), if any
+    v1 = True  # v1 records are read until the first v2/v3 record or damage
     v1_failure: tuple[int, int] | None = None  # (offset, claimed end) of the v1 record that failed
-    torn_v2 = False  # the region being skipped starts with an intact v2 header whose record runs past the end
     version = 0
     off = 0
     while off < n:
-        length = _v2_length(data, off)
-        if length is not None:
-            end = off + _HEADER.size + length
-            body = data[off + _HEADER.size:end]
-            payload = None
-            if end <= n and zlib.crc32(body) == _HEADER.unpack_from(data, off)[2]:
-                payload = _json_object(body)
+        head = _head(data, off)
+        if head is not None:
+            if bad is not None:
+                items += _split(data, bad, off, bad_head)
+            end = off + head.size + head.length
+            body = data[off + head.size:end]
+            payload = _json_object(body) if end <= n and zlib.crc32(body) == head.crc else None
+            v1 = False
             if payload is not None:
-                if bad is not None:
-                    damaged.append((bad, off))
-                    bad = None
-                records.append((off, end, payload))
-                version = version or 2
-                v1 = False
-                off = end
+                items.append(_Record(off, end, payload, head.key, False))
+                version = version or (2 if head.key is None else 3)
+                bad, bad_head, off = None, None, end
                 continue
-            if bad is None:
-                bad, torn_v2 = off, end > n
-        elif v1 and off + _V1_HEADER.size <= n and not data.startswith(MAGIC, off):
+            # its length is trusted, but an intact record may start sooner (a torn record, appends after it)
+            bad, bad_head = off, head
+            off = _next_mark(data, off + head.size)
+            continue
+        if v1 and off + _V1_HEADER.size <= n and not data.startswith(_MARK, off):
             length, crc = _V1_HEADER.unpack_from(data, off)
             end = off + _V1_HEADER.size + length
             body = data[off + _V1_HEADER.size:end]
             payload = _json_object(body) if length and end <= n and zlib.crc32(body) == crc else None
             if payload is not None:
-                records.append((off, end, payload))
+                items.append(_Record(off, end, payload, None, False))
                 version = version or 1
                 off = end
                 continue
             v1 = False
             # after a v1 record, this is v1 damage; as the first record, an absurd length means it is not v1
-            # at all (a v2 record whose magic was hit) and is resynchronised on like any v2 damage
+            # at all (a v2/v3 record whose magic was hit) and is resynchronised on like any other damage
             if version == 1 or length < _V1_PLAUSIBLE:
                 v1_failure = (off, end)
             if bad is None:
                 bad = off
-            nxt = data.find(MAGIC, off)
-            off = n if nxt < 0 else nxt
+            off = _next_mark(data, off)
             continue
-        elif bad is None:
+        if bad is None:
             bad = off
         v1 = False
-        nxt = data.find(MAGIC, off + 1)
-        off = n if nxt < 0 else nxt
+        off = _next_mark(data, off + 1)
+    torn_at: int | None = None
     if bad is not None:
-        region = data[bad:]
-        if torn_v2 or n - bad < _HEADER.size or not region.strip(b"\0") or (
-                v1_failure is not None and v1_failure[0] == bad and v1_failure[1] > n):
-            torn_at: int | None = bad  # what a crash mid-append leaves: dropped, nothing follows it
+        torn = (bad_head is not None and bad + bad_head.size + bad_head.length > n) or n - bad < _HEADER3.size \
+            or not data[bad:].strip(b"\0") or (v1_failure is not None and v1_failure[0] == bad and v1_failure[1] > n)
+        if torn:
+            torn_at = bad  # what a crash mid-append leaves: dropped, nothing follows it
         else:
-            damaged.append((bad, n))
-            torn_at = None
-    else:
-        torn_at = None
+            items += _split(data, bad, n, bad_head)
     if v1_failure is not None:
         start, claimed = v1_failure
-        region_end = next((e for s, e in damaged if s == start), None)
+        region_end = next((i.end for i in items if isinstance(i, _Damage) and i.offset == start), None)
         if region_end is not None and claimed != region_end:
             # v1 cannot resynchronise: what follows the damage might hold records we cannot find
             raise IntegrityError(f"journal: legacy (v1) record at offset {start} is damaged and records may "
                                  f"follow it ({region_end - start} B unreadable); nothing was changed. Move "
                                  f"the journal aside to open the store without its keys")
-    return _Scan(records, damaged, torn_at, version)
+    return _Scan(items, torn_at, version)
 
 
-def _apply(state: dict[StoreKey, KeyRecord], rec: dict[str, object]) -> None:
+def _parse(rec: dict[str, object]) -> tuple[StoreKey, str, KeyRecord | bool | None]:
+    """(key, op, what it sets: the record of a put, the flag of a prot); raises on a meaningless record."""
     key = _decode_key(rec["k"])  # type: ignore[arg-type]
     op = rec["op"]
     if op == "put":
         shape = tuple(int(x) for x in rec["sh"])  # type: ignore[attr-defined]
-        state[key] = KeyRecord(key, BlockId(bytes.fromhex(rec["id"])), int(rec["n"]),  # type: ignore[arg-type]
-                               decode_dtype(rec["dt"]), shape, bool(rec["p"]))
-    elif op == "del":
-        state.pop(key, None)
-    elif op == "prot":
-        if key in state:
-            old = state[key]
-            state[key] = KeyRecord(old.key, old.block_id, old.nbytes, old.dtype, old.shape, bool(rec["p"]))
-    else:
-        raise ValueError(f"unknown journal operation {op!r}")
+        return key, op, KeyRecord(key, BlockId(bytes.fromhex(rec["id"])), int(rec["n"]),  # type: ignore[arg-type]
+                                  decode_dtype(rec["dt"]), shape, bool(rec["p"]))
+    if op == "del":
+        return key, op, None
+    if op == "prot":
+        return key, op, bool(rec["p"])
+    raise ValueError(f"unknown journal operation {op!r}")
+
+
+class _Replayer:
+    """Applies records and damage in file order. Damage never lets an older record's state through: the key
+    a damaged record names (by id) is dropped, and damage naming no key drops every live key; a later intact
+    put or delete of a dropped key decides it again (a protect cannot: it needs the state it changes)."""
+
+    def __init__(self) -> None:
+        self.state: dict[StoreKey, KeyRecord] = {}
+        self.ids: dict[StoreKey, set[int]] = {}  # the ids each key was named by (its own, any a v3 header gave)
+        self.named: dict[int, set[StoreKey]] = {}  # the keys each id names
+        self.unknown: set[int] = set()  # ids of keys whose latest state damage hides
+
+    def record(self, key: StoreKey, op: str, value: KeyRecord | bool | None, header_id: int | None) -> None:
+        ids = self.ids.setdefault(key, set())
+        # the header's id is what this writer puts in a damaged record's header; key_id() is what a newer one
+        # would (they differ only if a key's encoding ever changed)
+        for kid in {key_id(key), header_id} - {None} - ids:
+            ids.add(kid)  # type: ignore[arg-type]
+            self.named.setdefault(kid, set()).add(key)  # type: ignore[arg-type]
+        if op == "put":
+            self.state[key] = value  # type: ignore[assignment]
+            self.unknown -= ids
+        elif op == "del":
+            self.state.pop(key, None)
+            self.unknown -= ids
+        elif key in self.state:  # prot of a live key (of an unknown one, it stays unknown)
+            old = self.state[key]
+            self.state[key] = KeyRecord(old.key, old.block_id, old.nbytes, old.dtype, old.shape, bool(value))
+
+    def drop(self, kid: int | None) -> None:
+        """Damage concerning the key ``kid`` names, or (``None``) any key."""
+        keys = list(self.state) if kid is None else self.named.get(kid, ())
+        for key in keys:
+            self.state.pop(key, None)
+            self.unknown |= self.ids[key]
+        if kid is not None:
+            self.unknown.add(kid)
+
+    def lost(self) -> tuple[tuple[StoreKey, ...], int]:
+        """The keys dropped for good, and the number of ids that named no key."""
+        keys: dict[StoreKey, None] = {}
+        unnamed = 0
+        for kid in self.unknown:
+            names = self.named.get(kid)
+            if not names:
+                unnamed += 1
+            for key in names or ():
+                if key not in self.state:
+                    keys[key] = None
+        return tuple(keys), unnamed
 
 
 class Journal:
@@ -346,17 +516,33 @@ class Journal:
         except OSError as e:
             raise StorageError(e.errno, f"journal: cannot read {self.path}: {e.strerror}", str(self.path)) from e
         scan = _scan(data)
-        state: dict[StoreKey, KeyRecord] = {}
-        damaged = list(scan.damaged)
+        replay = _Replayer()
+        damaged: list[tuple[int, int]] = []
+        repaired: list[int] = []
+        unidentified: list[int] = []
         records = 0
-        for off, end, rec in scan.records:
-            try:
-                _apply(state, rec)
-                records += 1
-            except (KeyError, ValueError, TypeError):  # intact but meaningless: skipped like damage
-                damaged.append((off, end))
-        return Replay(state, records, scan.version, tuple((s, e - s) for s, e in sorted(damaged)),
-                      scan.torn_at, len(data), exists)
+        for item in scan.items:
+            if isinstance(item, _Record):
+                try:
+                    replay.record(*_parse(item.payload), item.key)
+                    records += 1
+                    if item.repaired:
+                        repaired.append(item.offset)
+                    continue
+                except (KeyError, ValueError, TypeError, AttributeError):  # intact but meaningless: damage
+                    kid = item.key
+                    if kid is None and isinstance(item.payload.get("k"), dict):
+                        kid = _encoded_key_id(item.payload["k"])  # its CRC passed: the key it names is right
+                    item = _Damage(item.offset, item.end, kid)
+            damaged.append((item.offset, item.end - item.offset))
+            if item.key is not None:
+                replay.drop(item.key)
+            elif item.end - item.offset >= _SMALLEST:  # shorter, it cannot hide a change: a torn fragment
+                unidentified.append(item.offset)
+                replay.drop(None)
+        lost, unnamed = replay.lost()
+        return Replay(replay.state, records, scan.version, tuple(damaged), scan.torn_at, len(data), exists,
+                      tuple(repaired), lost, unnamed, tuple(unidentified))
 
     def open(self) -> bool:
         """Open an existing journal for appending (writing nothing: a read-only disk fails here, before

@@ -15,6 +15,11 @@ was not read whole: they may belong to keys in the damaged part), ``tmp/``
 emptied, and the journal compacted if there is room (never required: on a
 full disk the old journal stays and appends follow it). What the open found
 is :attr:`Store.recovery`.
+
+A damaged journal record never lets an older record's state through: the key
+it concerned is dropped (see :mod:`cascade_kv.catalog`), its block file then
+is an orphan, kept in ``quarantine/`` like the others of a journal not read
+whole, and the damaged journal itself is kept there before compaction.
 """
 from __future__ import annotations
 
@@ -45,14 +50,15 @@ class RecoveryReport:
     """What opening a persistent directory found and did (:attr:`Store.recovery`)."""
 
     journal_version: int
-    """Format of the journal read: 2, 1 (legacy, rewritten as 2 when compacted), or 0 (none yet)."""
+    """Format of the journal's first record: 3, 2 or 1 (older, rewritten as 3 when compacted), or 0 (none yet)."""
     records: int
-    """Intact journal records replayed."""
+    """Intact (or repaired) journal records replayed."""
     keys: int
     """Keys the store opened with."""
     damaged: tuple[tuple[int, int], ...]
     """(offset, length) of journal regions that failed their checks and were skipped; the records
-    before and after them were recovered. Non-empty means the journal was not read whole."""
+    before and after them were replayed, less the keys the damage concerned (``journal_lost_keys``).
+    Non-empty means the journal was not read whole."""
     torn_tail: int | None
     """Offset of an incomplete last record (a crash mid-append; never an acknowledged put), dropped."""
     lost_keys: tuple[Key, ...]
@@ -69,6 +75,20 @@ class RecoveryReport:
     """Half-written files of interrupted writes removed from ``tmp/``."""
     compacted: bool
     """The journal was rewritten as one record per live key (``False``: no room; retried at close)."""
+    journal_lost_keys: tuple[Key, ...] = ()
+    """Keys dropped because a damaged journal record concerned them (a delete, an overwrite or a protect
+    of theirs may be what was lost: their older records would serve a state that is no longer true), or
+    because their last intact record precedes a region in ``unidentified``."""
+    journal_lost_unnamed: int = 0
+    """Damaged records whose key no intact record names (a new key's put, most likely): that key is absent."""
+    unidentified: tuple[int, ...] = ()
+    """Offsets of the damaged regions no key could be named for (damage across records, or in the payload of
+    a record of the older format): every key live before one was dropped unless a later record decided it.
+    Dropping rather than keeping them, because a cache can recompute a lost value but must not serve a stale
+    one; rather than refusing to open, because the remedy left to an operator would lose every key."""
+    repaired: tuple[int, ...] = ()
+    """Offsets of journal records whose header was damaged but whose payload checked out: replayed as
+    written. Nothing was lost, but the disk changed bytes: the journal is kept in ``quarantine/``."""
 
     @property
     def read_whole(self) -> bool:
@@ -76,8 +96,9 @@ class RecoveryReport:
 
     @property
     def clean(self) -> bool:
-        """Nothing was damaged, lost or quarantined (a torn tail and orphans are a crash's normal leftovers)."""
-        return not (self.damaged or self.lost_keys or self.quarantined)
+        """Nothing was damaged, repaired, lost or quarantined (a torn tail and orphans are a crash's normal
+        leftovers)."""
+        return not (self.damaged or self.repaired or self.lost_keys or self.quarantined)
 
 
 class Persistence:
@@ -137,9 +158,9 @@ class Persistence:
             if (dst := disk.quarantine_untracked(bid)) is not None:
                 quarantined.append(dst.name)
         kept = removed = 0
+        if (replay.damaged or replay.repaired) and (dst := self._keep_damaged_journal(root, disk)) is not None:
+            quarantined.append(dst.name)
         if replay.damaged:
-            if (dst := self._keep_damaged_journal(root, disk)) is not None:
-                quarantined.append(dst.name)
             for bid in orphans:  # they may belong to the keys of a damaged record: never delete them
                 if (dst := disk.quarantine_untracked(bid)) is not None:
                     quarantined.append(dst.name)
@@ -162,11 +183,16 @@ class Persistence:
         self.recovery = RecoveryReport(
             journal_version=replay.version, records=replay.records, keys=len(self._keys), damaged=replay.damaged,
             torn_tail=replay.torn_at, lost_keys=tuple(lost), quarantined=tuple(quarantined),
-            orphans_removed=removed, orphans_kept=kept, tmp_removed=tmp_removed, compacted=compacted)
+            orphans_removed=removed, orphans_kept=kept, tmp_removed=tmp_removed, compacted=compacted,
+            journal_lost_keys=replay.lost, journal_lost_unnamed=replay.lost_unnamed,
+            unidentified=replay.unidentified, repaired=replay.repaired)
         if not self.recovery.clean:
-            log.warning("%s: recovery: %d journal region(s) damaged %s, %d key(s) lost, %d file(s) quarantined "
-                        "(%d unaccounted block files kept); %d keys recovered", root, len(replay.damaged),
-                        [off for off, _ in replay.damaged], len(lost), len(quarantined), kept, len(self._keys))
+            log.warning("%s: recovery: %d journal region(s) damaged %s (%d naming no key: %s), %d repaired %s; "
+                        "%d key(s) dropped for journal damage (+%d unnamed), %d for damaged block files; "
+                        "%d file(s) quarantined (%d unaccounted block files kept); %d keys recovered", root,
+                        len(replay.damaged), [off for off, _ in replay.damaged], len(replay.unidentified),
+                        list(replay.unidentified), len(replay.repaired), list(replay.repaired), len(replay.lost),
+                        replay.lost_unnamed, len(lost), len(quarantined), kept, len(self._keys))
         with self._lock:
             for b in [b for b in self._blocks.values() if b.protected]:
                 if self._must_be_in_memory(True):
