@@ -189,36 +189,59 @@ def test_garbage_tail_is_ignored(path: Path, garbage: bytes):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(garbage=st.binary(min_size=1, max_size=64))
-def test_random_garbage_tail_is_ignored(tmp_path: Path, garbage: bytes):
+def test_random_garbage_tail_never_serves_a_stale_key(tmp_path: Path, garbage: bytes):
+    # garbage that could hold a whole record (which might have changed any key) costs the keys before it;
+    # shorter garbage, zeros, or an intact header whose record runs past the end is a torn tail: ignored
     path = tmp_path / "garbage.journal"
     path.unlink(missing_ok=True)  # hypothesis reuses tmp_path across examples
     full, ends, states = write_history(path)
     path.write_bytes(full + garbage)
-    assert reopen(path) == states[-1]
+    replay = Journal(path).read()
+    if replay.unidentified:
+        assert replay.state == {} and set(replay.lost) == set(states[-1])
+    else:
+        assert replay.state == states[-1] and not replay.lost
+    if len(garbage) < 41 or not garbage.strip(b"\0"):
+        assert replay.state == states[-1]
 
 
-def test_damaged_record_in_the_middle_is_skipped_and_later_ones_recovered(path: Path):
-    # v2 records delimit themselves: replay skips the bad one and resynchronises on the next header
+def test_damaged_record_in_the_middle_drops_its_key_and_later_ones_are_recovered(path: Path):
+    # records delimit themselves: replay resynchronises on the next header. The damaged record was a protect
+    # of "a": replaying "a" from its put would serve it unprotected, a state that is no longer true
     full, ends, states = write_history(path)
     broken = bytearray(full)
-    broken[ends[1] + 20] ^= 0xFF  # a byte inside the third record (protect "a")
+    broken[ends[1] + 30] ^= 0xFF  # a byte of the third record's payload (protect "a"); its header names "a"
     path.write_bytes(bytes(broken))
     replay = Journal(path).read()
     assert replay.damaged == ((ends[1], ends[2] - ends[1]),) and replay.torn_at is None
-    assert replay.state == {"a": record("a", 1), "c": record("c", 3, shape=(0,))}  # only the protect is lost
+    assert replay.state == {"c": record("c", 3, shape=(0,))} and replay.lost == ("a",)
+    assert replay.unidentified == () and replay.repaired == ()
     assert path.read_bytes() == bytes(broken)  # read() writes nothing
 
 
-@pytest.mark.parametrize("where", ["magic", "length", "payload-crc", "header-crc", "payload"])
-def test_one_flipped_byte_costs_one_record(path: Path, where: str):
+@pytest.mark.parametrize("where", ["magic", "version", "length", "payload-crc", "key-id", "header-crc"])
+def test_a_flipped_header_byte_is_repaired_from_the_payload(path: Path, where: str):
     full, ends, states = write_history(path)
-    offset = ends[0] + {"magic": 1, "length": 5, "payload-crc": 9, "header-crc": 13, "payload": 30}[where]
+    offset = ends[0] + {"magic": 1, "version": 3, "length": 5, "payload-crc": 9, "key-id": 13, "header-crc": 21}[where]
     broken = bytearray(full)
     broken[offset] ^= 0x40
     path.write_bytes(bytes(broken))
     replay = Journal(path).read()
-    assert [off for off, _ in replay.damaged] == [ends[0]] and replay.torn_at is None
-    assert replay.records == len(ends) - 1
+    assert replay.repaired == (ends[0],) and replay.damaged == () and replay.torn_at is None
+    assert replay.records == len(ends) and replay.state == states[-1]
+
+
+def test_a_flipped_payload_byte_drops_the_key_its_header_names(path: Path):
+    full, ends, states = write_history(path)
+    broken = bytearray(full)
+    broken[ends[0] + 30] ^= 0x40  # the put of b"b": its intact delete decides b"b" again (absent)
+    broken[ends[2] + 30] ^= 0x40  # that delete of b"b": now b"b" is unknown, and absent
+    broken[ends[3] + 30] ^= 0x40  # the put of "c", which no intact record names: absent, counted unnamed
+    path.write_bytes(bytes(broken))
+    replay = Journal(path).read()
+    assert [off for off, _ in replay.damaged] == [ends[0], ends[2], ends[3]] and replay.records == len(ends) - 3
+    assert replay.state == {"a": record("a", 1, prefix=True)}
+    assert replay.lost == () and replay.lost_unnamed == 2 and replay.unidentified == ()
 
 
 def test_damaged_last_record_is_damage_not_a_torn_tail(path: Path):
@@ -229,6 +252,136 @@ def test_damaged_last_record_is_damage_not_a_torn_tail(path: Path):
     replay = Journal(path).read()
     assert replay.damaged == ((ends[3], ends[4] - ends[3]),) and replay.torn_at is None
     assert replay.state == states[3]
+
+
+STRUCTURED = np.dtype([("k", "<f2"), ("v", "<f2")])
+# every operation on several keys: puts, overwrites, deletes, a delete and put again, protects and
+# unprotects, str and bytes keys, a key whose only record is its put ("e")
+EVERY_OP: list[tuple[str, Key, KeyRecord | bool | None]] = [
+    ("put", "a", record("a", 1)), ("put", b"b", record(b"b", 2, STRUCTURED, (3,))), ("put", "c", record("c", 3)),
+    ("prot", "a", True), ("put", b"b", record(b"b", 4)), ("del", "c", None), ("prot", "a", False),
+    ("put", "c", record("c", 5, prefix=True)), ("prot", b"b", True), ("del", "a", None),
+    ("put", "d", record("d", 6, shape=(2, 3))), ("put", "a", record("a", 7)), ("prot", "c", False),
+    ("del", b"b", None), ("put", "e", record("e", 8)), ("prot", "d", True), ("put", "d", record("d", 9)),
+]
+
+
+def write_every_op(path: Path, pack=None) -> tuple[bytes, list[tuple[int, int, Key]], list[dict[Key, KeyRecord]]]:
+    """Journal EVERY_OP one append each; its bytes, (start, end, key) of each record, and the true state
+    after each record, from a plain dict."""
+    encoded = []
+    for op, key, value in EVERY_OP:
+        encoded.append(put_record(value) if op == "put" else delete_record(key) if op == "del"
+                       else protect_record(key, value))
+    if pack is not None:
+        encoded = [pack(r) for r in encoded]
+    state: dict[Key, KeyRecord] = {}
+    spans, states, start = [], [], 0
+    for raw, (op, key, value) in zip(encoded, EVERY_OP, strict=True):
+        if op == "put":
+            state[key] = value
+        elif op == "del":
+            state.pop(key, None)
+        elif key in state:
+            old = state[key]
+            state[key] = KeyRecord(key, old.block_id, old.nbytes, old.dtype, old.shape, value)
+        spans.append((start, start + len(raw), key))
+        states.append(dict(state))
+        start += len(raw)
+    path.write_bytes(b"".join(encoded))
+    return path.read_bytes(), spans, states
+
+
+def true_state(damaged: int, drop_all: bool = False) -> dict[Key, KeyRecord]:
+    """EVERY_OP's final state when record ``damaged`` is lost: its key (every key, ``drop_all``) is unknown
+    from there on, so absent until a later put or delete decides it (a protect cannot: it needs the state)."""
+    state: dict[Key, KeyRecord] = {}
+    for i, (op, key, value) in enumerate(EVERY_OP):
+        if i == damaged:
+            if drop_all:
+                state.clear()
+            state.pop(key, None)
+        elif op == "put":
+            state[key] = value
+        elif op == "del":
+            state.pop(key, None)
+        elif key in state:
+            old = state[key]
+            state[key] = KeyRecord(key, old.block_id, old.nbytes, old.dtype, old.shape, value)
+    return state
+
+
+def read_bytes(path: Path, data: bytes):
+    path.write_bytes(data)
+    return Journal(path).read()
+
+
+def test_every_single_byte_flip_repairs_or_drops_exactly_its_key(path: Path):
+    """A flip in a header is repaired (the payload checks out); a flip in a payload drops the key its header
+    names, and only that key; never a stale or reverted key, whatever the operation hit was."""
+    data, spans, states = write_every_op(path)
+    final = states[-1]
+    tried = 0
+    for i, (start, end, key) in enumerate(spans):
+        expected = true_state(i)
+        assert set(expected) <= set(final) and all(final[k] == r for k, r in expected.items())
+        for off in range(start, end):
+            in_header = off - start < 24
+            # every value of a header byte; a spread of flips of a payload byte
+            masks = range(1, 256) if in_header and i in (0, len(spans) - 1) \
+                else (0x01, 0x02, 0x10, 0x40, 0x80, 0xFF, 0x5A)
+            for mask in masks:
+                broken = bytearray(data)
+                broken[off] ^= mask
+                replay = read_bytes(path, bytes(broken))
+                tried += 1
+                where = (off, off - start, hex(mask), key)
+                assert replay.torn_at is None and replay.unidentified == (), where
+                if in_header:
+                    assert replay.repaired == (start,) and replay.damaged == (), where
+                    assert replay.state == final and replay.records == len(spans), where
+                    continue
+                assert replay.damaged == ((start, end - start),) and replay.repaired == (), where
+                assert replay.state == expected, where  # its key absent, or as a later record decided it
+                if key in final and key not in expected:  # reported: by name if an intact record names it
+                    assert replay.lost == (key,) or (replay.lost == () and replay.lost_unnamed == 1), where
+    assert tried > 7 * len(data)
+
+
+def test_truncated_at_every_byte_keeps_every_complete_record(path: Path):
+    data, spans, states = write_every_op(path)
+    for cut in range(len(data) + 1):
+        replay = read_bytes(path, data[:cut])
+        complete = [i for i, (_, end, _) in enumerate(spans) if end <= cut]
+        assert replay.state == (states[complete[-1]] if complete else {}), cut
+        assert replay.damaged == () and replay.lost == () and replay.lost_unnamed == 0, cut
+        partial = next((s for s, e, _ in spans if s < cut < e), None)
+        assert replay.torn_at == partial, cut
+
+
+def v2_record(v3: bytes) -> bytes:
+    """The same record as the previous release wrote it (v2: no key id in the header)."""
+    body = v3[24:]
+    head = b"CKV\xa7" + struct.pack("<II", len(body), zlib.crc32(body))
+    return head + struct.pack("<I", zlib.crc32(head)) + body
+
+
+def test_a_v2_journal_never_serves_a_stale_key_after_any_single_byte_flip(path: Path):
+    """A v2 header names no key: a damaged v2 payload drops every key before it (those a later put or delete
+    does not decide). A damaged v2 header is repaired. Either way no key comes back stale."""
+    data, spans, states = write_every_op(path, pack=v2_record)
+    final = states[-1]
+    assert Journal(path).read().state == final and Journal(path).read().version == 2
+    for i, (start, end, key) in enumerate(spans):
+        for off in range(start, end):
+            broken = bytearray(data)
+            broken[off] ^= 0x21
+            replay = read_bytes(path, bytes(broken))
+            assert all(final.get(k) == r for k, r in replay.state.items()), (off, key)  # never stale
+            if off - start < 16:
+                assert replay.state == final and replay.repaired == (start,), off
+            else:
+                assert replay.unidentified == (start,) and replay.state == true_state(i, drop_all=True), off
 
 
 def test_appends_after_a_torn_tail_are_recovered(path: Path):
@@ -264,7 +417,7 @@ def test_a_v1_journal_still_opens_and_is_rewritten_as_v2(path: Path):
     j.append([delete_record("c")], sync=True)  # a v2 append after v1 records (compaction had no room)
     j.close()
     assert set(reopen(path)) == {"a", b"bb"}
-    assert Journal(path).read().version == 2  # load() compacted it
+    assert Journal(path).read().version == 3  # load() compacted it
 
 
 def test_a_v1_journal_with_a_torn_tail_opens(path: Path):
