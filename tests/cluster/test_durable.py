@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -269,6 +270,56 @@ def test_a_damaged_journal_keeps_unaccounted_block_files(tmp_path):
         assert recs[0].recovered_keys == len(expected) - 1
     finally:
         _close(recs)
+
+
+def test_a_flipped_journal_byte_never_brings_back_an_older_state(tmp_path):
+    """Every byte of a home's journal (puts, an overwrite, a delete, a protect, an unprotect) flipped in turn:
+    a header byte is repaired, a payload byte drops at most the key of its record; no key is ever served
+    as an older record had it. A full open of a few of them keeps the damaged journal and every block file."""
+    from cascade_kv import catalog
+    from cascade_kv.cluster.durable import journal_path, read_epoch, read_manifest
+
+    expected = _populate(tmp_path, 1)
+    m = read_manifest(tmp_path)
+    path = journal_path(tmp_path, m.epoch, 0)
+    data = path.read_bytes()
+    truth, damaged, lost = read_epoch(tmp_path, m)
+    assert set(truth) == set(expected) and not damaged and not lost
+    spans, off = [], 0
+    while off < len(data):
+        end = off + 24 + int.from_bytes(data[off + 4:off + 8], "little")
+        spans.append((off, end, catalog._decode_key(json.loads(data[off + 24:end])["k"])))
+        off = end
+    for off in range(len(data)):
+        start, end, key = next(s for s in spans if s[0] <= off < s[1])
+        broken = bytearray(data)
+        broken[off] ^= 0x5A
+        path.write_bytes(bytes(broken))
+        got, damaged, lost = read_epoch(tmp_path, m)
+        assert all(got[k] == truth[k] for k in got), off  # never stale
+        if off - start < 24:
+            assert got == truth and not damaged, off
+        else:
+            assert len(damaged) == 1 and set(truth) - set(got) <= {key}, off
+    path.write_bytes(data)
+    blocks = {p.name for p in (tmp_path / "blocks").rglob("*") if p.is_file()}
+    work = tmp_path.parent / f"{tmp_path.name}-work"
+    for start, end, key in spans[::4]:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(tmp_path, work)
+        broken = bytearray(data)
+        broken[end - 3] ^= 0x5A  # the record's payload: its key is dropped (or decided by a later record)
+        journal_path(work, m.epoch, 0).write_bytes(bytes(broken))
+        recs = _open(work, 1)
+        try:
+            assert recs[0].damaged and recs[0].journal_lost_keys <= 1 and recs[0].orphans_removed == 0
+            assert set(expected) - {key} <= set(recs[0].keys) <= set(expected)
+        finally:
+            _close(recs)
+        kept = {p.name.split(".")[0] for p in (work / "quarantine").rglob("*") if p.is_file()}
+        assert blocks <= {p.name for p in (work / "blocks").rglob("*") if p.is_file()} | kept
+        assert any((work / "quarantine").glob("journal-*")), "the damaged journal is kept"
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def test_a_key_whose_block_is_missing_or_torn_is_dropped_and_counted(tmp_path):

@@ -30,7 +30,9 @@ was (apart from the LOCK file) and no rank waits in a collective another one ski
 
 Orphans (block files no record names: puts that died before their bind) are removed only when every
 journal read whole (a torn last record is what a kill leaves, and counts as whole); a journal with a
-damaged region keeps them (counted): records it lost may have named them.
+damaged region keeps them (counted): records it lost may have named them. A damaged record never lets an
+older record of its key through (the catalog drops the key its header names, see :mod:`cascade_kv.catalog`):
+a lost delete or overwrite costs that key, it does not bring back its old block.
 
 ``comm`` here is anything with ``allgather``, ``bcast`` and ``Barrier`` (mpi4py's lower-case calls),
 so the protocol is unit-tested without MPI.
@@ -46,6 +48,7 @@ import re
 import shutil
 import stat
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -116,6 +119,9 @@ class Recovery:
     """Journalled keys dropped because their block file was missing or damaged (over every rank)."""
     damaged: list[str] = field(default_factory=list)
     """Journals with a damaged region (skipped records; not a torn tail, which a crash leaves)."""
+    journal_lost_keys: int = 0
+    """Keys dropped because a damaged journal record concerned them, or preceded them with no key to name
+    (over every rank; counted apart from ``lost_keys``, and not in ``recovered_keys``)."""
     orphans_removed: int = 0
     """Block files no key named, removed by this rank."""
     orphans_kept: int = 0
@@ -175,13 +181,15 @@ def write_manifest(root: Path, manifest: Manifest, file_mode: int) -> None:
 
 
 # ------------------------------------------------------------------ journals
-def read_epoch(root: Path, manifest: Manifest) -> tuple[dict[Key, catalog.KeyRecord], list[str]]:
+def read_epoch(root: Path, manifest: Manifest) -> tuple[dict[Key, catalog.KeyRecord], list[str], int]:
     """Every key of the manifest's epoch (read with the single-node journal's reader, which writes nothing),
-    and the journals with a damaged region (a torn tail is what a crash leaves: normal, not listed). A
-    journal the manifest names but that is not there raises: the switch happens only after every one was
-    written, so it was removed or lost since, and carrying on would drop its keys for good."""
+    the journals with a damaged region (a torn tail is what a crash leaves: normal, not listed), and the
+    number of keys that damage dropped. A journal the manifest names but that is not there raises: the
+    switch happens only after every one was written, so it was removed or lost since, and carrying on
+    would drop its keys for good."""
     records: dict[Key, catalog.KeyRecord] = {}
     damaged = []
+    lost = 0
     for r in range(manifest.ranks):
         path = journal_path(root, manifest.epoch, r)
         replay = catalog.Journal(path).read()
@@ -190,9 +198,15 @@ def read_epoch(root: Path, manifest: Manifest) -> tuple[dict[Key, catalog.KeyRec
                                f"epoch {manifest.epoch}; restore it or move {root} aside (nothing was changed)",
                                str(path))
         records.update(replay.state)  # disjoint: within an epoch each key has one home
+        lost += len(replay.lost) + replay.lost_unnamed
         if replay.damaged:
-            damaged.append(f"{path} ({len(replay.damaged)} damaged region(s))")
-    return records, damaged
+            damaged.append(f"{path} ({len(replay.damaged)} damaged region(s) at {[o for o, _ in replay.damaged]}, "
+                           f"{len(replay.unidentified)} naming no key; {len(replay.lost)} key(s) dropped"
+                           f"{f' + {replay.lost_unnamed} unnamed' if replay.lost_unnamed else ''})")
+        if replay.repaired:
+            log.warning("%s: %d record(s) with a damaged header repaired from their payload at %s", path,
+                        len(replay.repaired), list(replay.repaired))
+    return records, damaged, lost
 
 
 def directory_record(r: catalog.KeyRecord) -> KeyRecord:
@@ -360,13 +374,14 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
         old: Manifest | None = None
         records: dict[Key, catalog.KeyRecord] = {}
         damaged: list[str] = []
+        journal_lost = 0
         mine: dict[Key, catalog.KeyRecord] = {}
         digests: dict[BlockId, DigestRefs] = {}
         bad: set[BlockId] = set()
         try:
             old = read_manifest(root)
             if old is not None:
-                records, damaged = read_epoch(root, old)
+                records, damaged, journal_lost = read_epoch(root, old)
                 next_epoch = max(next_epoch, old.epoch + 1)
             mine, digests = share(records, rank, size)
             bad = damaged_blocks(disk, digests)
@@ -420,7 +435,11 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
         # 4. clean: old epochs, leftovers of interrupted writes, orphan block files (each rank a share)
         if rank == 0:
             for e in _epochs(root):
-                if e != manifest.epoch:
+                if e == manifest.epoch:
+                    continue
+                if damaged and old is not None and e == old.epoch:
+                    _keep_damaged_epoch(root, e, dir_mode)  # what someone will want to inspect
+                else:
                     shutil.rmtree(epoch_dir(root, e), ignore_errors=True)
             for p in (root / JOURNAL_DIR).glob(f"{MANIFEST_NAME}.*.tmp"):
                 _unlink(p)
@@ -437,14 +456,25 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
         raise
     recovery = Recovery(manifest, journal, {k: directory_record(r) for k, r in mine.items()}, digests,
                         lock_fd=lock_fd, recovered_keys=len(kept), lost_keys=len(records) - len(kept), damaged=damaged,
+                        journal_lost_keys=journal_lost,
                         orphans_removed=orphans if whole else 0, orphans_kept=0 if whole else orphans)
     if rank == 0 and (recovery.lost_keys or damaged):
-        log.warning("%s: %d journalled key(s) lost (block file missing or damaged); damaged journals: %s",
-                    root, recovery.lost_keys, damaged or "none")
+        log.warning("%s: %d journalled key(s) lost (block file missing or damaged), %d for journal damage; "
+                    "damaged journals: %s", root, recovery.lost_keys, journal_lost, damaged or "none")
     if orphans and not whole:
         log.warning("%s: rank %d keeps %d unreferenced block file(s): a journal did not read whole", root, rank,
                     orphans)
     return recovery
+
+
+def _keep_damaged_epoch(root: Path, epoch: int, dir_mode: int) -> None:
+    """Move the journals of an epoch that did not read whole into ``quarantine/`` instead of removing them."""
+    dst = root / "quarantine" / f"journal-{epoch:010d}.{time.time_ns()}"
+    try:
+        make_dirs(dst.parent, dir_mode)
+        os.rename(epoch_dir(root, epoch), dst)
+    except OSError as e:  # left where it is: the next open removes it
+        log.warning("cannot keep the damaged journals of epoch %d in %s: %s", epoch, dst.parent, e.strerror)
 
 
 def release_lock(recovery: Recovery) -> None:
