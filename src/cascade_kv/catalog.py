@@ -16,7 +16,9 @@ trusted when its header is intact, and the magic (whose last byte cannot occur
 in a JSON payload, which is ASCII) lets replay *resynchronise* after damage:
 reading resumes at the next magic whose header checks out. A damaged region is
 told apart from the torn tail a crash leaves (a header whose record runs past
-the end of the file, fewer bytes than a header, or zeros): only the latter is
+the end of the file, fewer bytes than a header, zeros, or unreadable bytes that
+end the file with no intact record after them and no header of their own: a
+file system showing stale blocks past an append that never reached the disk): only the latter is
 normal (the unanswered last append, dropped); the former is reported, and the
 store then keeps the block files it cannot account for instead of deleting them.
 
@@ -51,8 +53,8 @@ Reading (:meth:`Journal.read`) never writes; rewriting the journal compactly
 and when there is none the old journal stays and appends go on after it.
 
 An append-only file was chosen over SQLite because SQLite's locking is unsafe on
-Lustre mounts without ``flock``, and a journal needs none: one store owns one
-journal (the distributed store does not persist keys yet).
+Lustre mounts without ``flock``, and a journal needs none: one writer owns one
+journal (a single-node store; in the distributed store, each home rank its own).
 """
 from __future__ import annotations
 
@@ -419,7 +421,18 @@ def _scan(data: bytes) -> _Scan:
         if torn:
             torn_at = bad  # what a crash mid-append leaves: dropped, nothing follows it
         else:
-            items += _split(data, bad, n, bad_head)
+            tail = _split(data, bad, n, bad_head)
+            # Unreadable bytes that end the file, with no intact record after them and no key to name, are
+            # what a crash leaves where a file system shows stale blocks past an append that did not reach
+            # the disk (ext4 data=writeback, some network file systems): a torn tail, not damage. Treating
+            # them as damage (dropping every key before them) was rejected: one such crash would empty
+            # the cache; what it can cost instead is one record whose header and payload were both hit.
+            # A region that starts with an intact header (a whole record whose payload failed) or that a
+            # legacy record claims is real damage, and keeps its rules.
+            if (tail and isinstance(tail[-1], _Damage) and tail[-1].key is None and v1_failure is None
+                    and not (bad_head is not None and tail[-1].offset == bad)):
+                torn_at = tail.pop().offset
+            items += tail
     if v1_failure is not None:
         start, claimed = v1_failure
         region_end = next((i.end for i in items if isinstance(i, _Damage) and i.offset == start), None)

@@ -1,6 +1,7 @@
 """Persistence: every acknowledged put survives a clean close and a kill -9; nothing half-written shows."""
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -117,7 +118,8 @@ def test_every_acknowledged_put_survives_kill_9(disk_dir):
     rng = random.Random(20261128)
     model: dict = {}
     start = 0
-    for _ in range(6):
+    rounds = int(os.environ.get("CASCADE_CRASH_ROUNDS", "6"))  # more to run it big (the issue's note: 40)
+    for _ in range(rounds):
         child = subprocess.Popen([sys.executable, "-c", CHILD, str(disk_dir), str(start), "100000"],
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
