@@ -71,7 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IntegrityError, StorageError
+from .errors import IntegrityError, InvalidArgumentType, StorageError
 from .ids import BlockId, SpacedKey, StoreKey
 from .tiers.disk import PRIVATE_FILE, create_exclusive, fsync_dir
 
@@ -138,7 +138,7 @@ def _exact_json(value: object, what: str) -> object:
         return [_exact_json(v, what) for v in value]
     if type(value) is dict and all(type(k) is str for k in value):
         return {k: _exact_json(v, what) for k, v in value.items()}
-    raise TypeError(f"{what} holds {type(value).__name__} {value!r}, which the journal cannot record exactly "
+    raise InvalidArgumentType(f"{what} holds {type(value).__name__} {value!r}, which the journal cannot record exactly "
                     f"(str, int, float, bool, None, lists and dicts with str keys can be)")
 
 
@@ -150,14 +150,14 @@ def encode_dtype(dt: np.dtype) -> object:
     plain JSON values). ``np.lib.format.dtype_to_descr`` was the old encoding: it loses titles (and
     reloading them failed), overlapping fields and metadata."""
     if dt.hasobject:
-        raise TypeError(f"dtype {dt} holds Python objects, which have no bytes to store")
+        raise InvalidArgumentType(f"dtype {dt} holds Python objects, which have no bytes to store")
     out: dict[str, object]
     if dt.names is not None:
         fields = [dt.fields[n] for n in dt.names]  # type: ignore[index]
         titles = [f[2] if len(f) > 2 else None for f in fields]
         for t in titles:
             if t is not None and type(t) is not str:
-                raise TypeError(f"dtype {dt} has a field title {t!r} that is not a str; the journal records str titles")
+                raise InvalidArgumentType(f"dtype {dt} has a field title {t!r} that is not a str; the journal records str titles")
         out = {"names": list(dt.names), "formats": [encode_dtype(f[0]) for f in fields],
                "offsets": [f[1] for f in fields], "itemsize": dt.itemsize}
         if any(t is not None for t in titles):
@@ -166,7 +166,7 @@ def encode_dtype(dt: np.dtype) -> object:
             out["aligned"] = True
         if dt.type is not np.void:
             if dt.type is not np.record:
-                raise TypeError(f"dtype {dt} has scalar type {dt.type.__name__}, which the journal cannot record")
+                raise InvalidArgumentType(f"dtype {dt} has scalar type {dt.type.__name__}, which the journal cannot record")
             out["record"] = True
     elif dt.subdtype is not None:
         base, shape = dt.subdtype

@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 _TAG_CONTEXT = "cascade-kv 2025-06 namespace tag v1"  # BLAKE3 derive_key context: tags apart from every other hash
 
 
+MAX_NAME_BYTES = 1024
+"""Longest namespace name (UTF-8 bytes): every journal record and directory message of its keys carries it."""
+
+
 def namespace_tag(name: str) -> bytes:
     """The 8 bytes a named namespace's block ids end in (stable across processes and runs)."""
     return blake3.blake3(name.encode("utf-8", "surrogatepass"), derive_key_context=_TAG_CONTEXT).digest(length=TAG_SIZE)
@@ -62,6 +66,9 @@ def check_name(name: object) -> str:
         raise InvalidArgumentType(f"namespace: name must be a str, not {type(name).__name__}: {name!r:.80}")
     if not name:
         raise InvalidArgument("namespace: name must not be empty (the store itself is the default namespace)")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise InvalidArgument(f"namespace: name of {len(name.encode('utf-8', 'surrogatepass'))} B is longer than "
+                              f"{MAX_NAME_BYTES} B (UTF-8)")
     return name
 
 

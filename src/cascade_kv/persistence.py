@@ -33,7 +33,7 @@ from pathlib import Path
 
 from . import catalog
 from .blocks import Block, Entry
-from .errors import CapacityError, ConfigError, IntegrityError, StorageError
+from .errors import CapacityError, ConfigError, IntegrityError, InvalidArgumentType, StorageError
 from .ids import BlockId, Key, block_name
 from .tiers import DiskTier
 from .tiers.disk import create_exclusive, fsync_dir, make_dirs
@@ -117,7 +117,7 @@ class Persistence:
             try:
                 catalog.encode_dtype(arr.dtype)  # type: ignore[attr-defined]
             except TypeError as e:
-                raise TypeError(f"put({key!r}) with persist=True: {e}") from None
+                raise InvalidArgumentType(f"put({key!r}) with persist=True: {e}") from None
 
     def _recover(self, root: Path) -> None:
         """Open the directory in two phases (see the module docstring) and reload protected blocks."""

@@ -120,9 +120,13 @@ def _expect_all(comm, what: str, ok: bool, detail: object = "") -> None:
 
 
 def _raises(exc: type[BaseException], call: Callable[[], object], what: str) -> BaseException:
+    from cascade_kv.errors import CascadeError
+
     try:
         call()
     except exc as e:
+        if not isinstance(e, CascadeError):
+            raise AssertionError(f"{what}: {type(e).__name__} is not in the error family: {e}") from e
         return e
     except BaseException as e:
         raise AssertionError(f"{what}: expected {exc.__name__}, got {type(e).__name__}: {e}") from e
@@ -762,6 +766,8 @@ def _bad_input(comm, scratch: Path) -> None:
                 (ValueError, lambda: store.get_many(["e/good"], []), "get_many of 1 key, 0 outs"),
                 (ValueError, lambda: store.put_many(["e/a"], [good], is_prefix=[True, False]), "2 flags for 1 key"),
                 (TypeError, lambda: store.put_many(["e/a", "e/b"], [good, "not an array"]), "one bad array of two"),
+                (TypeError, lambda: store.put_many(["e/a", "e/b"], [good, np.zeros(4, np.dtype("f4", metadata={"t": (1,)}))]),
+                 "a dtype whose metadata the directory cannot carry exactly"),
             ]
             for exc, call, what in cases:
                 _raises(exc, call, f"rank 1: {what}")

@@ -161,6 +161,9 @@ def test_bad_names_are_refused(store: Store) -> None:
             store.namespace(bad)  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentType):
         store.namespace("a").put(1, block())  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="longer than"):  # every record of its keys carries the name
+        store.namespace("n" * 1025)
+    store.namespace("\u00e9" * 512)  # 1024 B of UTF-8: the longest name
     assert store.stats(all_namespaces=True).puts == 0
 
 

@@ -46,7 +46,7 @@ from typing import TypeVar
 import numpy as np
 
 from ..catalog import decode_dtype, encode_dtype
-from ..errors import BlockNotFound, PeerTimeout
+from ..errors import BlockNotFound, InvalidArgument, PeerTimeout
 from ..ids import DIGEST_SIZE, TAG_SIZE, Digest, Key, StoreKey
 from .homes import decode_key, encode_key, home_of_digest, home_of_key
 from .service import Service
@@ -551,7 +551,7 @@ def _locations(locations: Iterable[Location]) -> bytes:
 def _record(record: KeyRecord) -> bytes:
     dtype = record.dtype.encode("ascii")
     if len(dtype) > 65535 or len(record.shape) > 255:
-        raise ValueError(f"dtype {record.dtype!r} or shape {record.shape} too long to encode")
+        raise InvalidArgument(f"dtype {record.dtype!r} or shape {record.shape} too long to encode")
     return (_digest(record.digest) + _U16.pack(len(dtype)) + dtype + _U8.pack(len(record.shape))
             + b"".join(_U64.pack(d) for d in record.shape) + _U8.pack(record.prefix))
 

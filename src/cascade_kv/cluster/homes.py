@@ -17,6 +17,7 @@ import struct
 import blake3
 
 from ..arrays import check_key
+from ..errors import InvalidArgument
 from ..ids import DIGEST_SIZE, SpacedKey, StoreKey
 
 # One byte ahead of the key's bytes says what they were, so "a" and b"a" (different keys,
@@ -54,7 +55,7 @@ def encode_key(key: StoreKey) -> bytes:
     if isinstance(key, SpacedKey):
         name = key.space.encode("utf-8", "surrogatepass")
         if len(name) > 0xFFFF:
-            raise ValueError(f"namespace name of {len(name)} B is too long (64 KiB at most)")
+            raise InvalidArgument(f"namespace name of {len(name)} B is too long (64 KiB at most)")
         return _SPACE_TAG + _U16.pack(len(name)) + name + encode_key(check_key(key.key))
     check_key(key)
     return _STR_TAG + key.encode("utf-8", "surrogatepass") if isinstance(key, str) else _BYTES_TAG + key

@@ -178,7 +178,7 @@ class Service:
     def __init__(self, comm: MPI.Comm, *, timeout: float = 30.0,
                  handlers: Mapping[int, Handler] | None = None) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+            raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise ConfigError("the service thread needs MPI_THREAD_MULTIPLE; MPI was initialised with "
                               f"level {MPI.Query_thread()} (leave mpi4py.rc.thread_level at 'multiple')")

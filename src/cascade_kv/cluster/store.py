@@ -44,7 +44,8 @@ from mpi4py import MPI
 
 from ..arrays import byte_view, check_key, check_out, needs_staging, put_items
 from ..config import CascadeConfig, format_size
-from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, PeerTimeout, StoreClosed)
+from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, PeerTimeout,
+                      StoreClosed)
 from ..hashing import Hasher
 from ..ids import BlockId, Key, StoreKey, block_name
 from ..namespace import Namespace, Space, check_name, check_quota, user_key
@@ -154,6 +155,8 @@ class DistributedStore(Durability):
                   is_prefix: bool | Sequence[bool]) -> None:
         items = [(space.internal(k), a, p) for k, a, p in put_items(keys, arrays, is_prefix)]
         self._check_open()
+        # the directory records every dtype exactly, or refuses it here (InvalidArgumentType), before any message
+        dtypes = [dtype_text(a.dtype) for _, a, _ in items]
         ids = [self._block_id(byte_view(a), space) for _, a, _ in items]  # hashing: no lock, no message
         self._check_quota(space, items, ids)
         first: dict[BlockId, int] = {}  # one claim per distinct block first: a second would wait on our own grant
@@ -185,7 +188,7 @@ class DistributedStore(Durability):
                     for c in pinned:
                         self.arena.unpin(c)
                     pinned.clear()
-            records = [(k, KeyRecord(bid, dtype_text(a.dtype), a.shape, p)) for (k, a, p), bid in zip(items, ids)]
+            records = [(k, KeyRecord(bid, dt, a.shape, p)) for (k, a, p), bid, dt in zip(items, ids, dtypes)]
             old = self.directory.bind_many(records)
         except BaseException:
             for c in pinned:
@@ -240,12 +243,12 @@ class DistributedStore(Durability):
         records = self._records(keys)
         for k, r in zip(keys, records):
             if r.prefix:
-                raise ValueError(f"demote: key {k!r} is protected (is_prefix); unprotect it first")
+                raise InvalidArgument(f"demote: key {k!r} is protected (is_prefix); unprotect it first")
         blocks = {r.digest: k for k, r in zip(keys, records)}
         located = self.directory.locate_many(list(blocks))
         for (digest, k), where in zip(blocks.items(), located):
             if where.protected and self.config.semantic_eviction:
-                raise ValueError(f"demote: the block of {k!r} is protected by another key")
+                raise InvalidArgument(f"demote: the block of {k!r} is protected by another key")
         outs = [np.empty(self._nbytes(r), np.uint8) for r in {r.digest: r for r in records}.values()]
         self._read_blocks(list(blocks), [memoryview(o) for o in outs])
         for digest, data in zip(blocks, outs):
@@ -279,7 +282,7 @@ class DistributedStore(Durability):
                   outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         keys = list(keys)
         if outs is not None and len(outs) != len(keys):
-            raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+            raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
         for k in keys:
             check_key(k)
         self._check_open()
