@@ -327,6 +327,7 @@ def _no_dedup(comm, scratch: Path) -> None:
         assert (cs.keys, cs.blocks, cs.dedup_hits) == (2 * size, 2 * size, 0), cs
         keys = [f"nd/{r}/{x}" for r in range(size) for x in "ab"]
         assert all(_same(g, v) for g in store.get_many(keys))
+        store.barrier()  # every rank has read them: a delete now cannot race a read (that is a BlockNotFound)
         if rank == 0:
             store.delete_many(keys)
         store.barrier()
