@@ -6,8 +6,11 @@ mpiexec costs a second or more, so a test does as much as it can in one run.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -32,10 +35,15 @@ def run_ranks(n: int, args: list[str], timeout: float = 60) -> str:
     test, with the job's output, when a rank exits non-zero or the job outlives ``timeout`` (every
     process is killed then). For test files that are their own MPI program."""
     require_mpiexec()
+    # the job's temporary files go to a folder of its own, removed whatever the job did: a rank killed by
+    # another's MPI_Abort (a failing assertion) never reaches its own clean-up
+    tmp = tempfile.mkdtemp(prefix="mpi-job-")
     try:
-        done = run_mpi(n, args, timeout=timeout)
+        done = run_mpi(n, args, timeout=timeout, env=dict(os.environ, TMPDIR=tmp))
     except LaunchTimeout as e:
         pytest.fail(f"mpiexec -n {n} {' '.join(args)} ran past {timeout:g} s\n{e.stdout}\n{e.stderr}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if done.returncode != 0:
         pytest.fail(f"mpiexec -n {n} {' '.join(args)} exited {done.returncode}\n"
                     f"--- stdout ---\n{done.stdout}\n--- stderr ---\n{done.stderr}")
