@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -379,3 +381,36 @@ def test_a_singleton_set_up_by_hand_leaves_nothing_either(leftovers_of) -> None:
     require_mpiexec()
     env = {**_shell_env(), **launch.SINGLETON_MCA}
     assert leftovers_of([sys.executable, "-c", "from mpi4py import MPI\nMPI.COMM_WORLD.Barrier()"], env=env) == []
+
+
+KILL_THE_LAUNCHER = """
+import os, signal, sys
+from mpi4py import MPI
+MPI.COMM_WORLD.Barrier()  # both ranks are up, their shared-memory segments made
+if MPI.COMM_WORLD.rank == 0:
+    with open(sys.argv[1], "w") as f:  # not stdout: the launcher relays it, and dies next
+        f.write(" ".join(os.listdir(os.environ["OMPI_MCA_btl_sm_backing_directory"])))
+    os.kill(os.getppid(), signal.SIGKILL)  # the launcher dies without removing the segments
+MPI.COMM_WORLD.Barrier()
+"""
+
+
+def test_a_job_whose_launcher_is_killed_leaves_no_segment_or_session_file(
+        tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_mpiexec()
+    # a short path, as /dev/shm is: Open MPI's session sockets live in it, and a socket path has 107 B at most
+    shm = Path(tempfile.mkdtemp(prefix=f"cascade-pytest-{os.getpid()}-", dir="/dev/shm" if Path("/dev/shm").is_dir()
+                                else "/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(shm, ignore_errors=True))
+    dead = shm / "cascade-job-999999999-x"  # a folder of a launcher killed earlier (no such pid)
+    dead.mkdir()
+    (dead / "sm_segment.old").write_bytes(b"")
+    monkeypatch.setattr(launch, "SHM", shm)
+    monkeypatch.delenv("OMPI_MCA_btl_sm_backing_directory", raising=False)
+    monkeypatch.delenv("PRTE_MCA_prte_tmpdir_base", raising=False)
+    listing = tmp_path / "segments.txt"
+    code = launch.launch(2, [sys.executable, "-c", KILL_THE_LAUNCHER, str(listing)], timeout=60)
+    assert code != 0
+    assert "sm_segment" in listing.read_text()  # the job's segments were in the folder it was given
+    assert list(shm.iterdir()) == []  # that folder went with the job, the dead launcher's at the start
+    # and mpiexec's session files were in it too: nothing of the job's in this session's TMPDIR

@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -226,9 +227,46 @@ def _without_ranks(argv: Sequence[str]) -> list[str]:
     return out
 
 
+SHM = Path("/dev/shm")
+_SM_BACKING = "OMPI_MCA_btl_sm_backing_directory"  # where the ranks' shared-memory segments go
+_SESSION_BASE = "PRTE_MCA_prte_tmpdir_base"  # where mpiexec and the ranks keep their session files
+_JOB_PREFIX = "cascade-job-"
+
+
+def _job_folder(env: dict[str, str]) -> Path | None:
+    """Give the job's Open MPI shared-memory segments and session files a folder of their own under
+    /dev/shm (each unless the user chose a place), so that what a job killed outright leaves (Open MPI's
+    launcher removes them only when it exits normally) goes with the folder: at the end of :func:`_run`,
+    or, if this process was killed too, at the next launch, which first removes the folders of launchers
+    that no longer live."""
+    if (_SM_BACKING in env and _SESSION_BASE in env) or not SHM.is_dir():
+        return None
+    for old in SHM.glob(f"{_JOB_PREFIX}*"):
+        pid = old.name[len(_JOB_PREFIX):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f"{_JOB_PREFIX}{os.getpid()}-", dir=SHM))
+    except OSError:  # a read-only or full /dev/shm: Open MPI's defaults then, as before
+        return None
+    env.setdefault(_SM_BACKING, str(folder))
+    env.setdefault(_SESSION_BASE, str(folder))
+    return folder
+
+
 def _run(cmd: list[str], env: dict[str, str], timeout: float | None,
          capture: bool) -> subprocess.CompletedProcess[str]:
     pipe = subprocess.PIPE if capture else None
+    segments = _job_folder(env)
+    try:
+        return _run_in(cmd, env, timeout, pipe, capture)
+    finally:
+        if segments is not None:
+            shutil.rmtree(segments, ignore_errors=True)
+
+
+def _run_in(cmd: list[str], env: dict[str, str], timeout: float | None, pipe: int | None,
+            capture: bool) -> subprocess.CompletedProcess[str]:
     # A session of its own, so that a stop signal reaches mpiexec and nothing of ours. The price is that Ctrl-C
     # in a terminal reaches only this process, so the `finally` below passes it on.
     proc = subprocess.Popen(cmd, env=env, stdout=pipe, stderr=pipe, text=True, start_new_session=True)
