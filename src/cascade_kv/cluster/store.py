@@ -85,6 +85,10 @@ _RETRY_SLEEP_S = 0.5e-3
 _MAX_RETRY_SLEEP_S = 2e-3
 
 
+class _Vanished(Exception):
+    """Internal: a block's shared file went while this rank was about to read it; look the block up again."""
+
+
 def _digest_bytes(d: bytes) -> bytes:
     return _U8.pack(len(d)) + d
 
@@ -1002,7 +1006,13 @@ class DistributedStore(Durability):
                 raise BlockNotFound(f"block {block_name(digest)[:16]} has no copy left (dropped, or deleted "
                                     f"while being read)")
             try:
-                self._read_disk(digest, out)
+                try:
+                    self._read_disk(digest, out)
+                except _Vanished:  # deleted meanwhile: the next round asks the home again (a miss, or its new copy)
+                    if lease.status is LoadStatus.GRANTED:
+                        self.directory.forget_many([digest])
+                    again.append(j)
+                    continue
                 c = None
                 if lease.status is LoadStatus.GRANTED:
                     c = self._place_in_memory(digest, out, protected=lease.protected > 0)
@@ -1017,22 +1027,41 @@ class DistributedStore(Durability):
         return again
 
     def _read_disk(self, digest: BlockId, out: memoryview) -> None:
+        """Read the block's shared file; :class:`_Vanished` when another rank removed it meanwhile (the file
+        may go between the directory's answer and the open: a delete on another rank unlinks it after its
+        home let go of the digest), IntegrityError when it is damaged or gone while still listed."""
         assert self.disk is not None
         with self._disk_lock:
             if self.disk.contains(digest) and not self.disk.path(digest).exists():
-                self.disk.free(digest)  # a stale entry of this rank's index: another rank deleted the file
-            if not self.disk.contains(digest) and self.disk.adopt(digest) is None:
-                raise BlockNotFound(f"block {block_name(digest)[:16]}: its disk copy is gone")
+                self.disk.untrack(digest)  # a stale entry of this rank's index: another rank deleted the file
+            missing = not self.disk.contains(digest) and self.disk.adopt(digest) is None
+        if missing:
+            self._vanished(digest)
+            raise IntegrityError(f"block {block_name(digest)[:16]}: its disk copy is listed but missing")
         try:
             self.disk.read_into(digest, out)
         except IntegrityError:
-            self.disk.quarantine(digest)
+            np.asarray(out).fill(0)  # no bad byte stays in the caller's buffer
+            quarantined = False
+            if not self.disk.path(digest).exists():  # gone, not damaged
+                with self._disk_lock:
+                    self.disk.untrack(digest)
+                self._vanished(digest)  # ... or lost, if its home still lists it: an IntegrityError below
+            else:
+                with self._disk_lock:
+                    if self.disk.contains(digest):
+                        quarantined = self.disk.quarantine(digest) is not None
             with self.arena.lock:
                 self._c.integrity_errors += 1
-                self._c.quarantined += 1
-            np.asarray(out).fill(0)  # no bad byte stays in the caller's buffer
+                self._c.quarantined += quarantined
             raise
         self._count_read(self._c.disk, out.nbytes, misses=(self._c.host, self._c.remote))
+
+    def _vanished(self, digest: BlockId) -> None:
+        """A block's file is not there: :class:`_Vanished` unless its home still lists it on disk (then it is
+        lost, and the caller raises IntegrityError; asking again would find the same)."""
+        if not any(loc.tier == TIER_DISK for loc in self.directory.locate(digest).locations):
+            raise _Vanished(digest)  # freed by its last delete, or moved: not a loss
 
     def _maybe_replicate(self, digest: BlockId, data: memoryview, protected: int) -> None:
         """Count a read served by a peer; at ``promotion_threshold`` keep a local replica (see :meth:`_allocate`)."""

@@ -250,6 +250,13 @@ class DiskTier(Tier):
         self._release(block_id)
         _unlink_quietly(self.path(block_id))
 
+    def untrack(self, block_id: BlockId) -> None:
+        """Stop tracking a block whose file another process removed, leaving the path alone: unlinking it
+        here could remove a new file of the same name that the other process wrote since (one directory
+        shared by the ranks of a job)."""
+        if block_id in self._sizes:
+            self._release(block_id)
+
     # -- recovery -----------------------------------------------------------------------------
     def adopt(self, block_id: BlockId, expected: int | None = None) -> int | None:
         """Track a block file already present (written by an earlier run); its size, or ``None`` if
