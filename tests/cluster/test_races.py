@@ -8,13 +8,25 @@ racing a delete and a new put of the same bytes returns them. The interleaving i
 the reader inside its disk read (a wrapped ``read_into``) until the other rank says it is done, with
 messages, no sleeps.
 
-Run by pytest on 2 ranks, or by hand: ``cascade launch -n 2 python -m mpi4py tests/cluster/test_races.py``.
+A protected put on a rank whose arena is taken whole by another thread's put in flight (its copies stay
+pinned until the directory lists them, so none of them is a victim). Before the fix the second put
+asked a peer for room, the peer answered yes (it had a hole already), and the put looped on that
+answer forever: a hole on a peer helps only a protected victim that can move there, and there was
+none, so nothing counted the loop down. Seen as a rank that never reached the model test's barrier
+(4 ranks x 5000 steps, 1 run in 4-8): a put_many of three protected blocks whose first two, pinned,
+left the rank's arena in holes too small for the third, asking peers for room 20000 times a second.
+Forced here, in the two-thread form, by holding the first put inside its ``publish_many`` (its copies
+pinned) until the second is done.
+
+Run by pytest on 2 ranks, or by hand: ``cascade launch -n 2 python -m mpi4py tests/cluster/test_races.py
+[SCENARIO]``.
 """
 from __future__ import annotations
 
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +36,12 @@ def test_a_disk_read_racing_a_delete_is_a_miss_and_racing_a_new_put_reads_it() -
     from .conftest import run_scenario  # here: this file is also run as a plain MPI program, outside the package
 
     run_scenario(__file__, 2, "disk-read-vs-delete", timeout=90)
+
+
+def test_a_protected_put_on_an_arena_pinned_by_another_put_fails_at_once_and_succeeds_after() -> None:
+    from .conftest import run_scenario
+
+    run_scenario(__file__, 2, "protected-put-vs-pinned-arena", timeout=90)
 
 
 def _scenario(comm, scratch: Path) -> None:
@@ -78,14 +96,93 @@ def _scenario(comm, scratch: Path) -> None:
             assert stats.integrity_errors == 0 and stats.quarantined == 0, stats
 
 
-def _main() -> None:
+ASKS_ALLOWED = 8
+"""Requests for a peer's room one put may make here before the scenario calls its loop unbounded (the fixed
+store makes none: with no victim to move, a peer's hole is no use)."""
+
+
+def _pinned_arena(comm, scratch: Path) -> None:
+    from cascade_kv import CapacityError, CascadeConfig, DistributedStore
+    from cascade_kv.tiers.slots import SLOT_HEADER
+
+    rank = comm.Get_rank()
+    n = 8192
+    a1, a2, b, small = (np.full(n if i < 3 else 3072, i + 1, np.uint8) for i in range(4))
+    # two blocks of n bytes fill an arena exactly: its one spare header is the empty tier's own
+    cfg = CascadeConfig(host_capacity=2 * (n + SLOT_HEADER), disk_path=scratch / "disk", promotion_threshold=100)
+    with DistributedStore(cfg, comm=comm, timeout=20) as store:
+        if rank == 1:
+            store.put("small", small)  # unprotected: rank 1 has evictable bytes, and a hole for a whole block
+        store.barrier()
+        if rank == 0:
+            held, go = threading.Event(), threading.Event()
+            publish_many = store.directory.publish_many
+            failed: list[BaseException] = []
+
+            def put_first() -> None:
+                try:
+                    store.put_many(["a1", "a2"], [a1, a2], is_prefix=True)
+                except BaseException as e:
+                    failed.append(e)
+                    held.set()
+
+            first = threading.Thread(target=put_first, name="first-put")
+
+            def publish_held(published, publish_many=publish_many):
+                if threading.current_thread() is first:  # both copies are in the arena, pinned: hold them there
+                    held.set()
+                    assert go.wait(60), "the scenario never let the first put go"
+                return publish_many(published)
+
+            ask_for_room = store._ask_for_room
+            asks = []
+
+            def ask_counted(need, ask_for_room=ask_for_room):
+                asks.append(need)
+                if len(asks) > ASKS_ALLOWED:
+                    raise AssertionError(f"a protected put asked peers for room {len(asks)} times with no victim "
+                                         f"to move there: an unbounded loop")
+                return ask_for_room(need)
+
+            store.directory.publish_many = publish_held
+            store._ask_for_room = ask_counted
+            try:
+                first.start()
+                assert held.wait(60) and not failed, f"the first put never reached publish_many: {failed!r}"
+                assert store.arena.tier.largest_hole < n, "the first put's copies do not fill the arena"
+                try:
+                    store.put("b", b, is_prefix=True)
+                except CapacityError:
+                    pass  # no copy here may go (both are being written): refused at once
+                else:
+                    raise AssertionError("a protected put found room in an arena pinned whole by another put")
+                assert not asks, f"asked peers for room {len(asks)} time(s) with no victim to move there"
+            finally:
+                go.set()
+                first.join()
+                assert not failed, f"the first put failed: {failed!r}"
+                del store.directory.publish_many, store._ask_for_room  # the classes' own methods again
+            assert "b" not in store
+            store.put("b", b, is_prefix=True)  # the copies are listed now: one of them moves to rank 1
+        store.barrier()
+        for key, want in (("a1", a1), ("a2", a2), ("b", b), ("small", small)):
+            assert np.array_equal(store.get(key), want), key
+        assert store.info("b").prefix
+        store.barrier()
+        assert not store.arena.check(idle=True), store.arena.check(idle=True)
+
+
+SCENARIOS = {"disk-read-vs-delete": _scenario, "protected-put-vs-pinned-arena": _pinned_arena}
+
+
+def _main(name: str) -> None:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     scratch = Path(comm.bcast(tempfile.mkdtemp(prefix="cascade-races-") if rank == 0 else None))
     try:
-        _scenario(comm, scratch)
+        SCENARIOS[name](comm, scratch)
         comm.Barrier()
     finally:
         if rank == 0:
@@ -94,6 +191,9 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] != "disk-read-vs-delete":
-        sys.exit(f"unknown scenario {sys.argv[1]!r}")
-    _main()
+    names = sys.argv[1:] or list(SCENARIOS)
+    for name in names:
+        if name not in SCENARIOS:
+            sys.exit(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
+    for name in names:
+        _main(name)

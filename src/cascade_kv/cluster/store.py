@@ -568,8 +568,7 @@ class DistributedStore(Durability):
             if not in_memory:  # a dedup hit on a disk-only block that must now stay in memory: from our bytes
                 c = self._place_in_memory(digest, data, protected=True)
                 if c is None:
-                    raise CapacityError(f"put: no room in cluster memory for a protected block of "
-                                        f"{format_size(data.nbytes)}")
+                    raise self._no_room("put", data.nbytes)
                 pinned.append(c)
                 return durable + [(digest, self.arena.location(c))]
             self._notify_protection(digest, in_memory, True)
@@ -582,8 +581,7 @@ class DistributedStore(Durability):
             pinned.append(c)
             return self.arena.location(c)
         if prefix and self.config.semantic_eviction:
-            raise CapacityError(f"put: no room in cluster memory for a protected block of "
-                                f"{format_size(data.nbytes)}")
+            raise self._no_room("put", data.nbytes)
         if self.disk is None:
             raise CapacityError(f"put: a block of {format_size(data.nbytes)} fits neither this rank's memory "
                                 f"({format_size(self.arena.capacity)}) nor a disk tier (none configured)")
@@ -611,17 +609,30 @@ class DistributedStore(Durability):
         """A slot in this rank's arena, evicting victims (replicas, then unprotected copies, then protected
         ones to peers' memory) until it fits; None when it cannot. A replica (a block this rank reads often
         from a peer) may displace replicas and unprotected copies, which move down as any victim does, but
-        never protected ones: under pressure a hot block's replica is worth more here than a cold block."""
+        never protected ones: under pressure a hot block's replica is worth more here than a cold block.
+
+        Bounded: it gives up after a full round of victims in a row that had to stay, and after a budget of
+        tries (victims and requests for room) of a few times the copies the arena held when it began, since
+        other threads and ranks may fill the holes it opens as fast as it opens them. A protected block asks a
+        peer to make room only after a protected victim stayed for want of a peer's hole: a hole on a peer
+        helps nothing else. With no victim at all (every copy here is being written, read or moved: a put keeps
+        its copies pinned until the directory lists them, so a put of several protected blocks, or two
+        threads' puts, can pin a fragmented arena whole), the answer "a peer has room" changed nothing here,
+        and asking again on it looped forever while the pins it waited on belonged to the put itself or to a
+        put waiting the same way (issue 8: a rank that never reached the model test's barrier). Such a put
+        now fails with CapacityError, which gives its pins back."""
         if not self.arena.fits(nbytes):
             return None
         stuck = 0  # victims in a row that had to stay (moves in flight): give up after a full round
+        budget = 3 * (len(self.arena) + self.size)  # tries in all: a protected move may take a try, an ask, a try
         try_protected = True
-        while stuck <= len(self.arena):
+        while stuck <= len(self.arena) and budget > 0:
             if digest in self.arena:
                 return None  # a concurrent put or load of the same block got here first
             c = self.arena.allocate(digest, nbytes, protected=protected, replica=replica)
             if c is not None:
                 return c
+            budget -= 1
             victim = self.arena.pick_victim(protected=False)
             if victim is None and try_protected and not replica:
                 victim = self.arena.pick_victim(protected=True)
@@ -632,11 +643,19 @@ class DistributedStore(Durability):
                     stuck += 1
                     try_protected = try_protected and not victim.protected  # no peer takes protected data now
                 continue
-            if protected and not replica and self._ask_for_room(nbytes + SLOT_HEADER):
+            if protected and not replica and not try_protected and self._ask_for_room(nbytes + SLOT_HEADER):
                 try_protected = True  # a peer has a hole now: our protected victims can go there
                 continue
             return None
         return None
+
+    def _no_room(self, what: str, nbytes: int) -> CapacityError:
+        """A protected block found no slot here after a bounded effort (see :meth:`_allocate`): say why."""
+        busy = sum(c.nbytes for c in self.arena.copies() if c.pins or c.moving)
+        holes = [hole for r, (hole, _) in enumerate(self.window.rooms()) if r != self.rank]
+        return CapacityError(f"{what}: no room in cluster memory for a protected block of {format_size(nbytes)}: "
+                             f"largest hole here {self.arena.tier.largest_hole} B, {busy} B here being written, read "
+                             f"or moved, largest hole on a peer {max(holes, default=0)} B")
 
     def _evict(self, victim: Copy) -> bool:
         """Make ``victim``'s slot free: drop it when another copy keeps the block, else move it to the peer with
@@ -873,7 +892,7 @@ class DistributedStore(Durability):
             raise CapacityError(f"protect: no room in cluster memory for a block of {format_size(data.nbytes)}")
         c = self._place_in_memory(record.digest, memoryview(data), protected=True)
         if c is None:
-            raise CapacityError(f"protect: no room in cluster memory for a block of {format_size(data.nbytes)}")
+            raise self._no_room("protect", data.nbytes)
         self._publish_pinned(c)
 
     # ================================================================== read internals
@@ -1151,8 +1170,8 @@ class DistributedStore(Durability):
                 if self.disk is not None:
                     self._write_disk(victim.digest, self.arena.view(victim))
                     to_disk = True
-            finally:
-                self.arena.release(victim, gone=True)
+            finally:  # a write that failed keeps the copy: its home still lists it here
+                self.arena.release(victim, gone=to_disk or self.disk is None)
             with self.arena.lock:
                 self._c.host.evictions += 1
                 if to_disk:
