@@ -298,7 +298,9 @@ def _dedup(comm, scratch: Path) -> None:
         for key, want, got in zip(keys, expected, store.get_many(keys), strict=True):
             assert _same(got, want), f"rank {rank}: wrong bytes for {key!r}"
 
-        # a delete on rank 0 is seen everywhere and frees every copy
+        # a delete on rank 0 is seen everywhere and frees every copy (once every rank has read: a delete
+        # racing a slower rank's get would be that get's miss)
+        store.barrier()
         if rank == 0:
             store.delete_many(keys)
         store.barrier()
