@@ -586,6 +586,8 @@ class Store(Persistence, Placement):
             return  # every block is stored already, where it may stay: nothing to place
         self._enter_placement()
         plan.placing = True
+        if not rising and self._fits_without_eviction(plan, needs_memory):
+            return  # the common case: room now, nothing to evict (a dry run cost ~60 us per small put)
         run = DryRun(self, plan.held)
         key_of = {bid: key for (key, _, _), bid in zip(items, ids)}
         placed = 0
@@ -603,6 +605,25 @@ class Store(Persistence, Placement):
                                         len(rising) + len(plan.fresh))
                 run.add(b, self._disk)
             placed += 1
+
+    def _fits_without_eviction(self, plan: Plan, needs_memory: set[BlockId]) -> bool:
+        """Whether every new block of ``plan`` fits, now, in the tier a dry run would pick first (the fastest
+        allowed tier it can ever fit in), with its durable copy (persist), evicting nothing: then that is
+        where each goes (recorded in ``plan.tiers``) and nothing can be demoted or dropped for it."""
+        by_tier: dict[int, list[int]] = {}
+        chosen: dict[BlockId, int] = {}
+        for b in plan.fresh:
+            t = next((t for t in self._allowed_tiers(b.id in needs_memory) if self._tiers[t].fits(b.nbytes)), None)
+            if t is None:
+                return False
+            chosen[b.id] = t
+            by_tier.setdefault(t, []).append(b.nbytes)
+            if self.config.persist and t != self._disk and self._disk is not None:
+                by_tier.setdefault(self._disk, []).append(b.nbytes)
+        if not all(self._tiers[t].fits_now(sizes) for t, sizes in by_tier.items()):
+            return False
+        plan.tiers.update(chosen)
+        return True
 
     def _no_room(self, what: str, b: Block, tiers: list[int], placed: int, total: int) -> CapacityError:
         names = "/".join(self._tiers[t].traits.name for t in tiers)

@@ -164,3 +164,21 @@ def test_close_with_outstanding_view(hasher: Hasher):
     tier.close()  # a caller's view keeps the mapping alive; close must not raise
     assert not tier.contains(bid) and list(tier.block_ids()) == []
     assert bytes(view) == b"held"
+
+
+def test_fits_now_never_promises_room_fragmentation_does_not_have() -> None:
+    from cascade_kv.tiers.allocator import ALIGNMENT
+
+    tier = HostTier(8 * ALIGNMENT)
+    try:
+        ids = [bytes([i]) * 32 for i in range(8)]
+        for bid in ids:
+            assert tier.allocate(bid, ALIGNMENT)
+        for bid in ids[::2]:  # four free slots, none next to another: 4 blocks fit, one of 2 slots does not
+            tier.free(bid)
+        assert tier.fits_now([ALIGNMENT] * 1) and not tier.fits_now([ALIGNMENT] * 2)
+        assert not tier.fits_now([2 * ALIGNMENT])
+        tier.free(ids[1])  # slots 0-2 join into one hole of three
+        assert tier.fits_now([ALIGNMENT, 2 * ALIGNMENT - 1]) and not tier.fits_now([2 * ALIGNMENT, ALIGNMENT + 1])
+    finally:
+        tier.close()

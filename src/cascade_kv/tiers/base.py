@@ -124,6 +124,11 @@ class Tier(ABC):
         """A what-if copy of this tier's room now (see :class:`RoomModel`)."""
         return RoomModel(self.capacity, self.used)
 
+    def fits_now(self, sizes: Sequence[int]) -> bool:
+        """Whether blocks of ``sizes`` can all be allocated right now, evicting nothing. May answer False
+        when unsure (the store then runs its full dry run); never True when they would not fit."""
+        return self.capacity is None or self.used + sum(sizes) <= self.capacity
+
     def view(self, block_id: BlockId) -> memoryview:
         """The block's bytes in place; only for ``traits.addressable`` tiers."""
         raise NotImplementedError(f"{self.traits.name} tier is not addressable")

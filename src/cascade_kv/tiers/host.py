@@ -16,7 +16,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -187,6 +187,11 @@ class HostTier(Tier):
 
     def room_model(self) -> RoomModel:
         return _ArenaRoom(self)
+
+    def fits_now(self, sizes: Sequence[int]) -> bool:
+        # best fit never splits the largest hole while a smaller one fits, so blocks whose aligned sizes
+        # add up to no more than it are all placed
+        return sum(align_up(max(n, 1) + self._header) for n in sizes) <= self._alloc.largest_hole
 
     def allocate(self, block_id: BlockId, nbytes: int) -> bool:
         with self._lock:
