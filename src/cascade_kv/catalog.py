@@ -73,7 +73,7 @@ import numpy as np
 
 from .errors import IntegrityError, InvalidArgumentType, StorageError
 from .ids import BlockId, SpacedKey, StoreKey
-from .tiers.disk import PRIVATE_FILE, create_exclusive, fsync_dir
+from .tiers.disk import CLOEXEC, NOFOLLOW, PRIVATE_FILE, create_exclusive, fsync_dir
 
 MAGIC = b"CKV\xa7"  # v2; as a v1 length it would be 2.8 GB: a v1 file never starts a record with it
 MAGIC3 = b"CKV\xa8"  # v3: the header also names the record's key
@@ -84,8 +84,6 @@ _HEADERS = {MAGIC3: _HEADER3, MAGIC: _HEADER}
 _V1_HEADER = struct.Struct("<II")  # payload length, crc32(payload)
 _V1_PLAUSIBLE = 1 << 24  # no v1 record was this long (one key's JSON)
 _SMALLEST = _HEADER.size + len(b'{"op":"del","k":{"s":""}}')  # no whole record is shorter
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -563,7 +561,7 @@ class Journal:
         if self._fd >= 0:
             return True
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _NOFOLLOW | _CLOEXEC)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | NOFOLLOW | CLOEXEC)
         except FileNotFoundError:
             return False
         except OSError as e:
@@ -575,7 +573,7 @@ class Journal:
         if self.open():
             return
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC,
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC,
                                self._mode)
             os.fchmod(self._fd, self._mode)
             fsync_dir(self.path.parent)
@@ -600,7 +598,7 @@ class Journal:
         (no space) the old journal is left as it was, still open for appends, and StorageError is raised."""
         parent = self.path.parent
         try:
-            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | CLOEXEC)
         except OSError as e:
             raise StorageError(e.errno, f"journal: cannot open {parent}: {e.strerror}", str(parent)) from e
         try:

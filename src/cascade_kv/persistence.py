@@ -24,7 +24,6 @@ whole, and the damaged journal itself is kept there before compaction.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import time
@@ -36,13 +35,11 @@ from .blocks import Block, Entry
 from .errors import CapacityError, ConfigError, IntegrityError, InvalidArgumentType, StorageError
 from .ids import BlockId, Key, block_name
 from .tiers import DiskTier
-from .tiers.disk import create_exclusive, fsync_dir, make_dirs
+from .tiers.disk import fsync_dir, lock_directory, make_dirs, write_atomically
 
 log = logging.getLogger(__name__)
 
 JOURNAL = "journal.log"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +122,7 @@ class Persistence:
             raise ConfigError("persist=True needs a DiskTier among the store's tiers")
         disk: DiskTier = self._tiers[self._disk]
         # -- read phase: nothing below writes a byte
-        self._lock_dir(root, disk.file_mode)
+        self._lock_fd = lock_directory(root, disk.file_mode)
         marker = root / "FORMAT"
         wanted = f"cascade-kv blocks v1 hash={self.config.hash_algorithm}\n"
         has_format = self._check_format(marker, wanted)
@@ -203,24 +200,6 @@ class Persistence:
             for c in [self._c, self._default.counters] + [s.counters for s in self._spaces.values()]:
                 c.promotions = 0
 
-    def _lock_dir(self, root: Path, mode: int) -> None:
-        lock = root / "LOCK"
-        try:
-            try:
-                self._lock_fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, mode)
-                os.fchmod(self._lock_fd, mode)
-            except FileExistsError:
-                self._lock_fd = os.open(lock, os.O_RDWR | _NOFOLLOW | _CLOEXEC)
-        except OSError as e:
-            raise StorageError(e.errno, f"cannot open {lock}: {e.strerror}", str(lock)) from e
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StorageError(errno.EBUSY, f"{root} is in use by another persistent store "
-                               f"(its LOCK file is held)", str(root)) from None
-        except OSError as e:  # Lustre mounted without flock: nothing to lock with; say so and go on
-            log.warning("cannot lock %s (%s); make sure no other store opens it", root, e.strerror)
-
     def _check_format(self, marker: Path, wanted: str) -> bool:
         """A persistent directory records the digest its block files are named by. Reopening it with
         another ``hash_algorithm`` would fail every file's check and quarantine them all: refuse instead.
@@ -239,25 +218,7 @@ class Persistence:
     @staticmethod
     def _write_format(marker: Path, wanted: str, mode: int) -> None:
         try:
-            dir_fd = os.open(marker.parent, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
-            try:
-                fd, tmp = create_exclusive(dir_fd, "FORMAT.", mode)
-                try:
-                    try:
-                        os.write(fd, wanted.encode())
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, marker.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except BaseException:
-                    try:
-                        os.unlink(tmp, dir_fd=dir_fd)
-                    except OSError:
-                        pass
-                    raise
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomically(marker.parent, marker.name, wanted.encode(), mode)
         except OSError as e:
             raise StorageError(e.errno, f"cannot write {marker}: {e.strerror}", str(marker)) from e
 

@@ -40,7 +40,6 @@ so the protocol is unit-tested without MPI.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import math
 import os
@@ -59,7 +58,7 @@ import numpy as np
 from .. import catalog
 from ..errors import ConfigError, StorageError
 from ..ids import BlockId, Key, parse_block_name
-from ..tiers.disk import DiskTier, create_exclusive, make_dirs
+from ..tiers.disk import DiskTier, lock_directory, make_dirs, unlink_quietly, write_atomically
 from .directory import TIER_DISK, DirectoryState, KeyRecord, Location, _DigestEntry, dtype_of, dtype_text
 from .homes import home_of_digest, home_of_key
 
@@ -159,25 +158,7 @@ def read_manifest(root: Path) -> Manifest | None:
 
 def write_manifest(root: Path, manifest: Manifest, file_mode: int) -> None:
     """Replace the manifest atomically and durably: temp file, fsync, rename, directory fsync."""
-    directory = root / JOURNAL_DIR
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fd, tmp = create_exclusive(dir_fd, f"{MANIFEST_NAME}.", file_mode)
-        try:
-            try:
-                data = manifest.encode()
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, "short write")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, MANIFEST_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            _unlink(tmp, dir_fd)
-            raise
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(root / JOURNAL_DIR, MANIFEST_NAME, manifest.encode(), file_mode)
 
 
 # ------------------------------------------------------------------ journals
@@ -298,19 +279,6 @@ def _agree(comm: object, error: BaseException | None, what: str) -> None:
         raise StorageError(errno.EIO, f"{what}: rank {rank} failed: {message}")
 
 
-def _take_lock(root: Path, file_mode: int) -> int:
-    fd = os.open(root / "LOCK", os.O_RDWR | os.O_CREAT, file_mode)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StorageError(errno.EBUSY, f"{root} is in use by another persistent store or job (its LOCK file "
-                           f"is held)", str(root)) from None
-    except OSError as e:  # Lustre mounted without flock: nothing to lock with; say so and go on
-        log.warning("cannot lock %s (%s); make sure no other job opens it", root, e.strerror)
-    return fd
-
-
 def _check_format(root: Path, hash_algorithm: str) -> None:
     if (root / _SINGLE_NODE_JOURNAL).exists():
         raise ConfigError(f"{root} is a single-node store's directory (it has {_SINGLE_NODE_JOURNAL}); "
@@ -327,20 +295,8 @@ def _check_format(root: Path, hash_algorithm: str) -> None:
 
 
 def _write_format(root: Path, hash_algorithm: str, file_mode: int) -> None:
-    if (root / "FORMAT").exists():
-        return
-    dir_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fd, tmp = create_exclusive(dir_fd, "FORMAT.", file_mode)
-        try:
-            os.write(fd, format_line(hash_algorithm).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, "FORMAT", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if not (root / "FORMAT").exists():
+        write_atomically(root, "FORMAT", format_line(hash_algorithm).encode(), file_mode)
 
 
 def _epochs(root: Path) -> list[int]:
@@ -362,7 +318,7 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
     error: BaseException | None = None
     if rank == 0:
         try:
-            lock_fd = _take_lock(root, file_mode)
+            lock_fd = lock_directory(root, file_mode)
             _check_format(root, hash_algorithm)
             epochs = _epochs(root)
         except (OSError, ConfigError) as e:
@@ -396,21 +352,31 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
 
         # 2. write this rank's share as the new epoch's journal (the old epoch still counts)
         journal = catalog.Journal(journal_path(root, manifest.epoch, rank), file_mode=file_mode)
+
+        def agree_or_drop_journal(failure: BaseException | None, what: str) -> None:
+            # a step failed on some rank: no rank goes on, and this rank's new journal goes (never current)
+            try:
+                _agree(comm, failure, what)
+            except BaseException:
+                journal.close()
+                unlink_quietly(journal.path)
+                raise
+
+        def stopped(step: str) -> bool:
+            if stop_after != step:
+                return False
+            journal.close()  # as a kill here would leave it: the kernel drops the lock
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            return True
+
         try:
             make_dirs(epoch_dir(root, manifest.epoch), dir_mode)
             journal.compact(mine.values())  # private mode, fsync, rename, directory fsync
         except OSError as e:
             error = e
-        try:
-            _agree(comm, error, f"open {root}: writing the journals of epoch {manifest.epoch}")
-        except BaseException:
-            journal.close()
-            _unlink(journal.path)
-            raise
-        if stop_after == "written":  # as a kill here would leave it: the kernel drops the lock
-            journal.close()
-            if lock_fd >= 0:
-                os.close(lock_fd)
+        agree_or_drop_journal(error, f"open {root}: writing the journals of epoch {manifest.epoch}")
+        if stopped("written"):
             return None  # type: ignore[return-value]
 
         # 3. switch: rank 0 names the new epoch in the manifest; from here on the open has happened
@@ -420,16 +386,8 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
                 write_manifest(root, manifest, file_mode)
             except OSError as e:
                 error = e
-        try:
-            _agree(comm, error, f"open {root}: switching the manifest to epoch {manifest.epoch}")
-        except BaseException:
-            journal.close()
-            _unlink(journal.path)
-            raise
-        if stop_after == "switched":  # as a kill here would leave it: the kernel drops the lock
-            journal.close()
-            if lock_fd >= 0:
-                os.close(lock_fd)
+        agree_or_drop_journal(error, f"open {root}: switching the manifest to epoch {manifest.epoch}")
+        if stopped("switched"):
             return None  # type: ignore[return-value]
 
         # 4. clean: old epochs, leftovers of interrupted writes, orphan block files (each rank a share)
@@ -442,7 +400,7 @@ def open_directory(comm: object, rank: int, size: int, disk: DiskTier, hash_algo
                 else:
                     shutil.rmtree(epoch_dir(root, e), ignore_errors=True)
             for p in (root / JOURNAL_DIR).glob(f"{MANIFEST_NAME}.*.tmp"):
-                _unlink(p)
+                unlink_quietly(p)
             disk.clean_tmp()
         whole = not damaged
         for d in lost & set(digests_all := digest_refs(records.values())):
@@ -589,15 +547,6 @@ class Durability:
         if self.durable is not None:
             self.durable.journal.close()
             release_lock(self.durable)
-
-
-def _unlink(path: Path | str, dir_fd: int | None = None) -> None:
-    try:
-        os.unlink(path, dir_fd=dir_fd)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        log.warning("cannot remove %s: %s", path, e.strerror)
 
 
 __all__ = ["DigestRefs", "Durability", "JournalledState", "Manifest", "Recovery", "damaged_blocks", "digest_refs",

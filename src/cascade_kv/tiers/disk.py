@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -60,8 +61,8 @@ _Signature = tuple[int, int, int, int]  # (inode, size, mtime_ns, ctime_ns)
 
 PRIVATE_FILE, PRIVATE_DIR = 0o600, 0o700
 GROUP_FILE, GROUP_DIR = 0o640, 0o750
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def modes(group_access: bool) -> tuple[int, int]:
@@ -175,12 +176,12 @@ class DiskTier(Tier):
                     finally:
                         os.close(fd)
                 except BaseException:
-                    _unlink_quietly(tmp, tmp_fd)
+                    unlink_quietly(tmp, tmp_fd)
                     raise
                 try:
                     os.rename(tmp, final, src_dir_fd=tmp_fd)  # atomic: readers see the old state or the whole block
                 except OSError:
-                    _unlink_quietly(tmp, tmp_fd)
+                    unlink_quietly(tmp, tmp_fd)
                     raise
                 if self._durable:
                     fsync_dir(final.parent)
@@ -191,7 +192,7 @@ class DiskTier(Tier):
     @contextlib.contextmanager
     def _tmp_dir(self) -> Iterator[int]:
         """A descriptor of ``tmp/`` (not a link, a directory, ours) that temporary files are created under."""
-        fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC)
+        fd = os.open(self._tmp, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW | CLOEXEC)
         try:
             st = os.fstat(fd)
             if st.st_uid != os.geteuid():
@@ -248,7 +249,7 @@ class DiskTier(Tier):
 
     def free(self, block_id: BlockId) -> None:
         self._release(block_id)
-        _unlink_quietly(self.path(block_id))
+        unlink_quietly(self.path(block_id))
 
     def untrack(self, block_id: BlockId) -> None:
         """Stop tracking a block whose file another process removed, leaving the path alone: unlinking it
@@ -296,7 +297,7 @@ class DiskTier(Tier):
         """Delete a block file that no tracked block refers to (an orphan of a crash)."""
         if block_id in self._sizes:  # a real check, not an assert: deleting a live block's file loses it
             raise ValueError(f"disk tier: block {block_name(block_id)[:16]} is tracked; free() it instead")
-        _unlink_quietly(self.path(block_id))
+        unlink_quietly(self.path(block_id))
 
     def clean_tmp(self) -> int:
         """Remove leftovers of interrupted writes; how many were removed."""
@@ -304,7 +305,7 @@ class DiskTier(Tier):
         try:
             with self._tmp_dir() as tmp_fd:
                 for name in os.listdir(tmp_fd):
-                    _unlink_quietly(name, tmp_fd)
+                    unlink_quietly(name, tmp_fd)
                     n += 1
         except OSError as e:  # leftovers only cost space: never fail an open over them
             log.warning("disk tier: cannot clean %s: %s", self._tmp, e.strerror)
@@ -332,7 +333,7 @@ class DiskTier(Tier):
         except OSError as e:
             log.warning("disk tier: cannot move %s to %s: %s", src, self._quarantine, e.strerror)
             if unlink_on_failure:
-                _unlink_quietly(src)
+                unlink_quietly(src)
             return None
         if self._durable:
             try:
@@ -404,7 +405,7 @@ def _read_all(fd: int, out: memoryview) -> int:
 
 def fsync_dir(path: Path) -> None:
     """Make the renames and creations in directory ``path`` durable (power loss, not only a crash)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -437,23 +438,70 @@ def create_exclusive(dir_fd: int, prefix: str, mode: int, extra_flags: int = 0) 
     planted in advance is never written through (a predictable name was rejected: it let a link in
     ``tmp/`` redirect the write outside the tier)."""
     name = f"{prefix}{secrets.token_hex(8)}.tmp"
-    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC | extra_flags, mode,
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC | extra_flags, mode,
                  dir_fd=dir_fd)
     try:
         os.fchmod(fd, mode)  # the umask filtered the mode given to open
     except BaseException:
         os.close(fd)
-        _unlink_quietly(name, dir_fd)
+        unlink_quietly(name, dir_fd)
         raise
     return fd, name
 
 
-def _unlink_quietly(path: Path | str, dir_fd: int | None = None) -> None:
-    """Remove a file we no longer track. Failing to (a read-only or failing disk) must not fail the
+def unlink_quietly(path: Path | str, dir_fd: int | None = None) -> None:
+    """Remove a file we no longer need. Failing to (a read-only or failing disk) must not fail the
     operation that no longer needs it: the file is an orphan, removed when a persistent store reopens."""
     try:
         os.unlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except OSError as e:
-        log.warning("disk tier: cannot remove %s: %s", path, e.strerror)
+        log.warning("cannot remove %s: %s", path, e.strerror)
+
+
+def write_atomically(directory: Path, name: str, data: bytes, mode: int) -> None:
+    """Replace ``directory/name`` by ``data``, atomically and durably: a temporary file made by
+    :func:`create_exclusive`, fsync, rename over the name, fsync of the directory. Readers see the old
+    file or the new one whole; the temporary file is removed if anything fails (OSError)."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | CLOEXEC)
+    try:
+        fd, tmp = create_exclusive(dir_fd, f"{name}.", mode)
+        try:
+            try:
+                _write_all(fd, memoryview(data))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            unlink_quietly(tmp, dir_fd)
+            raise
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def lock_directory(root: Path, mode: int) -> int:
+    """Take the exclusive ``flock`` of ``root/LOCK`` (made with exactly ``mode``, never through a link) and
+    return its descriptor; closing it, or the process ending, releases the lock. StorageError when the
+    file cannot be opened or another process holds the lock; a file system without ``flock`` (some Lustre
+    mounts) is only warned about."""
+    lock = root / "LOCK"
+    try:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, mode)
+            os.fchmod(fd, mode)  # the umask filtered the mode given to open
+        except FileExistsError:
+            fd = os.open(lock, os.O_RDWR | NOFOLLOW | CLOEXEC)
+    except OSError as e:
+        raise StorageError(e.errno, f"cannot open {lock}: {e.strerror}", str(lock)) from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StorageError(errno.EBUSY, f"{root} is in use by another persistent store or job (its LOCK "
+                           f"file is held)", str(root)) from None
+    except OSError as e:  # Lustre mounted without flock: nothing to lock with; say so and go on
+        log.warning("cannot lock %s (%s); make sure no other store or job opens it", root, e.strerror)
+    return fd
