@@ -275,13 +275,7 @@ def write_every_op(path: Path, pack=None) -> tuple[bytes, list[tuple[int, int, K
     state: dict[Key, KeyRecord] = {}
     spans, states, start = [], [], 0
     for raw, (op, key, value) in zip(encoded, EVERY_OP, strict=True):
-        if op == "put":
-            state[key] = value
-        elif op == "del":
-            state.pop(key, None)
-        elif key in state:
-            old = state[key]
-            state[key] = KeyRecord(key, old.block_id, old.nbytes, old.dtype, old.shape, value)
+        _apply(state, op, key, value)
         spans.append((start, start + len(raw), key))
         states.append(dict(state))
         start += len(raw)
@@ -298,14 +292,20 @@ def true_state(damaged: int, drop_all: bool = False) -> dict[Key, KeyRecord]:
             if drop_all:
                 state.clear()
             state.pop(key, None)
-        elif op == "put":
-            state[key] = value
-        elif op == "del":
-            state.pop(key, None)
-        elif key in state:
-            old = state[key]
-            state[key] = KeyRecord(key, old.block_id, old.nbytes, old.dtype, old.shape, value)
+        else:
+            _apply(state, op, key, value)
     return state
+
+
+def _apply(state: dict[Key, KeyRecord], op: str, key: Key, value: object) -> None:
+    """What one record of EVERY_OP does to the key table (a protect of an absent key does nothing)."""
+    if op == "put":
+        state[key] = value  # type: ignore[assignment]
+    elif op == "del":
+        state.pop(key, None)
+    elif key in state:
+        old = state[key]
+        state[key] = KeyRecord(key, old.block_id, old.nbytes, old.dtype, old.shape, value)  # type: ignore[arg-type]
 
 
 def read_bytes(path: Path, data: bytes):
