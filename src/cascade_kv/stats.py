@@ -1,9 +1,10 @@
 """Counters the store keeps, and the typed snapshot ``Store.stats()`` returns."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 
-from .errors import TierNotFound
+from .errors import InvalidArgument, TierNotFound
 
 
 @dataclass(slots=True)
@@ -122,3 +123,21 @@ class StoreStats:
     @property
     def hits(self) -> int:
         return sum(t.hits for t in self.tiers)
+
+
+def stats_to_dict(stats: StoreStats) -> dict[str, object]:
+    """``stats`` in plain JSON types (how the daemon ships it over its socket); :func:`stats_from_dict`
+    gives it back exactly (JSON keeps Python's ints and floats as they were)."""
+    d = asdict(stats)
+    d["tiers"] = [asdict(t) for t in stats.tiers]  # a list, not asdict's tuple: what JSON gives back anyway
+    return d
+
+
+def stats_from_dict(d: Mapping[str, object]) -> StoreStats:
+    """The :class:`StoreStats` that :func:`stats_to_dict` made ``d`` from (:class:`InvalidArgument` when
+    ``d`` is not such a dict: a field missing, unknown or of the wrong shape)."""
+    try:
+        tiers = tuple(TierStats(**t) for t in d["tiers"])  # type: ignore[attr-defined]
+        return StoreStats(**{**d, "tiers": tiers})  # type: ignore[arg-type]
+    except (KeyError, TypeError) as e:
+        raise InvalidArgument(f"not a StoreStats dict: {e}") from e

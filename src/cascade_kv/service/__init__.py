@@ -1,0 +1,1 @@
+"""The node daemon (``cascade serve``): one store shared by the engine processes of a node."""
