@@ -11,6 +11,7 @@ memory into one cache with the same API (imported lazily: ``import cascade_kv`` 
 from .config import CascadeConfig, format_size, parse_size
 from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, InvalidArgument,
                      InvalidArgumentType, LaunchError, LaunchTimeout, PeerTimeout, RemoteError, ServiceClosed,
+                     ServiceUnavailable, VersionMismatch,
                      StorageError, StoreClosed, TierNotFound)
 from .ids import BlockId, Digest, Key
 from .persistence import RecoveryReport
@@ -26,10 +27,14 @@ def __getattr__(name: str) -> object:
         from .cluster.store import DistributedStore
 
         return DistributedStore
+    if name == "connect":  # the client of cascade serve: its imports (sockets, metrics) only for those who use it
+        from .service.client import connect
+
+        return connect
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
-    "CascadeConfig", "Store", "DistributedStore", "StoreStats", "TierStats", "KeyInfo", "RecoveryReport",
+    "CascadeConfig", "Store", "DistributedStore", "connect", "StoreStats", "TierStats", "KeyInfo", "RecoveryReport",
     "CascadeError", "ConfigError", "InvalidArgument", "InvalidArgumentType", "BlockNotFound", "TierNotFound", "CapacityError", "IntegrityError", "StorageError",
-    "StoreClosed", "PeerTimeout", "RemoteError", "ServiceClosed", "LaunchError", "LaunchTimeout", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
+    "StoreClosed", "PeerTimeout", "RemoteError", "ServiceClosed", "ServiceUnavailable", "VersionMismatch", "LaunchError", "LaunchTimeout", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
 ]

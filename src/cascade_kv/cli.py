@@ -98,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", metavar="SECONDS", type=float,
                      help="kill every rank after this long (default: no limit)")
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="the program and its arguments")
+    from .service.daemon import add_serve_arguments, add_stats_arguments
+    serve = sub.add_parser(
+        "serve", help="run the node daemon: one cache that the engine processes of this node share",
+        description="Serve a store on a Unix socket, in the foreground, until SIGTERM or SIGINT (then stop cleanly: "
+                    "no socket, shared memory or block files are left, unless --persist keeps the blocks). Clients: "
+                    "cascade_kv.connect(PATH). Under mpiexec/srun every rank serves its node and together they are "
+                    "one DistributedStore. Every CascadeConfig field is a flag (or a CASCADE_* variable).")
+    serve.set_defaults(subparser=serve)
+    add_serve_arguments(serve)
+    stats = sub.add_parser("stats", help="print a running daemon's counters",
+                           description="Connect to a running cascade serve and print its store's counters per tier, "
+                                       "dedup, evictions and promotions, and its request latencies.")
+    stats.set_defaults(subparser=stats)
+    add_stats_arguments(stats)
     return parser
 
 
@@ -107,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "launch":
         return _launch(args)
+    if args.command == "serve":
+        from .service.daemon import run_serve
+        return run_serve(args)
+    if args.command == "stats":
+        from .service.daemon import run_stats
+        return run_stats(args)
     if args.command != "bench":
         parser.print_help()
         return 2

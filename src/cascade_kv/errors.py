@@ -76,7 +76,16 @@ class RemoteError(CascadeError, RuntimeError):
 
 
 class ServiceClosed(CascadeError, RuntimeError):
-    """A rank's directory service was used after it closed (the store is closing or closed)."""
+    """A service was used after it closed: a rank's directory service (the store is closing or closed), or a
+    node daemon's connection (the daemon stopped or died, or the client closed it)."""
+
+
+class ServiceUnavailable(CascadeError, ConnectionError):
+    """No node daemon answers at the socket path (the message names it and how to start one)."""
+
+
+class VersionMismatch(CascadeError, RuntimeError):
+    """A client and a node daemon of different versions: refused, with both versions named."""
 
 
 class LaunchError(CascadeError, RuntimeError):

@@ -135,7 +135,7 @@ class Store(Persistence, Placement):
     def _make_tiers(self, cfg: CascadeConfig) -> list[Tier]:
         """The tiers, fastest first. The store's logic sees only their order and traits, so a subclass
         adds a GPU arena before the host tier, or peers' memory after it, by overriding this alone."""
-        tiers: list[Tier] = [HostTier(cfg.host_capacity)]
+        tiers: list[Tier] = [self._make_host_tier(cfg.host_capacity)]
         if cfg.disk_path is not None:
             try:
                 tiers.append(DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity,
@@ -145,6 +145,10 @@ class Store(Persistence, Placement):
                 tiers[0].close()
                 raise
         return tiers
+
+    def _make_host_tier(self, capacity: int) -> HostTier:
+        """The host tier; the node daemon's store overrides it to put the arena in memory its clients map."""
+        return HostTier(capacity)
 
     # ------------------------------------------------------------------ public API: writes
     def put(self, key: Key, array: object, is_prefix: bool = False) -> None:
@@ -161,6 +165,10 @@ class Store(Persistence, Placement):
         items = [(space.internal(k), a, p) for k, a, p in put_items(keys, arrays, is_prefix)]
         self._refuse_unpersistable(items)
         ids = [self._block_id(byte_view(a), space) for _, a, _ in items]  # hashing: outside every lock
+        self._put_prepared(space, items, ids)
+
+    def _put_prepared(self, space: Space, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId]) -> None:
+        """A put whose values are checked and hashed (``ids``): plan, place, journal, commit."""
         with self._write_order:
             with self._lock:
                 self._check_open()

@@ -206,6 +206,10 @@ class HostTier(Tier):
             self._slots[block_id] = (offset + self._header, nbytes)
             return True
 
+    def offset_of(self, block_id: BlockId) -> int:
+        """Where the block's bytes start in the arena (for processes that map the same memory)."""
+        return self._slots[block_id][0]
+
     def view(self, block_id: BlockId) -> memoryview:
         offset, nbytes = self._slots[block_id]
         return self._mv[offset:offset + nbytes]
