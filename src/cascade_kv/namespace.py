@@ -176,6 +176,9 @@ class Namespace:
     def __contains__(self, key: object) -> bool:
         return self._store._contains(self._space, key)
 
+    def lookup(self, keys: Sequence[Key]) -> int:
+        return self._store._lookup(self._space, keys)
+
     def __len__(self) -> int:
         return self._store._len(self._space)
 

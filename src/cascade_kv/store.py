@@ -357,6 +357,24 @@ class Store(Persistence, Placement):
             self._check_open()
             return isinstance(key, (str, bytes)) and space.internal(key) in self._keys
 
+    def lookup(self, keys: Sequence[Key]) -> int:
+        """How many of ``keys``, from the first, are stored: the index of the first missing one (``len(keys)``
+        if none is), e.g. the cached blocks of a prompt's :func:`~cascade_kv.tokens.prefix_keys`. A key whose
+        block was lost (every copy failed its digest check) counts as missing. A question, not a read: no
+        get, hit or miss is counted and no eviction order changes."""
+        return self._lookup(self._default, keys)
+
+    def _lookup(self, space: Space, keys: Sequence[Key]) -> int:
+        keys = key_list(keys, "lookup")
+        with self._lock:  # one lock for the batch: a per-key call would take it once per block of the prompt
+            self._check_open()
+            for i, k in enumerate(keys):
+                e = self._keys.get(space.internal(k))
+                # not ready with keys: a lost block being written again by a put, not readable yet
+                if e is None or self._blocks[e.block_id].lost or not self._blocks[e.block_id].ready:
+                    return i
+            return len(keys)
+
     def __len__(self) -> int:
         """Keys of the default namespace (the store's own; a namespace's are counted by its view)."""
         return self._len(self._default)

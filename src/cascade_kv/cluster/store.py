@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from ..arrays import byte_view, check_key, check_out, needs_staging, put_items
+from ..arrays import byte_view, check_key, check_out, key_list, needs_staging, put_items
 from ..config import CascadeConfig, format_size
 from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, PeerTimeout,
                       StoreClosed)
@@ -322,6 +322,21 @@ class DistributedStore(Durability):
             check_key(key)
         self._check_open()
         return isinstance(key, (str, bytes)) and self.directory.lookup(space.internal(key)) is not None
+
+    def lookup(self, keys: Sequence[Key]) -> int:
+        """As :meth:`Store.lookup`, for keys put on any rank: one request to each home rank of the keys (those
+        homed here need none), all in flight at once. A key bound at its home counts as stored, even if its
+        block was dropped since (no disk tier, memory full): only the digest's home knows, a second round trip
+        per home; a get of it then raises BlockNotFound."""
+        return self._lookup(self._default, keys)
+
+    def _lookup(self, space: Space, keys: Sequence[Key]) -> int:
+        keys = key_list(keys, "lookup")
+        self._check_open()
+        # every home answers for all its keys, not only up to the first gap: stopping there would take one
+        # round trip per home in turn, and the homes' answers interleave along the prefix anyway
+        bound = self.directory.bound_many([space.internal(k) for k in keys])
+        return next((i for i, b in enumerate(bound) if not b), len(bound))
 
     def keys(self) -> list[Key]:
         """Every key of the default namespace, on any rank (asks every rank: a snapshot, in no particular order)."""
