@@ -71,6 +71,12 @@ class Store(Persistence, Placement):
     Use it as a context manager, or call :meth:`close`. Thread-safe.
     """
 
+    # what this implementation does of the contract's optional parts (cascade_kv.contract)
+    supports_persist = True
+    supports_demote = True
+    stats_scope = "store"
+    ignored_config: frozenset[str] = frozenset()
+
     def __init__(self, config: CascadeConfig | None = None, **overrides: object) -> None:
         t0 = time.perf_counter()
         cfg = config if config is not None else CascadeConfig()

@@ -44,8 +44,8 @@ from mpi4py import MPI
 
 from ..arrays import byte_view, check_key, check_out, key_list, needs_staging, put_items
 from ..config import CascadeConfig, format_size
-from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, PeerTimeout,
-                      StoreClosed)
+from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
+                      PeerTimeout, StoreClosed)
 from ..hashing import Hasher
 from ..ids import BlockId, Key, StoreKey, block_name
 from ..namespace import Namespace, Space, check_name, check_quota, user_key
@@ -109,6 +109,14 @@ class DistributedStore(Durability):
     (:mod:`.durable`); a second job opening it meanwhile is refused (StorageError).
     """
 
+    # what this implementation does of the contract's optional parts (cascade_kv.contract): stats() counts
+    # what this rank is home to; the arenas evict by recency (replicas, then unprotected copies), whatever
+    # eviction_order says
+    supports_persist = True
+    supports_demote = True
+    stats_scope = "rank"
+    ignored_config: frozenset[str] = frozenset({"eviction_order"})
+
     def __init__(self, config: CascadeConfig | None = None, comm: MPI.Comm | None = None, *,
                  timeout: float = 30.0, **overrides: object) -> None:
         t0 = time.perf_counter()
@@ -135,7 +143,7 @@ class DistributedStore(Durability):
         self._disk_lock = threading.Lock()
         if cfg.disk_path is not None:
             self.disk = DiskTier(cfg.disk_path, self._hasher, capacity=cfg.disk_capacity, durable=cfg.persist,
-                                 o_direct=cfg.o_direct, verify=cfg.verify_reads)
+                                 o_direct=cfg.o_direct, verify=cfg.verify_reads, group_access=cfg.group_access)
         self.directory = Directory(self.service, state=self._open_durable())  # persist: recovers the directory
         for op, handler in ((OP_ADOPT, self._on_adopt), (OP_FREE, self._on_free),
                             (OP_NOTE_PROTECT, self._on_note_protect), (OP_MAKE_ROOM, self._on_make_room)):
@@ -218,7 +226,7 @@ class DistributedStore(Durability):
         self._delete_many(self._default, keys)
 
     def _delete_many(self, space: Space, keys: Iterable[Key]) -> None:
-        keys = list(dict.fromkeys(space.internal(check_key(k)) for k in keys))
+        keys = list(dict.fromkeys(space.internal(k) for k in key_list(keys, "delete_many")))
         self._check_open()
         for k, r in zip(keys, self.directory.lookup_many(keys)):
             if r is None:
@@ -240,7 +248,7 @@ class DistributedStore(Durability):
     def demote(self, keys: Iterable[Key]) -> None:
         """Move the blocks of ``keys`` out of cluster memory into the shared disk tier (cold-start experiments,
         freeing memory ahead of a known burst). Protected keys raise ``ValueError``; nothing moves then."""
-        keys = list(dict.fromkeys(check_key(k) for k in keys))
+        keys = list(dict.fromkeys(key_list(keys, "demote")))
         self._check_open()
         if self.disk is None:
             raise ConfigError("demote: the store has no disk tier (set disk_path)")
@@ -284,11 +292,13 @@ class DistributedStore(Durability):
 
     def _get_many(self, space: Space, keys: Sequence[Key],
                   outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
-        keys = list(keys)
-        if outs is not None and len(outs) != len(keys):
-            raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
-        for k in keys:
-            check_key(k)
+        keys = key_list(keys, "get_many")
+        if outs is not None:
+            if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
+                raise InvalidArgumentType(f"get_many: outs must be a sequence of numpy arrays or None (one per key), "
+                                          f"not {type(outs).__name__}")
+            if len(outs) != len(keys):
+                raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
         self._check_open()
         records = self._records([space.internal(k) for k in keys], count_misses=space)
         results = [np.empty(r.shape, dtype_of(r.dtype)) if outs is None or outs[i] is None
@@ -396,6 +406,7 @@ class DistributedStore(Durability):
         return self._stats(None if all_namespaces else self._default)
 
     def _stats(self, space: Space | None) -> StoreStats:
+        self._check_open()
         home = self.directory.state.stats(None if space is None else (space.owns, space.tag))
         if space is not None and space.name is not None:
             return self._space_stats(space, home)
