@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import catalog
-from .arrays import byte_view, check_key, check_out, key_list, needs_staging, put_items
+from .arrays import byte_view, check_key, check_out, finish_outs, key_list, needs_staging, put_items
 from .config import CascadeConfig, format_size
 from .errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
                      StorageError, StoreClosed)
@@ -346,7 +346,7 @@ class Store(Persistence, Placement):
                     self._reads_in_flight -= 1
                     self._last_read = time.monotonic()
                     self._cond.notify_all()
-        return results
+        return results if outs is None else finish_outs(outs, results)  # torch outs: staged copies land
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is stored (``False`` for anything that is not a key, as a dict answers)."""

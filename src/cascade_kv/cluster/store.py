@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from ..arrays import byte_view, check_key, check_out, key_list, needs_staging, put_items
+from ..arrays import byte_view, check_key, check_out, finish_outs, key_list, needs_staging, put_items
 from ..config import CascadeConfig, format_size
 from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
                       PeerTimeout, StoreClosed)
@@ -319,7 +319,7 @@ class DistributedStore(Durability):
         with self.arena.lock:
             self._c.gets += len(keys)
             space.counters.gets += len(keys)
-        return results
+        return results if outs is None else finish_outs(outs, results)  # torch outs: staged copies land
 
     def contains(self, key: Key) -> bool:
         return self._contains(self._default, key, strict=True)
