@@ -18,7 +18,7 @@ from ..errors import InvalidArgument
 from ..ids import Digest, Key
 from ..namespace import Space
 from ..tiers.allocator import align_up
-from .served import BlockMeta, NeedBytes, Placed, ServedStore
+from .served import BlockMeta, Expect, NeedBytes, Placed, ServedStore, check_expected
 
 
 def view_of(area: np.ndarray, offset: int, nbytes: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -48,8 +48,9 @@ class LocalBackend:
     def _space(self, view: Any) -> Space:
         return self.store._default if view is self.store else view._space
 
-    def get(self, view: Any, keys: Sequence[Key], staging: Callable[[int], np.ndarray]) -> tuple[list[Placed], object]:
-        return self.store.pin_reads(self._space(view), keys, staging)
+    def get(self, view: Any, keys: Sequence[Key], staging: Callable[[int], np.ndarray],
+            expect: Expect = None) -> tuple[list[Placed], object]:
+        return self.store.pin_reads(self._space(view), keys, staging, expect)
 
     def release(self, token: object) -> None:
         self.store.unpin(token)  # type: ignore[arg-type]
@@ -83,9 +84,13 @@ class GenericBackend:
         with self._lock:
             return self.store if name is None else self.store.namespace(name, quota)
 
-    def get(self, view: Any, keys: Sequence[Key], staging: Callable[[int], np.ndarray]) -> tuple[list[Placed], object]:
+    def get(self, view: Any, keys: Sequence[Key], staging: Callable[[int], np.ndarray],
+            expect: Expect = None) -> tuple[list[Placed], object]:
         with self._lock:
             values = view.get_many(keys)
+        if expect is not None:  # after the read: the store's counters have moved (see docs/service.md)
+            for k, v, ex in zip(keys, values, expect):
+                check_expected(k, v.dtype, v.shape, ex)
         offsets, total = [], 0
         for v in values:
             offsets.append(total)

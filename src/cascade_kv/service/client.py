@@ -28,12 +28,14 @@ import numpy as np
 
 from .. import __version__
 from ..arrays import byte_view, check_key, check_out, finish_outs, key_list, needs_staging, put_items
+from ..config import CascadeConfig
 from ..errors import (CascadeError, InvalidArgument, InvalidArgumentType, PeerTimeout, ServiceClosed,
                       ServiceUnavailable, StoreClosed)
 from ..hashing import Hasher
 from ..ids import Key
 from ..memcopy import copy_bytes
 from ..stats import StoreStats, stats_from_dict
+from ..tensors import is_tensor, numpy_dtype
 from . import protocol as P
 from .server import default_socket_path
 
@@ -77,6 +79,15 @@ class Client:
             self._shut()
             raise
         self._default = ClientNamespace(self, 0, None, None)
+        with self._lock:
+            d = json.loads(self._call(P.Op.CONFIG, b"")[1])
+        self.config = CascadeConfig(**d["config"])
+        """The daemon store's configuration."""
+        caps = d["capabilities"]
+        self.supports_persist: bool = caps["supports_persist"]
+        self.supports_demote: bool = caps["supports_demote"]
+        self.stats_scope: str = caps["stats_scope"]
+        self.ignored_config: frozenset[str] = frozenset(caps["ignored_config"])
 
     # ------------------------------------------------------------------ connection
     def _hello(self) -> None:
@@ -334,8 +345,13 @@ class ClientNamespace:
             if len(outs) != len(keys):
                 raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
         c = self._client
+        request = [self._prefix, P.pack_keys(keys)]
+        if outs is not None:  # the daemon checks them against the values before it counts or pins anything
+            request.append(b"\x01")
+            for k, o in zip(keys, outs):
+                request.append(_expect(k, o))
         with c._lock:
-            _, body = c._call(P.Op.GET, self._prefix + P.pack_keys(keys))
+            _, body = c._call(P.Op.GET, b"".join(request))
             token, size, n = struct.unpack_from("<IQI", body)
             try:
                 c._map_staging(size)
@@ -398,6 +414,20 @@ class ClientNamespace:
 
     def __repr__(self) -> str:
         return f"<ClientNamespace {self._name!r} of {self._client!r}>"
+
+
+def _expect(key: Key, out: Any) -> bytes:
+    """What a get's ``out`` must match: nothing for ``None``, else its dtype and shape (refused here if it is
+    not a writable array or tensor, as ``check_out`` would refuse it)."""
+    if out is None:
+        return b"\x00"
+    if isinstance(out, np.ndarray):
+        if not out.flags.writeable:
+            raise InvalidArgument(f"get({key!r}): out is read-only")
+        return b"\x01" + P.pack_meta(out.dtype, out.shape)
+    if is_tensor(out):
+        return b"\x01" + P.pack_meta(numpy_dtype(out.dtype), tuple(out.shape))
+    raise InvalidArgument(f"get({key!r}): out must be a numpy array or torch tensor, not {type(out).__name__}")
 
 
 def _dtype(text: str) -> np.dtype:

@@ -57,6 +57,7 @@ class Op(enum.IntEnum):
     NAMESPACE = 17
     SETTLE = 18
     SERVICE_STATS = 19
+    CONFIG = 20  # the daemon store's config and what it does of the contract's optional parts (JSON)
 
 
 class Status(enum.IntEnum):
@@ -90,7 +91,7 @@ _KEY_HEAD = struct.Struct("<BI")  # 0 str / 1 bytes, length
 
 def pack_keys(keys: Sequence[Key]) -> bytes:
     n = len(keys)
-    if n and type(keys[0]) is bytes:
+    if n and type(keys[0]) is bytes and keys[0]:
         width = len(keys[0])
         if all(type(k) is bytes and len(k) == width for k in keys):
             return _KEYS_HEAD.pack(_KEYS_FIXED, n, width) + b"".join(keys)  # type: ignore[arg-type]

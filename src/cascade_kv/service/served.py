@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -57,6 +58,17 @@ class Placed:
     nbytes: int
     dtype: np.dtype
     shape: tuple[int, ...]
+
+
+Expect = Optional[list[Optional[tuple[np.dtype, tuple[int, ...]]]]]
+"""Per key of a get, the dtype and shape its caller's ``out`` has (``None``: no out given)."""
+
+
+def check_expected(key: Key, dtype: np.dtype, shape: tuple[int, ...],
+                   expected: tuple[np.dtype, tuple[int, ...]] | None) -> None:
+    if expected is not None and (expected[0] != dtype or expected[1] != shape):
+        raise InvalidArgument(f"get({key!r}): out has dtype {expected[0]} and shape {expected[1]}; "
+                              f"the stored block has dtype {dtype} and shape {shape}")
 
 
 def shared_arena(capacity: int) -> tuple[int, mmap.mmap | None]:
@@ -116,8 +128,8 @@ class ServedStore(Store):
             self.arena_fd = -1
 
     # ------------------------------------------------------------------ gets
-    def pin_reads(self, space: Space, keys: Sequence[Key],
-                  staging: Callable[[int], np.ndarray]) -> tuple[list[Placed], list[Block]]:
+    def pin_reads(self, space: Space, keys: Sequence[Key], staging: Callable[[int], np.ndarray],
+                  expect: Expect = None) -> tuple[list[Placed], list[Block]]:
         """Where every key's value lies, all or nothing (BlockNotFound: nothing pinned). Blocks in the
         arena stay pinned (returned: pass them to :meth:`unpin` after the client copied); the others are
         read now into ``staging(total_bytes)``, a uint8 array, at the offsets answered."""
@@ -135,6 +147,11 @@ class ServedStore(Store):
                 if b.lost:
                     raise IntegrityError(f"get({k!r}): every copy of block {block_name(b.id)[:16]} failed "
                                          f"its digest check; put the value again")
+            if expect is not None:
+                if len(expect) != len(keys):
+                    raise InvalidArgument(f"get_many: {len(keys)} keys but {len(expect)} out buffers")
+                for k, e, ex in zip(keys, entries, expect):
+                    check_expected(k, e.dtype, e.shape, ex)
             self._c.gets += len(keys)
             space.counters.gets += len(keys)
             for i, (e, b) in enumerate(zip(entries, blocks)):

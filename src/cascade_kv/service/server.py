@@ -123,6 +123,8 @@ class _Connection:
                     reply = handler(self, body)
                 except P.ProtocolError:
                     raise
+                except struct.error as e:  # a body shorter than its fields: the client's garbage, not our bug
+                    raise P.ProtocolError(f"op {op}: malformed body ({e})") from None
                 except NeedBytes:
                     raise  # handled inside the put handlers
                 except (CascadeError, ValueError, TypeError, KeyError, OSError) as e:
@@ -204,8 +206,21 @@ class _Connection:
 # ---------------------------------------------------------------------------------------------- handlers
 def _get(c: _Connection, body: memoryview) -> bytes:
     t0 = time.perf_counter()
-    view, keys = c._keys(body)
-    placed, token = c.server.backend.get(view, keys, c._grow)
+    view, off = c._view(body)
+    keys, off = P.unpack_keys(body, off)
+    expect: list[tuple[np.dtype, tuple[int, ...]] | None] | None = None
+    if len(body) > off and body[off]:  # the caller's outs: checked before anything is counted or pinned
+        expect, off = [], off + 1
+        for _ in keys:
+            if len(body) <= off:
+                raise P.ProtocolError("short GET")
+            given, off = body[off], off + 1
+            if given:
+                dt, shape, off = P.unpack_meta(body, off)
+                expect.append((dt, tuple(shape)))
+            else:
+                expect.append(None)
+    placed, token = c.server.backend.get(view, keys, c._grow, expect)
     tok = 0
     if token:
         tok = c.next_token
@@ -347,6 +362,15 @@ def _service_stats(c: _Connection, body: memoryview) -> bytes:
     return P.frame(P.Op.SERVICE_STATS, json.dumps(snap).encode())
 
 
+def _config(c: _Connection, body: memoryview) -> bytes:
+    store = c.server.backend.store
+    cfg = {f: (os.fspath(v) if isinstance(v, os.PathLike) else v) for f, v in
+           ((f, getattr(store.config, f)) for f in type(store.config).__dataclass_fields__)}
+    caps = {"supports_persist": store.supports_persist, "supports_demote": store.supports_demote,
+            "stats_scope": store.stats_scope, "ignored_config": sorted(store.ignored_config)}
+    return P.frame(P.Op.CONFIG, json.dumps({"config": cfg, "capabilities": caps}).encode())
+
+
 _HANDLERS: dict[int, Callable[[_Connection, memoryview], bytes | None]] = {
     P.Op.GET: _get,
     P.Op.UNPIN: _unpin,
@@ -366,6 +390,7 @@ _HANDLERS: dict[int, Callable[[_Connection, memoryview], bytes | None]] = {
     P.Op.NAMESPACE: _namespace,
     P.Op.SETTLE: _simple(P.Op.SETTLE, lambda v, k: v.settle() if hasattr(v, "settle") else None),
     P.Op.SERVICE_STATS: _service_stats,
+    P.Op.CONFIG: _config,
 }
 
 
