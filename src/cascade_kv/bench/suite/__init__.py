@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "strong": "scaling:run_strong",
     "weak": "scaling:run_weak",
     "rma": "rma",
+    "serve": "serve",
 }
 """Experiment name on the command line -> module of this package (``module:function`` where one module
 holds several experiments; the function then stands for ``run``)."""
