@@ -40,6 +40,8 @@ from . import protocol as P
 from .server import default_socket_path
 
 DEFAULT_TIMEOUT = 30.0
+POPULATE_MAX = 16 << 30
+"""Arenas up to this size are mapped with MAP_POPULATE at connect (see Client._hello)."""
 
 
 def connect(path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> "Client":
@@ -118,7 +120,11 @@ class Client:
             self._staging_fd = fds[0]
             self._map_staging(staging_size)
             if arena_size:
-                m = mmap.mmap(fds[1], arena_size, mmap.MAP_SHARED, mmap.PROT_READ)
+                # Page-table entries are made now, not at each page's first read: a first pass over a 2 MiB
+                # block copied at ~6.5 GB/s instead of ~8.2 (minor faults). ~30 ms per GiB, so only up to
+                # POPULATE_MAX; a larger arena's pages are mapped as they are first read.
+                flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if arena_size <= POPULATE_MAX else 0)
+                m = mmap.mmap(fds[1], arena_size, flags, mmap.PROT_READ)
                 self._arena = np.frombuffer(m, np.uint8)
         finally:
             for fd in fds[1:]:
