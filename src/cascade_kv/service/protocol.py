@@ -93,7 +93,7 @@ def pack_keys(keys: Sequence[Key]) -> bytes:
     n = len(keys)
     if n and type(keys[0]) is bytes and keys[0]:
         width = len(keys[0])
-        if all(type(k) is bytes and len(k) == width for k in keys):
+        if set(map(len, keys)) == {width} and set(map(type, keys)) == {bytes}:  # C-speed scans, not a genexpr
             return _KEYS_HEAD.pack(_KEYS_FIXED, n, width) + b"".join(keys)  # type: ignore[arg-type]
     parts = [_KEYS_HEAD.pack(_KEYS_MIXED, n, 0)]
     for k in keys:
