@@ -92,6 +92,17 @@ def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) ->
     return out
 
 
+def check_outs(keys: list[Key], outs: object) -> None:
+    """A get_many's ``outs``: ``None``, or one buffer (or ``None``) per key in a sequence."""
+    if outs is None:
+        return
+    if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
+        raise InvalidArgumentType(f"get_many: outs must be a sequence of arrays, tensors or None (one per key), "
+                                  f"not {type(outs).__name__}")
+    if len(outs) != len(keys):
+        raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+
+
 def needs_staging(out: np.ndarray) -> bool:
     return not out.flags.c_contiguous
 

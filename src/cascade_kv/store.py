@@ -29,10 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from . import catalog
-from .arrays import byte_view, check_key, check_out, finish_outs, key_list, needs_staging, put_items
+from .arrays import byte_view, check_key, check_out, check_outs, finish_outs, key_list, needs_staging, put_items
 from .config import CascadeConfig, format_size
-from .errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
-                     StorageError, StoreClosed)
+from .errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, StorageError, StoreClosed)
 from .hashing import Hasher
 from .ids import BlockId, Key, SpacedKey, StoreKey, block_name
 from .blocks import Block, Entry, Plan, fastest
@@ -308,12 +307,7 @@ class Store(Persistence, Placement):
     def _get_many(self, space: Space, keys: Sequence[Key],
                   outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         keys = key_list(keys, "get_many")
-        if outs is not None:
-            if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
-                raise InvalidArgumentType(f"get_many: outs must be a sequence of numpy arrays or None (one per key), "
-                                          f"not {type(outs).__name__}")
-            if len(outs) != len(keys):
-                raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+        check_outs(keys, outs)
         jobs: list[tuple[int, Block, np.ndarray]] = []
         with self._lock:
             self._check_open()

@@ -42,10 +42,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from mpi4py import MPI
 
-from ..arrays import byte_view, check_key, check_out, finish_outs, key_list, needs_staging, put_items
+from ..arrays import byte_view, check_key, check_out, check_outs, finish_outs, key_list, needs_staging, put_items
 from ..config import CascadeConfig, format_size
-from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, InvalidArgumentType,
-                      PeerTimeout, StoreClosed)
+from ..errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, PeerTimeout, StoreClosed)
 from ..hashing import Hasher
 from ..ids import BlockId, Key, StoreKey, block_name
 from ..namespace import Namespace, Space, check_name, check_quota, user_key
@@ -293,12 +292,7 @@ class DistributedStore(Durability):
     def _get_many(self, space: Space, keys: Sequence[Key],
                   outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         keys = key_list(keys, "get_many")
-        if outs is not None:
-            if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
-                raise InvalidArgumentType(f"get_many: outs must be a sequence of numpy arrays or None (one per key), "
-                                          f"not {type(outs).__name__}")
-            if len(outs) != len(keys):
-                raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+        check_outs(keys, outs)
         self._check_open()
         records = self._records([space.internal(k) for k in keys], count_misses=space)
         results = [np.empty(r.shape, dtype_of(r.dtype)) if outs is None or outs[i] is None

@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..arrays import byte_view, check_key, check_out, finish_outs, key_list, needs_staging, put_items
+from ..arrays import byte_view, check_key, check_out, check_outs, finish_outs, key_list, needs_staging, put_items
 from ..config import CascadeConfig
-from ..errors import (CascadeError, InvalidArgument, InvalidArgumentType, PeerTimeout, ServiceClosed,
+from ..errors import (CascadeError, InvalidArgument, PeerTimeout, ServiceClosed,
                       ServiceUnavailable, StoreClosed)
 from ..hashing import Hasher
 from ..ids import Key
@@ -344,12 +344,7 @@ class ClientNamespace:
 
     def get_many(self, keys: Sequence[Key], outs: Sequence[Any] | None = None) -> list[Any]:
         keys = key_list(keys, "get_many")
-        if outs is not None:
-            if not isinstance(outs, Sequence) or isinstance(outs, np.ndarray):
-                raise InvalidArgumentType(f"get_many: outs must be a sequence of arrays or None (one per key), "
-                                          f"not {type(outs).__name__}")
-            if len(outs) != len(keys):
-                raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+        check_outs(keys, outs)
         c = self._client
         request = [self._prefix, P.pack_keys(keys)]
         if outs is not None:  # the daemon checks them against the values before it counts or pins anything
