@@ -57,7 +57,6 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -165,8 +164,10 @@ def _private_daemon(engine_id: str, extra: dict[str, Any]) -> Path:
     """The socket of this engine's private daemon, started by the first of the engine's processes to get
     here (an O_EXCL lock file decides) and stopped when that process exits (SIGTERM at exit; the kernel
     sends it too if the process is killed: PR_SET_PDEATHSIG)."""
-    base = Path(tempfile.gettempdir()) / f"cascade-kv-{os.getuid()}"
-    base.mkdir(mode=0o700, exist_ok=True)
+    from ..service.server import private_dir, runtime_dir
+
+    base = runtime_dir()
+    private_dir(base)
     sock = base / f"vllm-{engine_id[:16]}.sock"
     lock = base / f"vllm-{engine_id[:16]}.lock"
     try:

@@ -39,18 +39,21 @@ STAGING_START = 1 << 20
 SOCKET_MAX = 107  # sun_path holds 108 bytes with its NUL
 
 
-def default_socket_path() -> Path:
-    """``$CASCADE_SOCKET``, else ``$XDG_RUNTIME_DIR/cascade-kv/cascade.sock``, else
-    ``/tmp/cascade-kv-<uid>/cascade.sock``: per user, in a directory only the user can enter."""
-    env = os.environ.get("CASCADE_SOCKET")
-    if env:
-        return Path(env)
+def runtime_dir() -> Path:
+    """The user's directory for sockets: ``$XDG_RUNTIME_DIR/cascade-kv``, else ``/tmp/cascade-kv-<uid>`` (not
+    ``$TMPDIR``: a socket path must stay under 108 bytes)."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "cascade-kv" if runtime and os.path.isdir(runtime) else Path(f"/tmp/cascade-kv-{os.getuid()}")
-    return base / "cascade.sock"
+    return Path(runtime) / "cascade-kv" if runtime and os.path.isdir(runtime) else Path(f"/tmp/cascade-kv-{os.getuid()}")
 
 
-def _private_dir(path: Path) -> None:
+def default_socket_path() -> Path:
+    """``$CASCADE_SOCKET``, else ``cascade.sock`` in :func:`runtime_dir`: per user, in a directory only the user
+    can enter."""
+    env = os.environ.get("CASCADE_SOCKET")
+    return Path(env) if env else runtime_dir() / "cascade.sock"
+
+
+def private_dir(path: Path) -> None:
     """Create the socket's directory 0700; refuse one another user owns or others may enter (a socket
     there could be swapped for an impostor's)."""
     try:
@@ -425,7 +428,7 @@ class Server:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, metrics_port: int | None = None) -> "Server":
-        _private_dir(self.path.parent)
+        private_dir(self.path.parent)
         self._clear_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # the socket is born 0600: no window in which another user could connect
