@@ -4,9 +4,7 @@ store degrades to recompute. Through an in-process Store and through a real daem
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,11 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 
-# transformers imports torch._dynamo, which makes its compile cache folder (torchinductor_<user>) in TMPDIR on
-# import; tests/conftest.py reports anything left in the session's TMPDIR except pytest's own folders, so the
-# cache goes into one of those (removed with the session's TMPDIR; a persistent cache elsewhere otherwise)
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                      str(Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}" / "torchinductor"))
 pytest.importorskip("transformers")
 
 import torch

@@ -6,6 +6,7 @@ greedy tokens are the reference every other run must reproduce exactly.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -111,3 +112,17 @@ def test_without_a_socket_the_engine_gets_a_private_daemon_that_stops_with_it(wo
         assert not list(sock.parent.iterdir()), "the private daemon left files behind"
     finally:
         shutil.rmtree(runtime)
+
+
+def test_the_two_turn_example_skips_the_prefill_of_the_first_turn(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "vllm_two_turns.py"
+    scratch = Path(tempfile.mkdtemp(prefix="ckv-", dir="/tmp"))
+    try:
+        env = dict(os.environ, TMPDIR=str(scratch), XDG_RUNTIME_DIR=str(scratch))
+        with daemon(None, "--host-capacity", "512MiB", env=env, log=tmp_path / "daemon.log"):
+            done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, env=env, timeout=600)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    turns = re.findall(r"turn (\d): prompt (\d+) tokens, (\d+) from the cache", done.stdout)
+    assert [(t, int(c)) for t, _, c in turns] == [("1", 0), ("2", 1024)], done.stdout
