@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the vllm extra is not installed (pip install '.[vllm]')")
 
+import cascade_kv  # noqa: E402
 from service.daemon_util import daemon  # noqa: E402  (tests/ is on sys.path)
 
 RUNNER = Path(__file__).with_name("vllm_runner.py")
@@ -86,6 +87,8 @@ def test_shared_prefixes_are_loaded_not_recomputed_across_engines_and_tenants_an
         assert first["p1-tenant-b-again"]["cached"] == 4 * BLOCK
         for name, prompt in (("p1", "p1"), ("p2", "p2"), ("p1-tenant-b", "p1"), ("p1-tenant-b-again", "p1")):
             assert first[name]["tokens"] == reference[prompt]["tokens"], name
+        with cascade_kv.connect(sock) as c:  # the 4 blocks that began two prompts, in each tenant: protected
+            assert c.stats(all_namespaces=True).protected_blocks == 8
 
         second = run_engine(work, "second", [  # a new engine process hits what the first one stored
             step("p2", "p2"), step("p3", "p3"),

@@ -112,8 +112,9 @@ class _Link:
     """The connection to the daemon, kept by one process: connects lazily, counts and logs failures, and
     stays down for ``retry_s`` after one (every call in between is a miss, never a wait)."""
 
-    def __init__(self, path: Path, timeout: float, retry: float, role: str) -> None:
+    def __init__(self, path: Path, timeout: float, retry: float, role: str, first_wait: float) -> None:
         self.path = path
+        self._first_wait = first_wait  # seconds the first connect may wait for a daemon that is starting
         self.timeout = timeout
         self.retry = retry
         self.role = role
@@ -123,6 +124,7 @@ class _Link:
         self.failures = 0
 
     def get(self) -> Any:
+        """The client, or None while the daemon is down (a miss for the caller, never a wait)."""
         with self._lock:
             if self._client is not None:
                 return self._client
@@ -130,12 +132,16 @@ class _Link:
                 return None
             from ..service.client import connect
 
-            try:
-                self._client = connect(self.path, timeout=self.timeout)
-            except CascadeError as e:
-                self._fail(e)
-                return None
-            return self._client
+            deadline, self._first_wait = time.monotonic() + self._first_wait, 0.0
+            while True:
+                try:
+                    self._client = connect(self.path, timeout=self.timeout)
+                    return self._client
+                except CascadeError as e:
+                    if time.monotonic() >= deadline:
+                        self._fail(e)
+                        return None
+                time.sleep(0.05)  # only on a process's first call: a private daemon may still be starting
 
     def failed(self, e: BaseException) -> None:
         with self._lock:
@@ -220,12 +226,14 @@ class CascadeConnector(KVConnectorBase_V1):
         self._timeout = float(extra.get("timeout_s", 5.0))
         socket_path = extra.get("socket")
         path = Path(socket_path) if socket_path else _private_daemon(ktc.engine_id, extra)
-        self._link = _Link(path, self._timeout, float(extra.get("retry_s", 5.0)), role.name.lower())
+        # a private daemon may still be starting when this process first needs it: wait for it once
+        first_wait = 0.0 if socket_path else float(extra.get("start_wait_s", 30.0))
+        self._link = _Link(path, self._timeout, float(extra.get("retry_s", 5.0)), role.name.lower(), first_wait)
         self._stats_path = extra.get("stats_path")
         self._namespaces: dict[str | None, Any] = {}
         self.counters: dict[str, float] = collections.Counter()
-        """lookups, lookup_tokens, hit_tokens, loads, load_blocks, load_errors, load_seconds, saves, save_blocks,
-        save_dropped, save_seconds, daemon_failures."""
+        """lookups, lookup_tokens, hit_tokens, protected, loads, load_blocks, load_errors, load_seconds, saves,
+        save_blocks, save_dropped, save_seconds, daemon_failures."""
         # scheduler side
         self._requests: dict[str, _Request] = {}
         self._prefix_min = int(extra.get("prefix_min_requests", 2))
@@ -239,7 +247,6 @@ class CascadeConnector(KVConnectorBase_V1):
         self._staging_layers: set[str] = set()
         self._saves: queue.Queue[tuple[list[_Move], torch.Tensor] | None] = queue.Queue(maxsize=int(extra.get("save_queue", 8)))
         self._saver: threading.Thread | None = None
-        self._connect_wait = float(extra.get("connect_wait_s", 30.0))
 
     # ------------------------------------------------------------------ shared
     def _view(self, client: Any, namespace: str | None) -> Any:
@@ -249,27 +256,6 @@ class CascadeConnector(KVConnectorBase_V1):
         if view is None or view._client is not client:
             view = self._namespaces[namespace] = client.namespace(namespace)
         return view
-
-    def _client(self) -> Any:
-        client = self._link.get()
-        if client is None and self._connect_wait > 0:
-            # the first call of a process: a private daemon may still be starting; wait for it once
-            deadline = time.monotonic() + self._connect_wait
-            while client is None and time.monotonic() < deadline and self._link.path.parent.exists():
-                self._link._down_until = 0.0
-                with self._link._lock:
-                    from ..service.client import connect
-
-                    try:
-                        client = self._link._client = connect(self._link.path, timeout=self._timeout)
-                    except CascadeError:
-                        client = None
-                if client is None:
-                    time.sleep(0.05)
-            if client is None:
-                self._link.failed(CascadeError(f"no daemon at {self._link.path} after {self._connect_wait:g} s"))
-        self._connect_wait = 0.0
-        return client
 
     # ------------------------------------------------------------------ scheduler side
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -284,7 +270,7 @@ class CascadeConnector(KVConnectorBase_V1):
         self.counters["lookup_tokens"] += len(tokens)
         # at least one prompt token must be computed (its logits start the output)
         usable = (len(tokens) - 1) // self._block
-        client = self._client()
+        client = self._link.get()
         if client is None or not usable:
             return 0, False
         try:
@@ -293,6 +279,7 @@ class CascadeConnector(KVConnectorBase_V1):
             self._link.failed(e)
             return 0, False
         state.saved = hit
+        self._protect_new_prefixes(client, state, hit)
         local = num_computed_tokens // self._block
         if hit <= local:
             return 0, False
@@ -360,6 +347,21 @@ class CascadeConnector(KVConnectorBase_V1):
             self._starts.move_to_end(k)
         while len(self._starts) > 100_000:  # bounded: the oldest starts are forgotten first
             self._starts.popitem(last=False)
+
+    def _protect_new_prefixes(self, client: Any, state: _Request, stored: int) -> None:
+        """Blocks stored before they qualified as prefixes (see ``_is_prefix``) are protected once, when the
+        request that makes them qualify finds them stored."""
+        if not self._prefix_min:
+            return
+        for i, key in enumerate(state.keys[:min(stored, self._prefix_max)]):
+            if self._starts.get(key, 0) == self._prefix_min:
+                try:
+                    self._view(client, state.namespace).protect(key)
+                    self.counters["protected"] += 1
+                except CascadeError as e:  # a block evicted meanwhile, or the daemon gone: nothing to protect
+                    if not isinstance(e, KeyError):
+                        self._link.failed(e)
+                        return
 
     def _is_prefix(self, index: int, key: bytes) -> bool:
         return bool(self._prefix_min) and index < self._prefix_max and self._starts.get(key, 0) >= self._prefix_min
