@@ -129,3 +129,10 @@ def test_the_two_turn_example_skips_the_prefill_of_the_first_turn(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     turns = re.findall(r"turn (\d): prompt (\d+) tokens, (\d+) from the cache", done.stdout)
     assert [(t, int(c)) for t, _, c in turns] == [("1", 0), ("2", 1024)], done.stdout
+
+
+def test_a_daemon_unreachable_from_the_start_costs_nothing_but_the_reuse(work, reference):
+    runs = run_engine(work, "unreachable", [step("p1", "p1"), step("p2", "p2")],
+                      {"socket": str(work / "nobody-listens.sock"), "timeout_s": 1})
+    assert [runs[n]["cached"] for n in ("p1", "p2")] == [0, 0]
+    assert [runs[n]["tokens"] for n in ("p1", "p2")] == [reference[n]["tokens"] for n in ("p1", "p2")]
