@@ -44,15 +44,18 @@ def _store_barrier(comm) -> None:
     rank = comm.Get_rank()
     store = DistributedStore(comm=comm, timeout=SHORT, host_capacity=1 << 16)
     if rank == ABSENT:
-        comm.Recv(np.empty(1, np.int8), source=0, tag=7)  # until rank 0's barrier has timed out
+        # until every other rank's barrier has timed out (not rank 0's alone: on a loaded machine another
+        # rank's clock starts later, and it would see this rank arrive before it gave up)
+        for r in range(comm.Get_size()):
+            if r != ABSENT:
+                comm.Recv(np.empty(1, np.int8), source=r, tag=7)
         store.barrier()  # completes the barrier the others gave up on
         for r in range(comm.Get_size()):
             if r != ABSENT:
                 comm.Send(np.zeros(1, np.int8), dest=r, tag=9)
     else:
         _expect_timeout(store.barrier, rank, "barrier")
-        if rank == 0:
-            comm.Send(np.zeros(1, np.int8), dest=ABSENT, tag=7)
+        comm.Send(np.zeros(1, np.int8), dest=ABSENT, tag=7)
         comm.Recv(np.empty(1, np.int8), source=ABSENT, tag=9)  # close together: its waits are short too
     store.close()
 
@@ -63,11 +66,12 @@ def _service_close(comm) -> None:
     rank = comm.Get_rank()
     service = Service(comm, timeout=SHORT)
     if rank == ABSENT:
-        comm.Recv(np.empty(1, np.int8), source=0, tag=8)
+        for r in range(comm.Get_size()):  # every other rank has timed out (see _store_barrier)
+            if r != ABSENT:
+                comm.Recv(np.empty(1, np.int8), source=r, tag=8)
     else:
         _expect_timeout(service.close, rank, "close")
-        if rank == 0:
-            comm.Send(np.zeros(1, np.int8), dest=ABSENT, tag=8)
+        comm.Send(np.zeros(1, np.int8), dest=ABSENT, tag=8)
     service.close()  # the others wait again on the same barrier, which the absent rank now joins
 
 
