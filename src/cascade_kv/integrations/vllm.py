@@ -232,13 +232,18 @@ class CascadeConnector(KVConnectorBase_V1):
         self._stats_path = extra.get("stats_path")
         self._namespaces: dict[str | None, Any] = {}
         self.counters: dict[str, float] = collections.Counter()
-        """lookups, lookup_tokens, hit_tokens, protected, loads, load_blocks, load_errors, load_seconds, saves,
-        save_blocks, save_dropped, save_seconds, daemon_failures."""
+        """lookups, lookup_tokens, hit_tokens, protected, loads, load_blocks, load_errors, load_seconds,
+        load_waited_for_saves_seconds, saves, save_blocks, save_dropped, save_seconds, daemon_failures."""
         # scheduler side
         self._requests: dict[str, _Request] = {}
         self._prefix_min = int(extra.get("prefix_min_requests", 2))
         self._prefix_max = int(extra.get("prefix_max_blocks", 64))
         self._starts: collections.OrderedDict[bytes, int] = collections.OrderedDict()  # first blocks' key -> requests
+        # keys this scheduler asked the workers to save, not yet seen stored: a prompt that follows its
+        # predecessor at once (the next turn, the same document) must not miss blocks whose save is still in
+        # the worker's queue; the worker finishes its queued saves before a load (start_load_kv)
+        self._saving: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._saving_for = float(extra.get("inflight_s", 30.0))
         # worker side
         self._caches: dict[str, torch.Tensor] = {}
         self._block_dim: dict[str, int] = {}
@@ -247,6 +252,8 @@ class CascadeConnector(KVConnectorBase_V1):
         self._staging_layers: set[str] = set()
         self._saves: queue.Queue[tuple[list[_Move], torch.Tensor] | None] = queue.Queue(maxsize=int(extra.get("save_queue", 8)))
         self._saver: threading.Thread | None = None
+        self._queued = 0  # save jobs queued or being saved
+        self._queued_cond = threading.Condition()
 
     # ------------------------------------------------------------------ shared
     def _view(self, client: Any, namespace: str | None) -> Any:
@@ -278,8 +285,16 @@ class CascadeConnector(KVConnectorBase_V1):
         except CascadeError as e:
             self._link.failed(e)
             return 0, False
+        for k in keys[:hit]:
+            self._saving.pop(k, None)  # seen stored
+        now = time.monotonic()
+        while self._saving and next(iter(self._saving.values())) < now - self._saving_for:
+            self._saving.popitem(last=False)  # a save that never landed (dropped, or the daemon lost it)
+        stored = hit
+        while hit < usable and keys[hit] in self._saving:
+            hit += 1  # in the worker's save queue: the worker saves it before it loads it
         state.saved = hit
-        self._protect_new_prefixes(client, state, hit)
+        self._protect_new_prefixes(client, state, stored)
         local = num_computed_tokens // self._block
         if hit <= local:
             return 0, False
@@ -338,6 +353,12 @@ class CascadeConnector(KVConnectorBase_V1):
         prefix = [self._is_prefix(i, k) for i, k in enumerate(keys, first)]
         meta.saves.append(_Move(state.namespace, keys, state.block_ids[first:full], prefix))
         state.saved = full
+        now = time.monotonic()
+        for k in keys:
+            self._saving[k] = now
+            self._saving.move_to_end(k)
+        while len(self._saving) > 100_000:
+            self._saving.popitem(last=False)
 
     def _count_start(self, keys: list[bytes]) -> None:
         if not self._prefix_min:
@@ -390,6 +411,7 @@ class CascadeConnector(KVConnectorBase_V1):
         if not isinstance(meta, CascadeConnectorMetadata) or not meta.loads or not self._caches:
             return
         t0 = time.perf_counter()
+        self._finish_saves()  # a promised block may still be in the save queue (see the scheduler's _saving)
         names, shape, dtype = self._block_shape()
         for move in meta.loads:
             staging = torch.empty((len(move.keys), len(names), *shape), dtype=dtype)
@@ -440,35 +462,54 @@ class CascadeConnector(KVConnectorBase_V1):
         if self._saver is None:
             self._saver = threading.Thread(target=self._save_loop, name="cascade-kv-saver", daemon=True)
             self._saver.start()
-        try:
-            self._saves.put_nowait((meta.saves, staging))
-        except queue.Full:  # the cache is slower than the engine right now: skip, never stall the forward pass
-            self.counters["save_dropped"] += sum(len(m.keys) for m in meta.saves)
+        with self._queued_cond:
+            try:
+                self._saves.put_nowait((meta.saves, staging))
+                self._queued += 1
+            except queue.Full:  # the cache is slower than the engine right now: skip, never stall the forward pass
+                self.counters["save_dropped"] += sum(len(m.keys) for m in meta.saves)
+
+    def _finish_saves(self) -> None:
+        """Wait (at most ``timeout_s``) for the queued saves: a load of a block still queued would miss it."""
+        with self._queued_cond:
+            if self._queued:
+                t0 = time.perf_counter()
+                self._queued_cond.wait_for(lambda: not self._queued, self._timeout)
+                self.counters["load_waited_for_saves_seconds"] += time.perf_counter() - t0
 
     def _save_loop(self) -> None:
         while True:
             job = self._saves.get()
             if job is None:
                 return
-            saves, staging = job
-            t0 = time.perf_counter()
-            client = self._link.get()
-            row = 0
-            for move in saves:
-                n = len(move.keys)
-                if client is not None:
-                    try:
-                        self._view(client, move.namespace).put_many(
-                            move.keys, [staging[row + i] for i in range(n)], is_prefix=move.prefix)
-                        self.counters["saves"] += 1
-                        self.counters["save_blocks"] += n
-                    except CascadeError as e:
-                        self._link.failed(e)
-                        client = None
-                if client is None:
-                    self.counters["save_dropped"] += n
-                row += n
-            self.counters["save_seconds"] += time.perf_counter() - t0
+            try:
+                self._save(*job)
+            except Exception:  # a bug must not stop every later save, nor leave loads waiting on this one
+                log.exception("cascade-kv: a save failed")
+            finally:
+                with self._queued_cond:
+                    self._queued -= 1
+                    self._queued_cond.notify_all()
+
+    def _save(self, saves: list[_Move], staging: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        client = self._link.get()
+        row = 0
+        for move in saves:
+            n = len(move.keys)
+            if client is not None:
+                try:
+                    self._view(client, move.namespace).put_many(
+                        move.keys, [staging[row + i] for i in range(n)], is_prefix=move.prefix)
+                    self.counters["saves"] += 1
+                    self.counters["save_blocks"] += n
+                except CascadeError as e:
+                    self._link.failed(e)
+                    client = None
+            if client is None:
+                self.counters["save_dropped"] += n
+            row += n
+        self.counters["save_seconds"] += time.perf_counter() - t0
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
