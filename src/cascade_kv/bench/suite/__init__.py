@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "weak": "scaling:run_weak",
     "rma": "rma",
     "serve": "serve",
+    "engine": "engine",
 }
 """Experiment name on the command line -> module of this package (``module:function`` where one module
 holds several experiments; the function then stands for ``run``)."""

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 RANKS = {"contention": 2, "strong": 4, "weak": 4, "cold": 1, "hot-prefix": 4, "rma": 2, "models": 1, "trace": 1,
-         "serve": 1}
+         "serve": 1, "engine": 1}
 """Each experiment in the issue's order, at the rank count its figures are stated for."""
 
 PASSED_ON = ("systems", "scale", "model", "requests", "trace", "o_direct", "quick", "dir", "block_size",
