@@ -250,7 +250,11 @@ class CascadeConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._staging: torch.Tensor | None = None
         self._staging_layers: set[str] = set()
-        self._saves: queue.Queue[tuple[list[_Move], torch.Tensor] | None] = queue.Queue(maxsize=int(extra.get("save_queue", 8)))
+        self._saves: queue.Queue[tuple[list[_Move], torch.Tensor, torch.Tensor] | None] = queue.Queue(
+            maxsize=int(extra.get("save_queue", 8)))  # (saves, staging view, the buffer it is carved from)
+        self._load_flat: torch.Tensor | None = None  # the loads' staging buffer (loads run one at a time)
+        self._staging_flat: torch.Tensor | None = None  # the buffer of the step's save staging
+        self._free_flats: list[torch.Tensor] = []  # save buffers the saver has finished with
         self._saver: threading.Thread | None = None
         self._queued = 0  # save jobs queued or being saved
         self._queued_cond = threading.Condition()
@@ -414,7 +418,7 @@ class CascadeConnector(KVConnectorBase_V1):
         self._finish_saves()  # a promised block may still be in the save queue (see the scheduler's _saving)
         names, shape, dtype = self._block_shape()
         for move in meta.loads:
-            staging = torch.empty((len(move.keys), len(names), *shape), dtype=dtype)
+            self._load_flat, staging = self._carve(self._load_flat, len(move.keys), names, shape, dtype)
             client = self._link.get()
             try:
                 if client is None:
@@ -445,7 +449,9 @@ class CascadeConnector(KVConnectorBase_V1):
         names, shape, dtype = self._block_shape()
         ids = [b for m in meta.saves for b in m.block_ids]
         if self._staging is None:
-            self._staging = torch.empty((len(ids), len(names), *shape), dtype=dtype)
+            with self._queued_cond:  # a buffer the saver has finished with, else a new one
+                flat = self._free_flats.pop() if self._free_flats else None
+            self._staging_flat, self._staging = self._carve(flat, len(ids), names, shape, dtype)
             self._staging_layers = set()
         d = self._block_dim[layer_name]
         index = torch.tensor(ids, dtype=torch.long, device=kv_layer.device)
@@ -464,10 +470,21 @@ class CascadeConnector(KVConnectorBase_V1):
             self._saver.start()
         with self._queued_cond:
             try:
-                self._saves.put_nowait((meta.saves, staging))
+                self._saves.put_nowait((meta.saves, staging, self._staging_flat))
                 self._queued += 1
             except queue.Full:  # the cache is slower than the engine right now: skip, never stall the forward pass
                 self.counters["save_dropped"] += sum(len(m.keys) for m in meta.saves)
+
+    @staticmethod
+    def _carve(flat: torch.Tensor | None, n: int, names: list[str], shape: tuple[int, ...],
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(flat, staging)``: an ``[n, layers, *block]`` view of ``flat``, a kept 1-D buffer that only grows
+        (replaced when too small): new memory costs its first touch on every use (a 16 MiB load took 8.7 ms
+        into fresh memory, 3.3 ms into reused memory)."""
+        need = n * len(names) * int(torch.Size(shape).numel())
+        if flat is None or flat.dtype != dtype or flat.numel() < need:
+            flat = torch.empty(need, dtype=dtype)
+        return flat, flat[:need].view(n, len(names), *shape)
 
     def _finish_saves(self) -> None:
         """Wait (at most ``timeout_s``) for the queued saves: a load of a block still queued would miss it."""
@@ -483,12 +500,14 @@ class CascadeConnector(KVConnectorBase_V1):
             if job is None:
                 return
             try:
-                self._save(*job)
+                self._save(job[0], job[1])
             except Exception:  # a bug must not stop every later save, nor leave loads waiting on this one
                 log.exception("cascade-kv: a save failed")
             finally:
                 with self._queued_cond:
                     self._queued -= 1
+                    if len(self._free_flats) < 2:  # kept for the next steps' saves (at most two)
+                        self._free_flats.append(job[2])
                     self._queued_cond.notify_all()
 
     def _save(self, saves: list[_Move], staging: torch.Tensor) -> None:
