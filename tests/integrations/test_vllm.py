@@ -102,14 +102,15 @@ def test_shared_prefixes_are_loaded_not_recomputed_across_engines_and_tenants_an
             assert second[name]["tokens"] == reference[prompt]["tokens"], name
 
 
-def test_without_a_socket_the_engine_gets_a_private_daemon_that_stops_with_it(work, reference):
+def test_without_a_socket_the_engine_gets_a_private_daemon_that_stops_with_it_and_block_tokens_group_blocks(work, reference):
     engine_id = "cascade-test-private-0001"
     runtime = Path(tempfile.mkdtemp(prefix="ckv-", dir="/tmp"))  # short: a socket path must stay under 108 bytes
     try:
         sock = runtime / "cascade-kv" / f"vllm-{engine_id[:16]}.sock"
         runs = run_engine(work, "private", [
-            step("p1", "p1"), {"wait_keys": 4, "socket": str(sock)}, step("p2", "p2"),
-        ], {"host_capacity": "128MiB"}, engine_id=engine_id, scratch=runtime)
+            step("p1", "p1"), {"wait_keys": 2, "socket": str(sock)}, step("p2", "p2"),
+        ], {"host_capacity": "128MiB", "block_tokens": 2 * BLOCK},  # stored blocks of two vLLM blocks each
+            engine_id=engine_id, scratch=runtime)
         assert runs["p2"]["cached"] == 4 * BLOCK
         assert [runs[n]["tokens"] for n in ("p1", "p2")] == [reference[n]["tokens"] for n in ("p1", "p2")]
         assert not list(sock.parent.iterdir()), "the private daemon left files behind"

@@ -10,8 +10,9 @@ vLLM runs the connector twice: in the scheduler (which asks how much of a prompt
 (which loads and saves KV). Both reach one cache, the node daemon (``cascade serve``), through
 :func:`cascade_kv.connect`. Keys are :func:`cascade_kv.tokens.prefix_keys` of the request's tokens, one per
 vLLM block, with the model, the KV layout and dtype mixed in (a block of another model or layout can never
-match) and the request's ``cache_salt`` as the tenant salt (and namespace). A stored value is one whole vLLM
-block: every layer's KV for its tokens, so a block is cached whole or not at all.
+match) and the request's ``cache_salt`` as the tenant salt (and namespace). A stored value is one whole block
+of ``block_tokens`` tokens (one or more vLLM blocks): every layer's KV for its tokens, so a block is cached
+whole or not at all.
 
 * **Scheduler.** :meth:`get_num_new_matched_tokens` answers from one ``lookup`` of the prompt's keys.
   :meth:`build_connector_meta` tells the workers which blocks to load (those it promised) and which newly
@@ -35,6 +36,9 @@ Options (``kv_connector_extra_config``):
     processes to need it) and stops it with the engine.
 ``host_capacity`` / ``disk_path``
     The private daemon's tiers (default ``"2GiB"``, no disk).
+``block_tokens``
+    Tokens per stored block (default: vLLM's block size, 128 on CPU, 16 on most GPU backends): a multiple of
+    vLLM's block size; larger stored blocks mean fewer, larger keys and copies, and reuse in coarser steps.
 ``timeout_s``
     Seconds any call to the daemon may take (default 5): no request waits longer on the cache.
 ``retry_s``
@@ -67,7 +71,7 @@ import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                KVConnectorRole)
 
-from ..errors import CascadeError
+from ..errors import CascadeError, ConfigError
 from ..tokens import namespace_for, prefix_keys
 
 if TYPE_CHECKING:
@@ -80,7 +84,8 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- metadata
 @dataclass
 class _Move:
-    """Blocks of one request to load or save: their keys, vLLM block ids and prefix flags (saves only)."""
+    """Stored blocks of one request to load or save: their keys, the vLLM block ids they span (``group`` per
+    key, in order; -1 where a load skips a block vLLM computed itself) and prefix flags (saves only)."""
 
     namespace: str | None
     keys: list[bytes]
@@ -104,7 +109,7 @@ class _Request:
     keys: list[bytes]  # prefix keys of the blocks known so far
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0  # blocks [0, saved) are in the cache or already sent to be saved
-    load: tuple[int, int] | None = None  # (first block, count) promised to load
+    load: tuple[int, int, int] | None = None  # (first stored block, count, vLLM blocks of the first to skip)
 
 
 # ---------------------------------------------------------------------------------------------- the daemon link
@@ -220,7 +225,13 @@ class CascadeConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         ktc = vllm_config.kv_transfer_config
         extra = dict(ktc.kv_connector_extra_config or {})
-        self._block = vllm_config.cache_config.block_size
+        vblock = vllm_config.cache_config.block_size
+        self._block = int(extra.get("block_tokens", vblock))  # tokens per stored value
+        if self._block < 1 or self._block % vblock:
+            raise ConfigError(f"CascadeConnector: block_tokens {self._block} must be a positive multiple of vLLM's "
+                              f"block size {vblock}")
+        self._vblock = vblock
+        self._group = self._block // vblock  # vLLM blocks per stored value
         self._model = f"{vllm_config.model_config.model}@{vllm_config.model_config.revision or ''}"
         self._kv_spec = _kv_spec(kv_cache_config)
         self._timeout = float(extra.get("timeout_s", 5.0))
@@ -299,12 +310,14 @@ class CascadeConnector(KVConnectorBase_V1):
             hit += 1  # in the worker's save queue: the worker saves it before it loads it
         state.saved = hit
         self._protect_new_prefixes(client, state, stored)
-        local = num_computed_tokens // self._block
-        if hit <= local:
+        matched = hit * self._block - num_computed_tokens  # vLLM's own prefix cache may hold the first blocks
+        if matched <= 0:
             return 0, False
-        state.load = (local, hit - local)
-        self.counters["hit_tokens"] += (hit - local) * self._block
-        return (hit - local) * self._block, False
+        local = num_computed_tokens // self._vblock  # vLLM blocks computed already: a stored value may hold some
+        first = local // self._group
+        state.load = (first, hit - first, local - first * self._group)
+        self.counters["hit_tokens"] += matched
+        return matched, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         state = self._requests.get(request.request_id)
@@ -322,8 +335,11 @@ class CascadeConnector(KVConnectorBase_V1):
                 continue
             state.block_ids = list(new.block_ids[0])
             if state.load is not None:
-                first, n = state.load
-                meta.loads.append(_Move(state.namespace, state.keys[first:first + n], state.block_ids[first:first + n]))
+                first, n, skip = state.load
+                g = self._group
+                ids = [state.block_ids[b] if b - first * g >= skip else -1  # -1: computed by vLLM already
+                       for b in range(first * g, (first + n) * g)]
+                meta.loads.append(_Move(state.namespace, state.keys[first:first + n], ids))
                 state.load = None
             self._plan_save(meta, state, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
@@ -346,7 +362,7 @@ class CascadeConnector(KVConnectorBase_V1):
         """Full blocks whose KV exists after this step and that the cache does not hold yet."""
         tokens = state.request.all_token_ids
         full = min(computed, len(tokens)) // self._block
-        full = min(full, len(state.block_ids))
+        full = min(full, len(state.block_ids) // self._group)
         if full <= state.saved:
             return
         if len(state.keys) < full:  # generated tokens filled more blocks: extend the chain
@@ -355,7 +371,8 @@ class CascadeConnector(KVConnectorBase_V1):
         first = state.saved
         keys = state.keys[first:full]
         prefix = [self._is_prefix(i, k) for i, k in enumerate(keys, first)]
-        meta.saves.append(_Move(state.namespace, keys, state.block_ids[first:full], prefix))
+        g = self._group
+        meta.saves.append(_Move(state.namespace, keys, state.block_ids[first * g:full * g], prefix))
         state.saved = full
         now = time.monotonic()
         for k in keys:
@@ -418,22 +435,27 @@ class CascadeConnector(KVConnectorBase_V1):
         self._finish_saves()  # a promised block may still be in the save queue (see the scheduler's _saving)
         names, shape, dtype = self._block_shape()
         for move in meta.loads:
-            self._load_flat, staging = self._carve(self._load_flat, len(move.keys), names, shape, dtype)
+            g = self._group
+            self._load_flat, staging = self._carve(self._load_flat, len(move.keys) * g, names, shape, dtype)
+            values = staging.view(len(move.keys), g, len(names), *shape)  # one stored block: [group, layers, ...]
             client = self._link.get()
             try:
                 if client is None:
                     raise CascadeError(f"the cache at {self._link.path} is unreachable")
-                self._view(client, move.namespace).get_many(move.keys, [staging[i] for i in range(len(move.keys))])
+                self._view(client, move.namespace).get_many(move.keys, [values[i] for i in range(len(move.keys))])
             except CascadeError as e:  # daemon gone, block lost or damaged: vLLM recomputes these blocks
                 if client is not None:
                     self._link.failed(e)
-                self._load_errors.update(move.block_ids)
-                self.counters["load_errors"] += len(move.block_ids)
+                failed = [b for b in move.block_ids if b >= 0]
+                self._load_errors.update(failed)
+                self.counters["load_errors"] += len(failed)
                 continue
-            ids = torch.tensor(move.block_ids, dtype=torch.long)
+            rows = [r for r, b in enumerate(move.block_ids) if b >= 0]
+            ids = torch.tensor([move.block_ids[r] for r in rows], dtype=torch.long)
+            picked = staging if len(rows) == len(move.block_ids) else staging[torch.tensor(rows, dtype=torch.long)]
             for layer, name in enumerate(names):
                 cache, d = self._caches[name], self._block_dim[name]
-                src = staging[:, layer].to(cache.device).movedim(0, d)
+                src = picked[:, layer].to(cache.device).movedim(0, d)
                 cache.index_copy_(d, ids.to(cache.device), src)
             self.counters["loads"] += 1
             self.counters["load_blocks"] += len(move.keys)
@@ -513,13 +535,14 @@ class CascadeConnector(KVConnectorBase_V1):
     def _save(self, saves: list[_Move], staging: torch.Tensor) -> None:
         t0 = time.perf_counter()
         client = self._link.get()
+        g = self._group
         row = 0
         for move in saves:
             n = len(move.keys)
             if client is not None:
                 try:
-                    self._view(client, move.namespace).put_many(
-                        move.keys, [staging[row + i] for i in range(n)], is_prefix=move.prefix)
+                    self._view(client, move.namespace).put_many(  # one stored block: [group, layers, ...]
+                        move.keys, [staging[(row + i) * g:(row + i + 1) * g] for i in range(n)], is_prefix=move.prefix)
                     self.counters["saves"] += 1
                     self.counters["save_blocks"] += n
                 except CascadeError as e:
