@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import json
 import logging
 import os
@@ -255,6 +256,8 @@ class CascadeConnector(KVConnectorBase_V1):
         # the worker's queue; the worker finishes its queued saves before a load (start_load_kv)
         self._saving: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self._saving_for = float(extra.get("inflight_s", 30.0))
+        self._protector: concurrent.futures.ThreadPoolExecutor | None = None
+        self._protect_link: _Link | None = None
         # worker side
         self._caches: dict[str, torch.Tensor] = {}
         self._block_dim: dict[str, int] = {}
@@ -392,18 +395,31 @@ class CascadeConnector(KVConnectorBase_V1):
 
     def _protect_new_prefixes(self, client: Any, state: _Request, stored: int) -> None:
         """Blocks stored before they qualified as prefixes (see ``_is_prefix``) are protected once, when the
-        request that makes them qualify finds them stored."""
+        request that makes them qualify finds them stored. On a thread and a connection of its own: one round
+        trip per block must not delay the scheduling of the request that made them qualify."""
         if not self._prefix_min:
             return
-        for i, key in enumerate(state.keys[:min(stored, self._prefix_max)]):
-            if self._starts.get(key, 0) == self._prefix_min:
-                try:
-                    self._view(client, state.namespace).protect(key)
-                    self.counters["protected"] += 1
-                except CascadeError as e:  # a block evicted meanwhile, or the daemon gone: nothing to protect
-                    if not isinstance(e, KeyError):
-                        self._link.failed(e)
-                        return
+        keys = [k for k in state.keys[:min(stored, self._prefix_max)] if self._starts.get(k, 0) == self._prefix_min]
+        if not keys:
+            return
+        if self._protector is None:
+            self._protector = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="cascade-kv-protect")
+            self._protect_link = _Link(self._link.path, self._timeout, self._link.retry, "protect", 0.0)
+        self._protector.submit(self._protect, state.namespace, keys)
+
+    def _protect(self, namespace: str | None, keys: list[bytes]) -> None:
+        client = self._protect_link.get()
+        if client is None:
+            return
+        view = client if namespace is None else client.namespace(namespace)
+        for key in keys:
+            try:
+                view.protect(key)
+                self.counters["protected"] += 1
+            except CascadeError as e:  # a block evicted meanwhile (nothing to protect), or the daemon gone
+                if not isinstance(e, KeyError):
+                    self._protect_link.failed(e)
+                    return
 
     def _is_prefix(self, index: int, key: bytes) -> bool:
         return bool(self._prefix_min) and index < self._prefix_max and self._starts.get(key, 0) >= self._prefix_min
@@ -561,6 +577,9 @@ class CascadeConnector(KVConnectorBase_V1):
         return None, None  # loads are synchronous and saves copy out within the step
 
     def shutdown(self) -> None:
+        if self._protector is not None:
+            self._protector.shutdown(wait=True)
+            self._protect_link.close()  # type: ignore[union-attr]
         if self._saver is not None:
             self._saves.put(None)
             self._saver.join(self._timeout * 4)
