@@ -267,6 +267,8 @@ class CascadeConnector(KVConnectorBase_V1):
         self._saves: queue.Queue[tuple[list[_Move], torch.Tensor, torch.Tensor] | None] = queue.Queue(
             maxsize=int(extra.get("save_queue", 8)))  # (saves, staging view, the buffer it is carved from)
         self._load_flat: torch.Tensor | None = None  # the loads' staging buffer (loads run one at a time)
+        self._direct = False  # loads copy straight into the paged cache (register_kv_caches decides)
+        self._scratch: torch.Tensor | None = None
         self._staging_flat: torch.Tensor | None = None  # the buffer of the step's save staging
         self._free_flats: list[torch.Tensor] = []  # save buffers the saver has finished with
         self._saver: threading.Thread | None = None
@@ -436,6 +438,11 @@ class CascadeConnector(KVConnectorBase_V1):
             dims = [d for d in range(t.dim()) if t.shape[d] == num_blocks] if num_blocks else [0]
             self._block_dim[name] = dims[0] if dims else 0
             self._caches[name] = t
+        # loads go straight into the cache when every layer's block is one contiguous run of CPU memory (the
+        # CPU backend's [blocks, heads, block_size, 2*head_dim]); otherwise (CUDA, blocks not outermost)
+        # through a staging tensor and index_copy_
+        self._direct = all(t.device.type == "cpu" and t.is_contiguous() and self._block_dim[n] == 0
+                           for n, t in self._caches.items())
 
     def _block_shape(self) -> tuple[list[str], tuple[int, ...], torch.dtype]:
         names = list(self._caches)
@@ -452,19 +459,32 @@ class CascadeConnector(KVConnectorBase_V1):
         names, shape, dtype = self._block_shape()
         for move in meta.loads:
             g = self._group
-            self._load_flat, staging = self._carve(self._load_flat, len(move.keys) * g, names, shape, dtype)
-            values = staging.view(len(move.keys), g, len(names), *shape)  # one stored block: [group, layers, ...]
+            if self._direct:
+                # each layer's block is one contiguous run of the paged cache: the daemon's arena is copied
+                # straight into them (a scatter list per stored block, in its [group, layers, ...] order)
+                if self._scratch is None:
+                    self._scratch = torch.empty(shape, dtype=dtype)  # for blocks vLLM computed itself
+                outs = [[self._caches[name][b] if b >= 0 else self._scratch
+                         for b in move.block_ids[i * g:(i + 1) * g] for name in names] for i in range(len(move.keys))]
+            else:
+                self._load_flat, staging = self._carve(self._load_flat, len(move.keys) * g, names, shape, dtype)
+                values = staging.view(len(move.keys), g, len(names), *shape)  # a stored block: [group, layers, ...]
+                outs = [values[i] for i in range(len(move.keys))]
             client = self._link.get()
             try:
                 if client is None:
                     raise CascadeError(f"the cache at {self._link.path} is unreachable")
-                self._view(client, move.namespace).get_many(move.keys, [values[i] for i in range(len(move.keys))])
+                self._view(client, move.namespace).get_many(move.keys, outs)
             except CascadeError as e:  # daemon gone, block lost or damaged: vLLM recomputes these blocks
                 if client is not None:
                     self._link.failed(e)
                 failed = [b for b in move.block_ids if b >= 0]
                 self._load_errors.update(failed)
                 self.counters["load_errors"] += len(failed)
+                continue
+            self.counters["loads"] += 1
+            self.counters["load_blocks"] += len(move.keys)
+            if self._direct:
                 continue
             rows = [r for r, b in enumerate(move.block_ids) if b >= 0]
             ids = torch.tensor([move.block_ids[r] for r in rows], dtype=torch.long)
@@ -473,8 +493,6 @@ class CascadeConnector(KVConnectorBase_V1):
                 cache, d = self._caches[name], self._block_dim[name]
                 src = picked[:, layer].to(cache.device).movedim(0, d)
                 cache.index_copy_(d, ids.to(cache.device), src)
-            self.counters["loads"] += 1
-            self.counters["load_blocks"] += len(move.keys)
         self.counters["load_seconds"] += time.perf_counter() - t0
 
     def wait_for_layer_load(self, layer_name: str) -> None:

@@ -363,21 +363,33 @@ class ClientNamespace:
                     dt, shape, off = P.unpack_meta(body, off + P.GET_ITEM.size)
                     places.append((staged, offset, nbytes, dt, shape))
                 results = [np.empty(shape, dt) if outs is None or outs[i] is None
-                           else check_out(outs[i], keys[i], dt, shape) for i, (_, _, _, dt, shape) in enumerate(places)]
+                           else _pieces(outs[i], keys[i], nbytes) if type(outs[i]) is list
+                           else check_out(outs[i], keys[i], dt, shape)
+                           for i, (_, _, nbytes, dt, shape) in enumerate(places)]
                 for (staged, offset, nbytes, dt, shape), dst in zip(places, results):
                     if not nbytes:
                         continue
                     src = (c._staging if staged else c._arena)[offset:offset + nbytes]
                     if len(src) != nbytes:
                         raise P.ProtocolError(f"the daemon placed {nbytes} B at {offset}, past the mapped memory")
-                    if needs_staging(dst):
+                    if type(dst) is list:  # a scatter list: consecutive byte ranges of the value, one per piece
+                        at = 0
+                        for piece in dst:
+                            copy_bytes(memoryview(piece), memoryview(src[at:at + len(piece)]))
+                            at += len(piece)
+                    elif needs_staging(dst):
                         np.copyto(dst, src.view(dt).reshape(shape))
                     else:
                         copy_bytes(byte_view(dst), memoryview(src))
             finally:
                 if token:
                     c._send(P.Op.UNPIN, P.U32.pack(token))
-        return finish_outs(outs, results) if outs is not None else results
+        if outs is None:
+            return results
+        for i, out in enumerate(outs):
+            if type(out) is list:
+                results[i] = out  # a scatter list's pieces are filled; the list is what the caller gave
+        return finish_outs(outs, results)
 
     def lookup(self, keys: Sequence[Key]) -> int:
         """How many of ``keys``, from the first, are stored: one round trip."""
@@ -417,10 +429,33 @@ class ClientNamespace:
         return f"<ClientNamespace {self._name!r} of {self._client!r}>"
 
 
+def _pieces(pieces: list[Any], key: Key, nbytes: int) -> list[np.ndarray]:
+    """A scatter list's pieces as flat writable byte arrays (contiguous CPU arrays or tensors), which must
+    add up to the value's size: the daemon's arena is copied straight into them, with no staging buffer (an
+    engine's paged cache holds one block's layers in separate tensors)."""
+    flat = []
+    for p in pieces:
+        if isinstance(p, np.ndarray):
+            ok = p.flags.c_contiguous and p.flags.writeable
+            view = p.reshape(-1).view(np.uint8) if ok else None
+        elif is_tensor(p):
+            ok = p.device.type == "cpu" and p.is_contiguous()
+            view = p.view(-1).view(__import__("torch").uint8).numpy() if ok else None
+        else:
+            raise InvalidArgument(f"get({key!r}): a scatter list holds arrays or tensors, not {type(p).__name__}")
+        if view is None:
+            raise InvalidArgument(f"get({key!r}): a scatter list's pieces must be contiguous, writable CPU memory")
+        flat.append(view)
+    total = sum(len(v) for v in flat)
+    if total != nbytes:
+        raise InvalidArgument(f"get({key!r}): the scatter list holds {total} B; the value is {nbytes} B")
+    return flat
+
+
 def _expect(key: Key, out: Any) -> bytes:
-    """What a get's ``out`` must match: nothing for ``None``, else its dtype and shape (refused here if it is
-    not a writable array or tensor, as ``check_out`` would refuse it)."""
-    if out is None:
+    """What a get's ``out`` must match: nothing for ``None`` or a scatter list (checked by size), else its dtype
+    and shape (refused here if it is not a writable array or tensor, as ``check_out`` would refuse it)."""
+    if out is None or type(out) is list:
         return b"\x00"
     if isinstance(out, np.ndarray):
         if not out.flags.writeable:
