@@ -16,7 +16,8 @@ from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, In
 from .ids import BlockId, Digest, Key
 from .persistence import RecoveryReport
 from .stats import StoreStats, TierStats
-from .store import KeyInfo, Store
+from .info import KeyInfo
+from .store import Store
 
 __version__ = "0.1.0"
 

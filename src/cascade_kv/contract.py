@@ -67,7 +67,7 @@ from .ids import Key
 from .stats import StoreStats
 
 if TYPE_CHECKING:
-    from .store import KeyInfo
+    from .info import KeyInfo
 
 StatsScope = Literal["store", "rank"]
 

@@ -47,7 +47,8 @@ from .ids import TAG_SIZE, Key, SpacedKey, StoreKey
 from .stats import Counters, StoreStats
 
 if TYPE_CHECKING:
-    from .store import KeyInfo, Store
+    from .info import KeyInfo
+    from .store import Store
 
 _TAG_CONTEXT = "cascade-kv 2025-06 namespace tag v1"  # BLAKE3 derive_key context: tags apart from every other hash
 

@@ -23,7 +23,6 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,7 @@ from .config import CascadeConfig, format_size
 from .errors import (BlockNotFound, CapacityError, ConfigError, IntegrityError, InvalidArgument, StorageError, StoreClosed)
 from .hashing import Hasher
 from .ids import BlockId, Key, SpacedKey, StoreKey, block_name
+from .info import KeyInfo
 from .blocks import Block, Entry, Plan, fastest
 from .dryrun import DryRun
 from .namespace import Namespace, Space, check_name, check_quota, user_key
@@ -46,22 +46,6 @@ from .tiers import DiskTier, HostTier, Tier
 log = logging.getLogger(__name__)
 
 SMALL_COPY = 64 << 10  # below this a copy under the lock beats releasing and retaking it
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """What :meth:`Store.info` tells about a key."""
-
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    prefix: bool
-    digest: str
-    """Hex digest of the value's bytes (its content address)."""
-    tiers: tuple[str, ...]
-    """Tiers holding a copy, fastest first."""
-    shared_by: int
-    """Keys referring to the same block (1 when nothing deduplicated with it)."""
 
 
 class Store(Persistence, Placement):

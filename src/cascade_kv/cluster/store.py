@@ -49,7 +49,7 @@ from ..hashing import Hasher
 from ..ids import BlockId, Key, StoreKey, block_name
 from ..namespace import Namespace, Space, check_name, check_quota, user_key
 from ..stats import StoreStats, TierStats
-from ..store import KeyInfo
+from ..info import KeyInfo
 from ..tiers import DiskTier
 from ..tiers.slots import SLOT_HEADER, digest16_of
 from .arena import Arena, Copy

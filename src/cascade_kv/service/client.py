@@ -397,7 +397,7 @@ class ClientNamespace:
         return n
 
     def info(self, key: Key) -> Any:
-        from ..store import KeyInfo
+        from ..info import KeyInfo
 
         d = json.loads(self._keys_call(P.Op.INFO, [check_key(key)]))
         dtype = _dtype(d["dtype"])
