@@ -10,9 +10,9 @@ same CPU reservation and KV space, fp32, eager, greedy, prompts given as token i
   started here, vLLM's prefix caching off, so every reuse comes from cascade-kv;
 * ``cascade-kv-restart``: a second engine process on the same daemon replays what the first one ran: every
   block the first stored must hit;
-* ``lmcache-mp``: LMCache's multi-process connector, run by the interpreter named in
-  ``CASCADE_LMCACHE_PYTHON`` (a virtual environment with lmcache 0.5.6; LMCache pins numpy and pulls CUDA
-  packages, so it is kept out of the one that runs this); skipped with the reason otherwise.
+* ``lmcache-mp``: LMCache's multi-process connector, run by this interpreter when lmcache is importable here,
+  else by the one ``CASCADE_LMCACHE_PYTHON`` names (a virtual environment with lmcache 0.5.6: LMCache pins
+  numpy and pulls CUDA packages, so it is best kept apart); skipped with the reason otherwise.
 
 Each engine replays, in order: a warm-up prompt; **miss** prompts (unique: nothing cached anywhere), one at a
 time, for the time to first token, and more of them with a longer output for decode tokens/s; the **turns**
@@ -440,8 +440,11 @@ def run(r: Run) -> Result:
                 res.skipped["cascade-kv-restart"] = "the cascade-kv row did not run"
     if "lmcache-mp" in wanted:
         python = os.environ.get(LMCACHE_ENV)
+        if not python and importlib.util.find_spec("lmcache") is not None:
+            python = sys.executable  # installed beside vLLM in this interpreter
         if not python:
-            res.skipped["lmcache-mp"] = f"LMCache not installed ({LMCACHE_ENV} names none)"
+            res.skipped["lmcache-mp"] = (f"LMCache not installed (not importable here, and {LMCACHE_ENV} names no "
+                                         f"interpreter that has it)")
         else:
             before = lmcache_servers()
             try:
