@@ -58,7 +58,9 @@ def test_quick_run_reports_every_row_and_equal_tokens(tmp_path: Path) -> None:
     assert got["experiment"] == "engine" and not got["failed"]
     assert got["reads_checked"] > 0 and got["reads_wrong"] == 0, got["notes"]  # every row's tokens as vLLM's alone
     assert set(got["systems"]) == CASCADE_ROWS
-    assert got["skipped"] == {"lmcache-mp": "LMCache not installed (CASCADE_LMCACHE_PYTHON names none)"}
+    no_lmcache = importlib.util.find_spec("lmcache") is None  # importable beside vLLM, LMCache's row runs instead
+    if no_lmcache:
+        assert list(got["skipped"]) == ["lmcache-mp"] and got["skipped"]["lmcache-mp"].startswith("LMCache not installed")
     rows = got["systems"]
     for name in CASCADE_ROWS:
         for key in ("ttft_cold", "ttft_cold_p99", "ttft_warm", "ttft_warm_p99", "throughput"):
@@ -79,6 +81,7 @@ def test_quick_run_reports_every_row_and_equal_tokens(tmp_path: Path) -> None:
     targets = {(t["system"], t["key"], t["than"]): t for t in got["targets"]}
     assert targets["cascade-kv-restart", "restart_hit_share", ""]["passed"] is True
     assert targets["cascade-kv", "ttft_1024_warm", "cascade-kv cold 1,056"]["passed"] in (True, False)  # judged
-    assert targets["cascade-kv", "ttft_1024_warm", "lmcache-mp"]["passed"] is None
     assert targets["cascade-kv", "miss_ttft", "vllm"]["got"] is not None
-    assert "not judged" in done.stdout  # the LMCache comparison, without LMCache
+    if no_lmcache:
+        assert targets["cascade-kv", "ttft_1024_warm", "lmcache-mp"]["passed"] is None
+        assert "not judged" in done.stdout  # the LMCache comparison, without LMCache
