@@ -84,9 +84,7 @@ def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) ->
         if is_tensor(out):
             return out_view(out, key, dtype, shape)[0]
         raise InvalidArgument(f"get({key!r}): out must be a numpy array or torch tensor, not {type(out).__name__}")
-    if out.dtype != dtype or out.shape != shape:
-        raise InvalidArgument(f"get({key!r}): out has dtype {out.dtype} and shape {out.shape}; "
-                              f"the stored block has dtype {dtype} and shape {shape}")
+    check_fits(key, out.dtype, out.shape, dtype, shape)
     if not out.flags.writeable:
         raise InvalidArgument(f"get({key!r}): out is read-only")
     return out
@@ -101,6 +99,14 @@ def check_outs(keys: list[Key], outs: object) -> None:
                                   f"not {type(outs).__name__}")
     if len(outs) != len(keys):
         raise InvalidArgument(f"get_many: {len(keys)} keys but {len(outs)} out buffers")
+
+
+def check_fits(key: Key, out_dtype: np.dtype, out_shape: tuple[int, ...], dtype: np.dtype,
+               shape: tuple[int, ...]) -> None:
+    """InvalidArgument unless a buffer of ``out_dtype``/``out_shape`` takes a block of ``dtype``/``shape``."""
+    if out_dtype != dtype or out_shape != shape:
+        raise InvalidArgument(f"get({key!r}): out has dtype {out_dtype} and shape {out_shape}; "
+                              f"the stored block has dtype {dtype} and shape {shape}")
 
 
 def needs_staging(out: np.ndarray) -> bool:

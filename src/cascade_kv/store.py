@@ -298,13 +298,7 @@ class Store(Persistence, Placement):
             entries = self._entries([space.internal(k) for k in keys], count_misses=space)
             results = [np.empty(e.shape, e.dtype) if outs is None or outs[i] is None
                        else check_out(outs[i], keys[i], e.dtype, e.shape) for i, e in enumerate(entries)]
-            blocks = [self._blocks[e.block_id] for e in entries]
-            for k, b in zip(keys, blocks):
-                if b.lost:
-                    raise IntegrityError(f"get({k!r}): every copy of block {block_name(b.id)[:16]} failed "
-                                         f"its digest check; put the value again")
-            self._c.gets += len(keys)
-            space.counters.gets += len(keys)
+            blocks = self._start_reads(space, keys, entries)
             for i, b in enumerate(blocks):
                 t = fastest(b.where)
                 tier = self._tiers[t]
@@ -320,11 +314,27 @@ class Store(Persistence, Placement):
             try:
                 self._read_pinned(jobs, space)
             finally:
-                with self._lock:
-                    self._reads_in_flight -= 1
-                    self._last_read = time.monotonic()
-                    self._cond.notify_all()
+                self._end_reads()
         return results if outs is None else finish_outs(outs, results)  # torch outs: staged copies land
+
+    def _start_reads(self, space: Space, keys: list[Key], entries: list[Entry]) -> list[Block]:
+        """Lock held, every key found and every out checked: the keys' blocks, counted as gets, or
+        IntegrityError (nothing counted) for a block whose every copy failed its digest check."""
+        blocks = [self._blocks[e.block_id] for e in entries]
+        for k, b in zip(keys, blocks):
+            if b.lost:
+                raise IntegrityError(f"get({k!r}): every copy of block {block_name(b.id)[:16]} failed "
+                                     f"its digest check; put the value again")
+        self._c.gets += len(keys)
+        space.counters.gets += len(keys)
+        return blocks
+
+    def _end_reads(self) -> None:
+        """After reads made outside the lock (``_reads_in_flight`` was raised for them): the promoter may go on."""
+        with self._lock:
+            self._reads_in_flight -= 1
+            self._last_read = time.monotonic()
+            self._cond.notify_all()
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is stored (``False`` for anything that is not a key, as a dict answers)."""

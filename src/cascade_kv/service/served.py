@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import mmap
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from ..arrays import byte_view, key_list
+from ..arrays import byte_view, check_fits, key_list
 from ..blocks import Block, Plan, fastest
 from ..config import format_size
 from ..errors import CapacityError, IntegrityError, InvalidArgument
-from ..ids import BlockId, Digest, Key, StoreKey, block_name
+from ..ids import BlockId, Digest, Key, StoreKey
 from ..namespace import Space
 from ..store import Store
 from ..tiers.allocator import ArenaAllocator, align_up
@@ -66,9 +65,8 @@ Expect = Optional[list[Optional[tuple[np.dtype, tuple[int, ...]]]]]
 
 def check_expected(key: Key, dtype: np.dtype, shape: tuple[int, ...],
                    expected: tuple[np.dtype, tuple[int, ...]] | None) -> None:
-    if expected is not None and (expected[0] != dtype or expected[1] != shape):
-        raise InvalidArgument(f"get({key!r}): out has dtype {expected[0]} and shape {expected[1]}; "
-                              f"the stored block has dtype {dtype} and shape {shape}")
+    if expected is not None:
+        check_fits(key, expected[0], expected[1], dtype, shape)
 
 
 def shared_arena(capacity: int) -> tuple[int, mmap.mmap | None]:
@@ -142,18 +140,12 @@ class ServedStore(Store):
         with self._lock:
             self._check_open()
             entries = self._entries([space.internal(k) for k in keys], count_misses=space)
-            blocks = [self._blocks[e.block_id] for e in entries]
-            for k, b in zip(keys, blocks):
-                if b.lost:
-                    raise IntegrityError(f"get({k!r}): every copy of block {block_name(b.id)[:16]} failed "
-                                         f"its digest check; put the value again")
-            if expect is not None:
+            if expect is not None:  # as a get checks its outs: before a lost block is reported
                 if len(expect) != len(keys):
                     raise InvalidArgument(f"get_many: {len(keys)} keys but {len(expect)} out buffers")
                 for k, e, ex in zip(keys, entries, expect):
                     check_expected(k, e.dtype, e.shape, ex)
-            self._c.gets += len(keys)
-            space.counters.gets += len(keys)
+            blocks = self._start_reads(space, keys, entries)
             for i, (e, b) in enumerate(zip(entries, blocks)):
                 b.pins += 1
                 if fastest(b.where) == 0:
@@ -174,10 +166,7 @@ class ServedStore(Store):
                 self.unpin(pinned)
                 raise
             finally:
-                with self._lock:
-                    self._reads_in_flight -= 1
-                    self._last_read = time.monotonic()
-                    self._cond.notify_all()
+                self._end_reads()
         return placed, pinned  # type: ignore[return-value]
 
     def unpin(self, blocks: Sequence[Block]) -> None:
