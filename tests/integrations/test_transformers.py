@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-pytest.importorskip("transformers")
+pytest.importorskip("transformers", reason="the vllm extra (transformers) is not installed (pip install '.[vllm]')")
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
