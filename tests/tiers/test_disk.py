@@ -21,7 +21,6 @@ from cascade_kv.tiers import DiskTier
 from .conformance import TierConformance, block_id, load, store
 
 MakeDisk = Callable[..., DiskTier]
-SETTLE = 0.15  # longer than the tier's 100 ms "racy ctime" window, so a file's identity can be trusted
 
 
 def o_direct_supported(directory: Path) -> bool:
@@ -65,6 +64,13 @@ class TestDiskTierDurableSha256(TestDiskTier):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on the tier's clock runs a minute ahead of the file system's: every file looks settled at its
+    verification (past the racy-ctime window, even the 2 s one of whole-second timestamps), as after a pause,
+    without waiting one out (a sleep of a little over 100 ms was not enough on a loaded machine)."""
+    monkeypatch.setattr(disk_module, "time", SimpleNamespace(time_ns=lambda: time.time_ns() + 60 * 10**9))
+
+
 def flip_byte(path: Path, offset: int = 0) -> None:
     """Corrupt one byte in place (same inode, same size)."""
     with open(path, "r+b") as f:
@@ -261,11 +267,11 @@ def test_corrupted_file_raises_integrity_error(make_disk: MakeDisk, hasher: Hash
 
 
 def test_corruption_after_trusted_reads_is_detected(make_disk: MakeDisk, hasher: Hasher,
-                                                    rng: np.random.Generator):
+                                                    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch):
     disk = make_disk(verify="auto")
     data = rng.bytes(5000)
     bid = store(disk, hasher, data)
-    time.sleep(SETTLE)
+    settle(monkeypatch)
     assert load(disk, bid) == data
     assert load(disk, bid) == data
     assert disk.hashed_reads == 1  # the second read trusted the unchanged file
@@ -288,11 +294,12 @@ def test_corruption_right_after_a_read_is_detected(make_disk: MakeDisk, hasher: 
 
 
 def test_file_replaced_by_same_size_file_is_detected(make_disk: MakeDisk, hasher: Hasher,
-                                                     rng: np.random.Generator, tmp_path: Path):
+                                                     rng: np.random.Generator, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
     disk = make_disk(verify="auto")
     data = rng.bytes(3000)
     bid = store(disk, hasher, data)
-    time.sleep(SETTLE)
+    settle(monkeypatch)
     assert load(disk, bid) == data
     impostor = tmp_path / "impostor"
     impostor.write_bytes(rng.bytes(3000))
@@ -330,7 +337,7 @@ def test_changed_file_is_hashed_even_when_its_ctime_looks_old(make_disk: MakeDis
     disk = make_disk(verify="auto")
     data = rng.bytes(2000)
     bid = store(disk, hasher, data)
-    monkeypatch.setattr(disk_module, "time", SimpleNamespace(time_ns=lambda: time.time_ns() + 60 * 10**9))
+    settle(monkeypatch)
     assert load(disk, bid) == data  # verified "a minute from now": every ctime looks old
     assert load(disk, bid) == data
     assert disk.hashed_reads == 1
@@ -365,36 +372,36 @@ def test_missing_file_raises_integrity_error(make_disk: MakeDisk, hasher: Hasher
 
 
 def test_hashed_reads_auto_trusts_an_unchanged_settled_file(make_disk: MakeDisk, hasher: Hasher,
-                                                             rng: np.random.Generator):
+                                                             rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch):
     disk = make_disk(verify="auto")
     data = rng.bytes(4000)
     bid = store(disk, hasher, data)
-    time.sleep(SETTLE)
+    settle(monkeypatch)
     for _ in range(3):
         assert load(disk, bid) == data
     assert disk.hashed_reads == 1
 
 
 def test_hashed_reads_always_hashes_every_read(make_disk: MakeDisk, hasher: Hasher,
-                                               rng: np.random.Generator):
+                                               rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch):
     disk = make_disk(verify="always")
     data = rng.bytes(4000)
     bid = store(disk, hasher, data)
-    time.sleep(SETTLE)
+    settle(monkeypatch)
     for i in range(3):
         assert load(disk, bid) == data
         assert disk.hashed_reads == i + 1
 
 
-def test_rewritten_block_is_hashed_again(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator):
+def test_rewritten_block_is_hashed_again(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator,
+                                         monkeypatch: pytest.MonkeyPatch):
     disk = make_disk(verify="auto")
     data = rng.bytes(4000)
     bid = store(disk, hasher, data)
-    time.sleep(SETTLE)
+    settle(monkeypatch)
     load(disk, bid)
     disk.free(bid)
     store(disk, hasher, data)
-    time.sleep(SETTLE)
     load(disk, bid)
     assert disk.hashed_reads == 2  # freeing forgot the verification; the new file was checked
 
@@ -426,10 +433,11 @@ def test_quarantine_of_missing_file(make_disk: MakeDisk, hasher: Hasher):
     assert not disk.contains(bid) and disk.used == 0
 
 
-def test_reopen_scan_and_adopt(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator):
+def test_reopen_scan_and_adopt(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator,
+                               monkeypatch: pytest.MonkeyPatch):
     first = make_disk()
     blocks = {store(first, hasher, data): data for data in (rng.bytes(n) for n in (0, 10, 5000))}
-    time.sleep(SETTLE)  # old files: if the first read were trusted, it would be for age alone
+    settle(monkeypatch)  # old files: if the first read were trusted, it would be for age alone
     reopened = make_disk()
     assert list(reopened.block_ids()) == [] and reopened.used == 0
     assert sorted(reopened.scan()) == sorted(blocks)
@@ -443,11 +451,12 @@ def test_reopen_scan_and_adopt(make_disk: MakeDisk, hasher: Hasher, rng: np.rand
     assert reopened.adopt(block_id(hasher, b"no such file")) is None
 
 
-def test_adopted_corrupt_file_is_caught(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator):
+def test_adopted_corrupt_file_is_caught(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator,
+                                        monkeypatch: pytest.MonkeyPatch):
     first = make_disk()
     bid = store(first, hasher, rng.bytes(700))
     flip_byte(first.path(bid), 3)
-    time.sleep(SETTLE)
+    settle(monkeypatch)
     reopened = make_disk()
     assert reopened.adopt(bid) == 700
     with pytest.raises(IntegrityError):
