@@ -19,6 +19,8 @@ from cascade_kv.cluster.directory import (
     Located,
     Location,
     Released,
+)
+from cascade_kv.cluster.directory.codec import (
     _key,
     _located,
     _locations,
@@ -322,3 +324,105 @@ def test_wire_records_round_trip():
         r = _Reader(_key("a") + b"x")
         r.key()
         r.done()
+
+
+# ---------------------------------------------------------------- stats kept as entries change
+def _walk_stats(s: DirectoryState, space: tuple[str | None, bytes] | None = None) -> tuple[HomeStats, dict]:
+    """What stats() and protected_bytes() said when they walked every entry: the reference for the tallies."""
+    import math
+
+    from cascade_kv.cluster.directory import dtype_of, space_tag
+    from cascade_kv.ids import SpacedKey
+
+    def owns(k) -> bool:
+        return (k.space if isinstance(k, SpacedKey) else None) == space[0]
+
+    live = [e for d, e in s._digests.items() if e.refs and (space is None or space_tag(d) == space[1])]
+    keys = [r for k, r in s._keys.items() if space is None or owns(k)]
+    protected = [e for e in live if e.protected > 0]
+    on_disk = [e for e in live if any(loc.tier == TIER_DISK for loc in e.locations)]
+    home = HomeStats(
+        keys=len(keys), blocks=len(live), logical_bytes=sum(dtype_of(r.dtype).itemsize * math.prod(r.shape) for r in keys),
+        unique_bytes=sum(e.nbytes for e in live), protected_blocks=len(protected),
+        protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected),
+        disk_blocks=len(on_disk), disk_bytes=sum(e.nbytes for e in on_disk))
+    tags = {space_tag(d) for d in s._digests}
+    quota = {t: sum(e.nbytes for d, e in s._digests.items() if e.protected > 0 and space_tag(d) == t) for t in tags}
+    return home, quota
+
+
+class _NoWalk(dict):
+    """A table that refuses to be walked: stats() must read its tallies, not the entries."""
+
+    def _refuse(self, *args):
+        raise AssertionError("stats() walked the directory")
+
+    __iter__ = items = values = keys = _refuse
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stats_tallies_equal_a_walk_after_random_operations(seed):
+    import random
+
+    from cascade_kv.ids import SpacedKey, TAG_SIZE
+
+    rng = random.Random(seed)
+    tags = [b"", b"T" * TAG_SIZE, b"U" * TAG_SIZE]
+    spaces = [(None, b""), ("t", tags[1]), ("u", tags[2])]
+    digests = [bytes([i]) * 32 + rng.choice(tags) for i in range(12)]
+    sizes = {d: rng.choice([8, 24, 100, 4096]) for d in digests}
+    keys = [f"k{i}" for i in range(6)] + [SpacedKey(name, f"k{i}") for name in ("t", "u") for i in range(4)]
+    dtypes = ["|u1", "<f4", "<i8", '{"names":["a"],"formats":["<i4"],"offsets":[0],"itemsize":4}']
+    s = DirectoryState(lease_s=1.0)
+    now = 0.0
+
+    def loc(d: bytes, tier: int) -> Location:
+        return Location(rng.randrange(4), tier, rng.randrange(3) * 4096, sizes[d], rng.randrange(1, 4) * (tier == 0))
+
+    for step in range(1500):
+        now += rng.random() * 0.3
+        d, k, rank = rng.choice(digests), rng.choice(keys), rng.randrange(4)
+        op = rng.randrange(13)
+        try:
+            if op <= 2:
+                s.claim(d, sizes[d], rank, now, prefix=rng.random() < 0.3)
+            elif op <= 4:
+                s.publish(d, loc(d, rng.choice([TIER_MEMORY, TIER_MEMORY, TIER_DISK])))
+            elif op == 5:
+                s.unref(d, rank, now, prefix=rng.random() < 0.3)
+            elif op == 6:
+                s.forget(d, rank)
+            elif op == 7:
+                where = s.locate(d).locations
+                if where:
+                    s.move(d, rng.choice(where), loc(d, rng.choice([TIER_MEMORY, TIER_DISK])))
+            elif op == 8:
+                where = s.locate(d).locations
+                if where:
+                    s.drop_copy(d, rng.choice(where), force=rng.random() < 0.3)
+            elif op == 9:
+                s.set_protected(d, rng.choice([-1, 1]))
+            elif op == 10:
+                s.bind(k, KeyRecord(d, rng.choice(dtypes), tuple(rng.randrange(1, 5) for _ in range(rng.randrange(3))),
+                                    prefix=rng.random() < 0.3))
+            elif op == 11:
+                s.unbind(k)
+            else:
+                s.set_prefix(k, rng.random() < 0.5, d if rng.random() < 0.5 else None)
+        except (BlockNotFound, ValueError, AssertionError):
+            pass  # refused: must leave the state, and so its tallies, as they were
+        if step % 50 == 0 or step > 1450:
+            for space in [None, *spaces]:
+                home, quota = _walk_stats(s, space)
+                assert s.stats(space) == home, (step, space)
+                for tag in tags:
+                    assert s.protected_bytes(tag) == quota.get(tag, 0), (step, tag)
+    restored = DirectoryState()
+    restored.restore_entries({k: r for k, r in s._keys.items()},
+                             [(d, e.nbytes, e.refs, e.protected, e.locations) for d, e in s._digests.items()])
+    for space in [None, *spaces]:
+        assert restored.stats(space) == s.stats(space)
+    s._digests, s._keys = _NoWalk(s._digests), _NoWalk(s._keys)
+    for space in [None, *spaces]:
+        s.stats(space)
+    s.protected_bytes(tags[1])

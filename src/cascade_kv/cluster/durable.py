@@ -59,7 +59,7 @@ from .. import catalog
 from ..errors import ConfigError, StorageError
 from ..ids import BlockId, Key, parse_block_name
 from ..tiers.disk import DiskTier, lock_directory, make_dirs, unlink_quietly, write_atomically
-from .directory import TIER_DISK, DirectoryState, KeyRecord, Location, _DigestEntry, dtype_of, dtype_text
+from .directory import TIER_DISK, DirectoryState, KeyRecord, Location, dtype_of, dtype_text
 from .homes import home_of_digest, home_of_key
 
 log = logging.getLogger(__name__)
@@ -456,11 +456,8 @@ class JournalledState(DirectoryState):
 
     def restore(self, recovery: Recovery, rank: int) -> None:
         """Load the share :func:`open_directory` recovered: keys, and digests listed on disk only."""
-        with self._lock:
-            self._keys.update(recovery.keys)
-            for d, c in recovery.digests.items():
-                self._digests[d] = _DigestEntry(c.nbytes, c.refs, c.protected,
-                                                [Location(rank, TIER_DISK, 0, c.nbytes, 0)])
+        self.restore_entries(recovery.keys, ((d, c.nbytes, c.refs, c.protected, [Location(rank, TIER_DISK, 0, c.nbytes, 0)])
+                                             for d, c in recovery.digests.items()))
 
     def bind(self, key: Key, record: KeyRecord) -> KeyRecord | None:
         with self._order:

@@ -401,7 +401,7 @@ class DistributedStore(Durability):
 
     def _stats(self, space: Space | None) -> StoreStats:
         self._check_open()
-        home = self.directory.state.stats(None if space is None else (space.owns, space.tag))
+        home = self.directory.state.stats(None if space is None else (space.name, space.tag))
         if space is not None and space.name is not None:
             return self._space_stats(space, home)
         if space is not None:  # the default namespace: its own operations; tiers and moves are the rank's
