@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,20 +320,10 @@ def _two_ranks(comm, scratch: Path) -> None:
 SCENARIOS = {"two_ranks": _two_ranks}
 
 
-def _main(scenario: str) -> None:
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    scratch = Path(comm.bcast(tempfile.mkdtemp(prefix="cascade-peers-test-") if rank == 0 else None))
-    try:
-        SCENARIOS[scenario](comm, scratch)
-        comm.Barrier()
-    finally:
-        if rank == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-    print(f"rank {rank}: ok", flush=True)
-
-
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    # tests/cluster's helper for files that are their own MPI program (this one runs with only its own folder on
+    # sys.path)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+    from mpi_program import run_phases
+
+    run_phases([(sys.argv[1], SCENARIOS[sys.argv[1]])], prefix="cascade-peers-test-")

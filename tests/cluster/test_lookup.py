@@ -6,9 +6,6 @@ Verdicts are reached on values gathered from every rank, so every rank fails or 
 """
 from __future__ import annotations
 
-import faulthandler
-import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -122,22 +119,7 @@ def _lookup(comm, root: Path) -> None:
     store.close()
 
 
-def _main(scenario: str) -> None:
-    import tempfile
-
-    from mpi4py import MPI
-
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    comm.bcast(None)  # mpi4py's first pickle-based collective duplicates the communicator: before any store
-    root = comm.bcast(tempfile.mkdtemp(prefix="lookup-") if rank == 0 else None)  # in the job's own TMPDIR
-    {"lookup": _lookup}[scenario](comm, Path(root))
-    comm.Barrier()
-    if rank == 0:
-        shutil.rmtree(root)
-    print(f"rank {rank}: ok", flush=True)
-
-
 if __name__ == "__main__":
-    _main(sys.argv[1])
+    from mpi_program import run_phases  # this file's folder is on sys.path when it runs as a program
+
+    run_phases([(sys.argv[1], {"lookup": _lookup}[sys.argv[1]])], prefix="lookup-")

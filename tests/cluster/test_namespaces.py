@@ -2,16 +2,12 @@
 guess of another namespace's bytes takes the miss path), per-namespace counters summed over ranks, the
 cluster-wide protected quota, and a persistent store reopened with its namespaced keys.
 
-Also the MPI program itself (``python -m mpi4py test_namespaces.py PHASES DIR``), as ``test_store.py``;
-``DIR`` is the test's ``tmp_path``, so nothing is left outside it. Verdicts are reached on values gathered
-from every rank, so every rank fails or passes together.
+Also the MPI program itself (``python -m mpi4py test_namespaces.py PHASES``), as ``test_store.py``. Verdicts are
+reached on values gathered from every rank, so every rank fails or passes together.
 """
 from __future__ import annotations
 
-import faulthandler
-import signal
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -21,21 +17,18 @@ BLOCK = 64 * 1024
 TIMEOUT = 10.0
 
 
-def _run(tmp_path: Path, phases: str) -> None:
-    from .conftest import require_mpiexec, run_ranks
+def _run(phases: str) -> None:
+    from .conftest import run_scenario  # here: this file is also run as a plain MPI program, outside the package
 
-    require_mpiexec()
-    out = run_ranks(2, [sys.executable, "-m", "mpi4py", __file__, phases, str(tmp_path)], 120)
-    for rank in range(2):
-        assert f"rank {rank}: ok" in out, out
+    run_scenario(__file__, 2, phases, 120)
 
 
-def test_namespaces_across_ranks(tmp_path: Path) -> None:
-    _run(tmp_path, "isolation,attack,quota")
+def test_namespaces_across_ranks() -> None:
+    _run("isolation,attack,quota")
 
 
-def test_a_persistent_distributed_store_reopens_with_namespaced_keys(tmp_path: Path) -> None:
-    _run(tmp_path, "persist")
+def test_a_persistent_distributed_store_reopens_with_namespaced_keys() -> None:
+    _run("persist")
 
 
 # ------------------------------------------------------------------ phases (run under mpiexec)
@@ -172,25 +165,10 @@ def _persist(comm, root: Path) -> None:
     store.close()
 
 
-def _main(names: str, root: str) -> None:
-    from mpi4py import MPI
-
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    comm.bcast(None)  # mpi4py's first pickle-based collective duplicates the communicator: before any store
-    phases = {"isolation": _isolation, "attack": _attack, "quota": _quota, "persist": _persist}
-    for name in names.split(","):
-        t0 = time.perf_counter()
-        phase_root = Path(root) / name
-        if rank == 0:
-            phase_root.mkdir(parents=True, exist_ok=True)
-        comm.Barrier()
-        phases[name](comm, phase_root)
-        comm.Barrier()
-        print(f"rank {rank}: {name} ok ({time.perf_counter() - t0:.1f} s)", flush=True)
-    print(f"rank {rank}: ok", flush=True)
+PHASES = {"isolation": _isolation, "attack": _attack, "quota": _quota, "persist": _persist}
 
 
 if __name__ == "__main__":
-    _main(sys.argv[1], sys.argv[2])
+    from mpi_program import run_phases  # this file's folder is on sys.path when it runs as a program
+
+    run_phases([(name, PHASES[name]) for name in sys.argv[1].split(",")], prefix="cascade-namespaces-test-")

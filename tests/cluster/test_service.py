@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -227,28 +226,33 @@ def _scenario_timeout() -> None:
     def slow(source: int, payload: memoryview) -> bytes:
         # Realistic stand-in for a peer that stops answering: its service thread is stuck
         # (here until the test releases it, so the job can still end cleanly).
-        release.wait(30)
+        release.wait()
         return b"late"
 
     svc = Service(comm, timeout=timeout, handlers={ECHO: _echo, SLOW: slow})
     if rank == 0:
+        # Rank 1's handler is held until rank 0 has seen both timeouts: a timeout that did not fire fails as
+        # "no PeerTimeout" (or the job's own limit), whatever the machine's load; no clock of this test's decides.
         for requests in ([(1, SLOW, b"")], [(0, ECHO, b"mine"), (1, ECHO, b"queued behind the stuck one")]):
-            t0 = time.perf_counter()
             try:
                 svc.call_many(requests)
             except PeerTimeout as e:
-                waited = time.perf_counter() - t0
                 assert isinstance(e, TimeoutError)
-                assert str(e).startswith(f"rank 0: no reply from rank 1 to op {requests[-1][1]} after "), e
-                assert timeout <= waited < timeout + 1.0, (waited, e)
+                prefix = f"rank 0: no reply from rank 1 to op {requests[-1][1]} after "
+                assert str(e).startswith(prefix), e
+                # the wait the service measured on its own monotonic clock: no earlier than the timeout
+                assert float(str(e)[len(prefix):].split()[0]) >= timeout, e
                 print(f"rank 0: {e}", flush=True)
             else:
                 raise AssertionError("no PeerTimeout")
         comm.send("release", dest=1)  # the application's communicator: the service's is its own
         # The late replies carry tags of their own: a new call gets its own reply, not theirs.
         assert svc.call(1, ECHO, b"after") == b"after"
-        deadline = time.monotonic() + 5
-        while svc._abandoned and time.monotonic() < deadline:
+        # Rank 1's one service thread sent the late replies before its reply to "after", and Open MPI delivers
+        # one peer's messages in order: the next call's drain finds them. Counted calls, not a deadline.
+        for _ in range(100):
+            if not svc._abandoned:
+                break
             svc.call(1, ECHO, b"")  # each call drains the late replies that arrived
         assert not svc._abandoned, svc._abandoned
     else:
