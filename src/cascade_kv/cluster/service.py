@@ -39,11 +39,25 @@ to a late reply at about 25% of it; plain doubling was rejected because it adds
 up to 100%. Past the deadline it raises :class:`~cascade_kv.errors.PeerTimeout` naming the rank, the
 op and the time waited. ``close()`` bounds its barrier and its join the same way.
 
-The service thread itself blocks in ``Mprobe``, as the design asks. Open MPI's
-blocking calls poll, so an idle service thread keeps polling and, with
-``mpi_yield_when_idle=1``, calls ``sched_yield``: it steps aside for any runnable
-thread but still takes most of an otherwise idle core (~0.85 core-seconds per
-second measured here).
+Idle ranks cost nothing. Open MPI has no receive that blocks in the kernel: its
+blocking calls poll, so a service thread waiting in ``Mprobe`` takes most of a core
+however idle its rank is (0.85-1.0 core-seconds per second measured here). The
+service thread therefore waits in ``Mprobe`` only while requests come: after
+:data:`HOT_S` without one, an *idle timer* (a second thread, asleep on a condition
+variable) sends it :data:`_OP_SLEEP`, and it sleeps in ``select`` on its
+:mod:`doorbell <.doorbell>`, a UDP socket, until a caller rings. A caller rings
+after sending its request, unless that rank answered it within ``HOT_S / 2`` (then
+it is still polling), and rings again every :data:`RING_AGAIN_S` (doubling) while
+it waits, so a lost datagram or a wrong belief costs milliseconds, never a hang.
+Before sleeping the thread drains the doorbell and probes once more: a ring or a
+request that came meanwhile keeps it hot, so a request sent before its ring is never
+left behind a sleeping thread. One-sided reads do not need the owner: osc/sm reads
+the window directly, and Open MPI's TCP transport progresses ``Get`` on its own
+(checked: 192 MiB read over ``--mca btl tcp,self --mca osc rdma`` from a rank whose
+threads all slept). Replies still being sent keep the thread in MPI until they
+leave. Tried and rejected, with figures, in docs/distributed-design.md ("Idle
+ranks"): polling with sleeps (latency grows with the gap), requests over sockets
+(every round trip pays a kernel wake-up), MPI's own blocking calls (they poll).
 
 The service thread needs the GIL to answer. A main thread that blocks in C code
 *holding* the GIL stops its rank from answering, and a peer waiting on that rank
@@ -77,6 +91,7 @@ from typing import Any
 from mpi4py import MPI
 
 from ..errors import ConfigError, PeerTimeout, RemoteError, ServiceClosed
+from .doorbell import Doorbells
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +109,7 @@ MAX_PAYLOAD = (1 << 31) - 1 - HEADER.size
 
 _OP_STOP = 0xFFFF  # sent by a rank to itself in close(): the service thread exits
 _OP_ARRIVALS = 0xFFFE  # how many bounded collective waits this rank has entered (to name the missing ranks)
+_OP_SLEEP = 0xFFFD  # sent by a rank's idle timer to its own service thread: leave MPI and sleep in the kernel
 _U64 = struct.Struct("<Q")
 ARRIVALS_WAIT_S = 1.0
 """How long a rank whose barrier timed out waits for the others to say whether they arrived."""
@@ -105,6 +121,18 @@ _OK = 0
 _HANDLER_ERROR = 1
 _UNKNOWN_OP = 2
 _BAD_REQUEST = 3
+
+HOT_S = 0.01
+"""How long a service thread keeps polling MPI after its last request before it sleeps in the kernel.
+
+Inside the window a request is answered at MPI's own latency (the thread waits in ``Mprobe``); after it,
+a request pays a kernel wake-up (a ring, see :mod:`.doorbell`). The window costs up to a core for its
+length after each burst of requests, so it is short: engines send requests in bursts (one ``get_many``
+asks several homes at once), and 10 ms covers a burst and the next request of a busy engine. Measured
+choices are in docs/distributed-design.md ("Idle ranks")."""
+RING_AGAIN_S = 2e-3
+"""A caller whose request is unanswered this long rings the owner again (then at doubling intervals):
+a lost datagram or a ring skipped on a stale belief that the owner was hot costs this much, never a hang."""
 
 SPIN_S = 100e-6
 """Poll without sleeping this long before backing off (several idle round trips)."""
@@ -170,15 +198,19 @@ def _error_payload(exc: BaseException) -> bytes:
 class Service:
     """The request/response service of one rank. Collective: every rank of ``comm`` builds one.
 
-    ``timeout`` bounds every wait on a peer (seconds). ``handlers`` are registered
+    ``timeout`` bounds every wait on a peer (seconds); ``hot_s`` is how long the service thread polls MPI
+    after its last request before it sleeps in the kernel (:data:`HOT_S`). ``handlers`` are registered
     before the service thread starts, so no request, even one from a rank that is
     already calling, can find its op unregistered; :meth:`register` adds more later.
     """
 
     def __init__(self, comm: MPI.Comm, *, timeout: float = 30.0,
-                 handlers: Mapping[int, Handler] | None = None) -> None:
+                 handlers: Mapping[int, Handler] | None = None, hot_s: float = HOT_S) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(hot_s, bool) or not isinstance(hot_s, (int, float)) or not hot_s >= 0:
+            raise ConfigError(f"hot_s must be a number of seconds >= 0, got {hot_s!r}")
+        self.hot_s = float(hot_s)
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise ConfigError("the service thread needs MPI_THREAD_MULTIPLE; MPI was initialised with "
                               f"level {MPI.Query_thread()} (leave mpi4py.rc.thread_level at 'multiple')")
@@ -206,9 +238,30 @@ class Service:
         self._closed = False
         self._arrivals = 0  # bounded collective waits entered (see _missing())
         self._close_barrier: tuple[MPI.Request, int] | None = None  # kept: a close() that timed out can be retried
+        self._doorbells = Doorbells()
+        try:
+            self._doorbells.connect(self._comm.allgather(self._doorbells.card()), self.rank)
+        except BaseException:
+            self._doorbells.close()
+            self._comm.Free()
+            raise
+        # When each rank last answered this one (perf_counter, _wait's clock): a rank that answered within HOT_S / 2 is still
+        # polling MPI, so a request to it needs no ring. Plain dict: one float per rank, written under the GIL.
+        self._answered: dict[int, float] = {}
+        self._last_served = time.monotonic()
+        self._hot = True
+        self._tell_timer = False  # the thread woke from the kernel; the timer learns after the first reply
+        self._stopping = False
+        self._hot_changed = threading.Condition()
+        self.sleeps = 0
+        """How many times the service thread has gone to sleep in the kernel (for tests and the benchmark)."""
+        self.asleep = threading.Event()
+        """Set while the service thread sleeps in the kernel (tests wait on it instead of on the clock)."""
         _lower_switch_interval()
         self._thread = threading.Thread(target=self._serve, name=f"cascade-service-{self.rank}", daemon=True)
         self._thread.start()
+        self._timer = threading.Thread(target=self._idle_timer, name=f"cascade-idle-{self.rank}", daemon=True)
+        self._timer.start()
 
     # ------------------------------------------------------------------ handlers
     def register(self, op: int, handler: Handler) -> None:
@@ -251,20 +304,27 @@ class Service:
         comm, status = self._comm, MPI.Status()
         buf = bytearray(4096)
         sending: list[tuple[MPI.Request, bytes]] = []  # replies whose Isend has not completed
+        msg: MPI.Message | None = None
         try:
             while True:
-                msg = comm.Mprobe(MPI.ANY_SOURCE, _REQUEST_TAG, status)
+                if msg is None:
+                    msg = comm.Mprobe(MPI.ANY_SOURCE, _REQUEST_TAG, status)
                 n, source = status.Get_count(MPI.BYTE), status.Get_source()
                 if n > len(buf):
                     buf = bytearray(max(n, 2 * len(buf)))  # a handler may still hold a view of the old one
                 msg.Recv([buf, n, MPI.BYTE])
+                msg = None
                 if n < HEADER.size:
                     log.warning("rank %d: dropped a %d-byte request from rank %d (shorter than a header)",
                                 self.rank, n, source)
                     continue
                 op, _flags, length, request_id, _status, reply_tag = HEADER.unpack_from(buf)
-                if op == _OP_STOP and source == self.rank:
+                if source == self.rank and op == _OP_STOP:
                     break
+                if source == self.rank and op == _OP_SLEEP:
+                    sending = [(r, b) for r, b in sending if not r.Test()]
+                    msg = self._sleep(bool(sending), status)
+                    continue
                 if length != n - HEADER.size:
                     code, reply = _BAD_REQUEST, _error_payload(
                         ValueError(f"header says {length} B of payload, message has {n - HEADER.size} B"))
@@ -275,8 +335,65 @@ class Service:
                 # block this thread (and every request queued behind it) forever.
                 sending.append((comm.Isend([out, MPI.BYTE], source, reply_tag), out))
                 sending = [(r, b) for r, b in sending if not r.Test()]
+                self._last_served = time.monotonic()
+                if self._tell_timer:
+                    self._tell_timer = False
+                    self._stay_hot()
         except Exception:  # an MPI failure: peers get PeerTimeout from now on, close() still works
             log.exception("rank %d: service thread stopped", self.rank)
+
+    def _sleep(self, sends_pending: bool, status: MPI.Status) -> MPI.Message | None:
+        """The idle timer asked this thread to leave MPI: block in the kernel until a ring, unless there is a
+        reason to stay hot. Returns a request found on the way (to be served), else None."""
+        if (sends_pending  # a reply still needs this rank's progress to leave
+                or time.monotonic() - self._last_served < self.hot_s  # a request came after the timer looked
+                or self._doorbells.drain()):  # a ring came: its request may still be on its way
+            self._stay_hot()
+            return None
+        # A request sent before the ring we are about to wait for can already be here: look once more.
+        msg = self._comm.Improbe(MPI.ANY_SOURCE, _REQUEST_TAG, status)
+        if msg is not None:
+            self._stay_hot()
+            return msg
+        self.sleeps += 1
+        self.asleep.set()
+        while not self._stopping:
+            self._doorbells.wait()
+            if self._doorbells.drain():
+                break
+        self.asleep.clear()
+        # Back in MPI at once; the idle timer is told after the first reply (_serve), so waking it
+        # (another thread wanting the GIL) does not delay the request that rang.
+        self._last_served = time.monotonic()
+        self._hot = True
+        self._tell_timer = True
+        return None
+
+    def _stay_hot(self) -> None:
+        """Start a new hot window (and let the idle timer know the thread is back in MPI)."""
+        with self._hot_changed:
+            self._last_served = time.monotonic()
+            self._hot = True
+            self._hot_changed.notify()
+
+    def _idle_timer(self) -> None:
+        """Sends the service thread :data:`_OP_SLEEP` once no request has come for :data:`HOT_S`. Blocks in the
+        kernel throughout: on a timed wait while the service is hot, on a condition while it sleeps."""
+        sleep_request = HEADER.pack(_OP_SLEEP, 0, 0, 0, 0, 0)
+        try:
+            while True:
+                with self._hot_changed:
+                    self._hot_changed.wait_for(lambda: self._hot or self._stopping)
+                    if self._stopping:
+                        return
+                    left = self._last_served + self.hot_s - time.monotonic()
+                    if left > 0:
+                        self._hot_changed.wait(left)  # woken early only by close()
+                        continue
+                    self._hot = False  # the service thread sets it back if it stays in MPI
+                self._comm.Send([sleep_request, MPI.BYTE], self.rank, _REQUEST_TAG)
+        except Exception:  # an MPI failure: the service thread stays hot (as it always did before)
+            log.exception("rank %d: idle timer stopped", self.rank)
 
     # ------------------------------------------------------------------- calling
     def call(self, rank: int, op: int, payload: bytes) -> bytes:
@@ -314,7 +431,7 @@ class Service:
                   ) -> tuple[list[bytes | None], dict[int, RemoteError], list[int], float]:
         """Send the requests and collect replies for up to ``timeout`` seconds: the replies (None where
         none came), the errors by index, the indices of the requests left unanswered, and the time waited."""
-        started = time.perf_counter()
+        started = time.perf_counter()  # _wait's clock
         tag = _FIRST_REPLY_TAG + next(self._tags) % self._tag_span
         replies: list[bytes | None] = [None] * len(requests)
         errors: dict[int, RemoteError] = {}
@@ -331,6 +448,12 @@ class Service:
             sends.append(self._comm.Isend([out, MPI.BYTE], rank, _REQUEST_TAG))
             buffers.append(out)
             waiting[request_id] = i
+        if waiting:
+            # Ring after sending, so an owner that wakes finds the request (or finds it soon: it stays hot).
+            fresh = started - self.hot_s / 2
+            for rank in {requests[i][0] for i in waiting.values()}:
+                if self._answered.get(rank, -1.0) < fresh:
+                    self._doorbells.ring(rank)
         for i in local:
             op, payload = requests[i][1], requests[i][2]
             code, reply, exc = self._dispatch(self.rank, op, memoryview(payload))
@@ -339,18 +462,26 @@ class Service:
                 errors[i].__cause__ = exc  # here the traceback is at hand: keep it
 
         status = MPI.Status()
+        ring_at = [started + RING_AGAIN_S]
 
         def progress() -> bool:
             while waiting:
                 msg = self._comm.Improbe(MPI.ANY_SOURCE, tag, status)
                 if msg is None:
+                    now = time.perf_counter()
+                    if now >= ring_at[0]:
+                        for rank in {requests[i][0] for i in waiting.values()}:
+                            self._doorbells.ring(rank)
+                        ring_at[0] = now + 2 * (now - started)
                     return False
                 buf = bytearray(status.Get_count(MPI.BYTE))
                 msg.Recv([buf, MPI.BYTE])
                 op, _flags, length, request_id, code, _tag = HEADER.unpack_from(buf)
                 i = waiting.pop(request_id)
                 assert requests[i][1] == op and length == len(buf) - HEADER.size, (op, length, len(buf))
-                self._settle(i, op, status.Get_source(), code, memoryview(buf)[HEADER.size:], replies, errors)
+                source = status.Get_source()
+                self._answered[source] = time.perf_counter()
+                self._settle(i, op, source, code, memoryview(buf)[HEADER.size:], replies, errors)
             # Every reply is in, so every request was received; the sends finish at once.
             return MPI.Request.Testall(sends)
 
@@ -439,13 +570,19 @@ class Service:
                 self._arrivals += 1
                 self._close_barrier = (self._comm.Ibarrier(), self._arrivals)
             self._await("close()", *self._close_barrier)
+            with self._hot_changed:
+                self._stopping = True
+                self._hot_changed.notify()
+            self._timer.join(self.timeout)  # it may be sending a sleep request: one message, never blocks long
             self._comm.Send([HEADER.pack(_OP_STOP, 0, 0, 0, 0, 0), MPI.BYTE], self.rank, _REQUEST_TAG)
+            self._doorbells.wake_self()
             self._thread.join(self.timeout)
             if self._thread.is_alive():
                 raise PeerTimeout(f"rank {self.rank}: the service thread did not stop within {self.timeout:g} s "
                                   "(a handler is still running); its communicator stays allocated")
             self._closed = True
             self._drain_abandoned()
+            self._doorbells.close()
             self._comm.Free()
             _restore_switch_interval()
 
