@@ -210,7 +210,6 @@ class Placement:
             d.write(b.id, s.view(b.id))
         elif d.traits.addressable:
             s.read_into(b.id, d.view(b.id))
-            d.filled(b.id)
         else:
             buf = np.empty(b.nbytes, dtype=np.uint8)
             s.read_into(b.id, memoryview(buf))
@@ -256,42 +255,60 @@ class Placement:
 
     def _add_copy(self, b: Block, t: int, use: bool = False) -> None:
         """Record a copy in tier ``t``; ``use``: a put wrote it (a demotion or promotion only moves a copy)."""
-        b.where |= 1 << t
-        if b.protected:
-            self._protected_bytes[t] += b.nbytes
+        self._copy_counted(b, t, +1)
         self._policy.added(t, b.id, b.nbytes, b.reads, use=use)
         for c in self._counts(b):
             c.tiers[t].bytes_written += b.nbytes
 
     def _drop_copy(self, b: Block, t: int) -> None:
         self._tiers[t].free(b.id)
-        b.where &= ~(1 << t)
-        if b.protected:
-            self._protected_bytes[t] -= b.nbytes
+        self._copy_counted(b, t, -1)
         self._policy.removed(t, b.id)
 
-    def _count_protected(self, b: Block, sign: int) -> None:
-        """``b`` became protected (+1) or unprotected (-1): move its copies' bytes in or out of the count."""
+    def _copy_counted(self, b: Block, t: int, sign: int) -> None:
+        """Set (+1) or clear (-1) ``b``'s copy bit for tier ``t``, and the counts that follow from it: the
+        tier's blocks, protected bytes, protected blocks in memory. The one place ``where`` changes."""
+        was = b.where
+        bit = 1 << t
+        if bool(was & bit) == (sign > 0):
+            return  # recorded already (or never): counting it twice would drift from the walk
+        b.where = was | bit if sign > 0 else was & ~bit
+        if b.protected:
+            self._protected_bytes[t] += sign * b.nbytes
+        memory = self._memory_mask
+        in_memory = (bool(b.where & memory) - bool(was & memory)) if b.protected else 0
+        for c in self._counts(b):
+            c.contents.tier_blocks[t] += sign
+            c.contents.protected_in_memory += in_memory
+
+    def _protection_changed(self, b: Block, sign: int) -> None:
+        """``b`` became protected (+1) or unprotected (-1): its copies' protected bytes, its namespace's
+        protected bytes (its quota's use) and the protected-block counts follow."""
+        delta = sign * b.nbytes
         for t in range(len(self._tiers)):
             if b.where >> t & 1:
-                self._protected_bytes[t] += sign * b.nbytes
-
-    def _space_protected(self, b: Block, sign: int) -> None:
-        """``b`` became protected (+1) or unprotected (-1): its namespace's protected bytes (its quota's use)."""
-        (b.space if b.space is not None else self._default).protected_bytes += sign * b.nbytes
+                self._protected_bytes[t] += delta
+        (b.space if b.space is not None else self._default).protected_bytes += delta
+        in_memory = sign if b.where & self._memory_mask else 0
+        for c in self._counts(b):
+            c.contents.protected_blocks += sign
+            c.contents.protected_in_memory += in_memory
 
     def _drop_block(self, b: Block) -> None:
         """The last tier is full: the block and every key referring to it go (counted, never silent)."""
         log.debug("dropping block %s (%d B, %d keys)", block_name(b.id)[:16], b.nbytes, len(b.keys))
+        gone = sum(self._keys.pop(k, None) is not None for k in b.keys)
         for c in self._counts(b):
             c.drops += 1
             c.dropped_bytes += b.nbytes
-        for k in list(b.keys):
-            self._keys.pop(k, None)
+            c.contents.keys -= gone
+            c.contents.logical_bytes -= gone * b.nbytes
+            if b.keys:
+                c.contents.blocks -= 1
+                c.contents.unique_bytes -= b.nbytes
         b.keys.clear()
         if b.protected:
-            self._count_protected(b, -1)
-            self._space_protected(b, -1)
+            self._protection_changed(b, -1)
         b.protected = 0
         self._policy.set_protected(b.id, False)
         self._maybe_release(b)
@@ -442,9 +459,7 @@ class Placement:
                         block_name(b.id)[:16], tier.traits.name, dst)
         else:
             tier.free(b.id)
-        b.where &= ~(1 << t)
-        if b.protected:
-            self._protected_bytes[t] -= b.nbytes
+        self._copy_counted(b, t, -1)
         self._policy.removed(t, b.id)
         if not b.where:
             b.lost = True

@@ -37,10 +37,31 @@ class StoreCounters:
 
 
 @dataclass(slots=True)
+class Contents:
+    """What a namespace (or the whole store) holds now, kept as it changes under the store's lock, so that
+    ``stats()`` reads it in O(1) instead of walking every key and block (8.4 ms at 50k blocks, which a
+    metrics scrape would pay at every call). The store's ``_walk_stats`` recounts it from scratch: tests
+    hold the two equal after random sequences of every operation that changes them."""
+
+    keys: int = 0
+    logical_bytes: int = 0  # sum of the sizes of the keys' blocks, as if nothing were shared
+    blocks: int = 0  # blocks that at least one key refers to
+    unique_bytes: int = 0  # sum of the sizes of those blocks
+    protected_blocks: int = 0  # blocks with at least one prefix key
+    protected_in_memory: int = 0  # of those, the ones with a copy in a memory tier
+    tier_blocks: list[int] = field(default_factory=list)  # per tier: blocks with a copy there (keyless ones too)
+
+
+@dataclass(slots=True)
 class Counters(StoreCounters):
-    """The single-node store's counters: one :class:`TierCounters` per tier, fastest first."""
+    """The single-node store's counters: one :class:`TierCounters` per tier, fastest first, and what it holds."""
 
     tiers: list[TierCounters] = field(default_factory=list)
+    contents: Contents = field(default_factory=Contents)
+
+    @classmethod
+    def for_tiers(cls, n: int) -> Counters:
+        return cls(tiers=[TierCounters() for _ in range(n)], contents=Contents(tier_blocks=[0] * n))
 
 
 @dataclass(frozen=True, slots=True)

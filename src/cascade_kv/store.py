@@ -40,7 +40,7 @@ from .namespace import Namespace, Space, check_name, check_quota, user_key
 from .persistence import Persistence, RecoveryReport
 from .placement import WAIT_SLICE, Placement
 from .policy import Policy
-from .stats import Counters, StoreStats, TierCounters, TierStats
+from .stats import Contents, Counters, StoreStats, TierStats
 from .tiers import DiskTier, HostTier, Tier
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ class Store(Persistence, Placement):
             self._policy = Policy([t.capacity if t.traits.memory else None for t in tiers], semantic=cfg.semantic_eviction,
                                   order=cfg.eviction_order, promotion_threshold=cfg.promotion_threshold,
                                   promote=cfg.locality_aware)
-            self._c = Counters(tiers=[TierCounters() for _ in tiers])  # totals: every namespace's
-            self._default = Space(None, Counters(tiers=[TierCounters() for _ in tiers]))  # the store's own API
+            self._c = Counters.for_tiers(len(tiers))  # totals: every namespace's
+            self._default = Space(None, Counters.for_tiers(len(tiers)))  # the store's own API
             self._spaces: dict[str, Space] = {}  # named namespaces, made by namespace() or found at reopen
             self._demoting = [0] * len(tiers)  # demotions in flight out of each tier (they will free room)
             self._protected_bytes = [0] * len(tiers)
@@ -406,7 +406,7 @@ class Store(Persistence, Placement):
         """The named namespace's state, made on first use (lock held)."""
         space = self._spaces.get(name)
         if space is None:
-            space = self._spaces[name] = Space(name, Counters(tiers=[TierCounters() for _ in self._tiers]))
+            space = self._spaces[name] = Space(name, Counters.for_tiers(len(self._tiers)))
         return space
 
     def _space_of(self, key: StoreKey) -> Space:
@@ -442,30 +442,46 @@ class Store(Persistence, Placement):
         return self._stats(None if all_namespaces else self._default)
 
     def _stats(self, space: Space | None) -> StoreStats:
-        """``space``'s stats; ``None``: every namespace's."""
+        """``space``'s stats; ``None``: every namespace's. O(tiers): the contents are counted as they change."""
         with self._lock:
             self._check_open()
             self._settle()
             c = self._c if space is None else space.counters
-            default = self._default
-            blocks = [b for b in self._blocks.values()
-                      if space is None or (b.space if b.space is not None else default) is space]
-            entries = [e for k, e in self._keys.items() if space is None or space.owns(k)]
-            tiers = tuple(
-                TierStats(t.traits.name, tc.hits, tc.misses, tc.bytes_read, tc.bytes_written, tc.evictions,
-                          sum(1 for b in blocks if b.where >> i & 1), t.used, t.capacity)
-                for i, (t, tc) in enumerate(zip(self._tiers, c.tiers)))
-            protected = [b for b in blocks if b.protected]
-            return StoreStats(
-                tiers=tiers, keys=len(entries), blocks=sum(1 for b in blocks if b.keys),
-                logical_bytes=sum(self._blocks[e.block_id].nbytes for e in entries),
-                unique_bytes=sum(b.nbytes for b in blocks if b.keys),
-                protected_blocks=len(protected),
-                protected_in_memory=sum(1 for b in protected if b.where & self._memory_mask),
-                puts=c.puts, gets=c.gets, misses=c.misses, deletes=c.deletes, dedup_hits=c.dedup_hits,
-                dedup_bytes_saved=c.dedup_bytes_saved, demotions=c.demotions, promotions=c.promotions,
-                drops=c.drops, dropped_bytes=c.dropped_bytes, integrity_errors=c.integrity_errors,
-                quarantined=c.quarantined, open_seconds=self.open_seconds)
+            return self._snapshot(c, c.contents)
+
+    def _snapshot(self, c: Counters, h: Contents) -> StoreStats:
+        """The stats of counters ``c`` and contents ``h`` (lock held)."""
+        tiers = tuple(TierStats(t.traits.name, tc.hits, tc.misses, tc.bytes_read, tc.bytes_written, tc.evictions,
+                                n, t.used, t.capacity) for t, tc, n in zip(self._tiers, c.tiers, h.tier_blocks))
+        return StoreStats(
+            tiers=tiers, keys=h.keys, blocks=h.blocks, logical_bytes=h.logical_bytes, unique_bytes=h.unique_bytes,
+            protected_blocks=h.protected_blocks, protected_in_memory=h.protected_in_memory,
+            puts=c.puts, gets=c.gets, misses=c.misses, deletes=c.deletes, dedup_hits=c.dedup_hits,
+            dedup_bytes_saved=c.dedup_bytes_saved, demotions=c.demotions, promotions=c.promotions,
+            drops=c.drops, dropped_bytes=c.dropped_bytes, integrity_errors=c.integrity_errors,
+            quarantined=c.quarantined, open_seconds=self.open_seconds)
+
+    def _walk_stats(self, space: Space | None) -> StoreStats:
+        """:meth:`_stats` recounted from every key and block: the checker the kept counts are tested against."""
+        with self._lock:
+            self._check_open()
+            self._settle()
+            c = self._c if space is None else space.counters
+            return self._snapshot(c, self._walk_contents(space))
+
+    def _walk_contents(self, space: Space | None) -> Contents:
+        """What ``space`` (``None``: every namespace) holds, counted by walking the tables (lock held)."""
+        default = self._default
+        blocks = [b for b in self._blocks.values()
+                  if space is None or (b.space if b.space is not None else default) is space]
+        entries = [e for k, e in self._keys.items() if space is None or space.owns(k)]
+        protected = [b for b in blocks if b.protected]
+        return Contents(
+            keys=len(entries), logical_bytes=sum(self._blocks[e.block_id].nbytes for e in entries),
+            blocks=sum(1 for b in blocks if b.keys), unique_bytes=sum(b.nbytes for b in blocks if b.keys),
+            protected_blocks=len(protected),
+            protected_in_memory=sum(1 for b in protected if b.where & self._memory_mask),
+            tier_blocks=[sum(1 for b in blocks if b.where >> i & 1) for i in range(len(self._tiers))])
 
     @property
     def tiers(self) -> tuple[Tier, ...]:
@@ -762,16 +778,35 @@ class Store(Persistence, Placement):
         return out
 
     def _attach(self, key: StoreKey, e: Entry, b: Block) -> None:
+        """``key`` (just set to ``e`` in the key table) now refers to ``b``."""
+        first = not b.keys
         b.keys.add(key)
+        for c in self._counts(b):  # a key's namespace is its block's: block ids carry the namespace's tag
+            cc = c.contents
+            cc.keys += 1
+            cc.logical_bytes += b.nbytes
+            if first:
+                cc.blocks += 1
+                cc.unique_bytes += b.nbytes
         if e.prefix:
             self._protect_block(b, +1)
 
     def _detach(self, key: StoreKey, e: Entry) -> None:
+        """``key`` (removed from the key table, or set to another entry) no longer refers to ``e``."""
         b = self._blocks[e.block_id]
         if e.prefix:
             self._protect_block(b, -1)
+        last = False
         if self._keys.get(key) is None or self._keys[key].block_id != b.id:
+            last = key in b.keys and len(b.keys) == 1
             b.keys.discard(key)
+        for c in self._counts(b):
+            cc = c.contents
+            cc.keys -= 1
+            cc.logical_bytes -= b.nbytes
+            if last:
+                cc.blocks -= 1
+                cc.unique_bytes -= b.nbytes
         self._maybe_release(b)
 
     def _set_prefix(self, key: Key, prefix: bool, space: Space | None = None) -> None:
@@ -818,8 +853,7 @@ class Store(Persistence, Placement):
     def _protect_block(self, b: Block, delta: int) -> None:
         b.protected += delta
         if b.protected == (1 if delta > 0 else 0):
-            self._count_protected(b, 1 if delta > 0 else -1)
-            self._space_protected(b, 1 if delta > 0 else -1)
+            self._protection_changed(b, 1 if delta > 0 else -1)
             self._policy.set_protected(b.id, delta > 0, b.reads)
 
     # ------------------------------------------------------------------ read internals

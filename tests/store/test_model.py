@@ -342,6 +342,11 @@ class StoreModel(RuleBasedStateMachine):
             assert s.dedup_hits == 0
         assert s.puts == self.puts
 
+    @invariant()
+    def kept_counts_equal_the_walk(self):
+        assert self.store._stats(None) == self.store._walk_stats(None)
+        assert self.store.stats() == self.store._walk_stats(self.store._default)
+
 
 class DedupOffModel(StoreModel):
     dedup = False
