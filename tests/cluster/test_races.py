@@ -23,9 +23,7 @@ Run by pytest on 2 ranks, or by hand: ``cascade launch -n 2 python -m mpi4py tes
 """
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -175,25 +173,11 @@ def _pinned_arena(comm, scratch: Path) -> None:
 SCENARIOS = {"disk-read-vs-delete": _scenario, "protected-put-vs-pinned-arena": _pinned_arena}
 
 
-def _main(name: str) -> None:
-    from mpi4py import MPI
-
-    comm = MPI.COMM_WORLD
-    rank = comm.Get_rank()
-    scratch = Path(comm.bcast(tempfile.mkdtemp(prefix="cascade-races-") if rank == 0 else None))
-    try:
-        SCENARIOS[name](comm, scratch)
-        comm.Barrier()
-    finally:
-        if rank == 0:
-            shutil.rmtree(scratch, ignore_errors=True)
-    print(f"rank {rank}: ok", flush=True)
-
-
 if __name__ == "__main__":
+    from mpi_program import run_phases  # this file's folder is on sys.path when it runs as a program
+
     names = sys.argv[1:] or list(SCENARIOS)
     for name in names:
         if name not in SCENARIOS:
             sys.exit(f"unknown scenario {name!r} (known: {', '.join(SCENARIOS)})")
-    for name in names:
-        _main(name)
+    run_phases([(name, SCENARIOS[name]) for name in names], prefix="cascade-races-")
