@@ -6,10 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from cascade_kv.bench.cluster import ClusterSizes
-from cascade_kv.cluster.launch import LaunchError, mpiexec_path
+from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
 
 EXPERIMENTS = ("remote_get", "directory_lookup", "dedup_put", "hot_prefix")
 
@@ -24,10 +22,7 @@ def test_quick_sizes_fit_the_quick_host_tier() -> None:
 
 
 def test_bench_two_ranks_quick(tmp_path: Path) -> None:
-    try:
-        mpiexec_path()
-    except LaunchError as e:
-        pytest.skip(f"cannot start MPI ranks: {e}")
+    require_mpiexec()
     out = tmp_path / "cluster.json"
     p = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "--ranks", "2", "--quick", "--json", str(out),
                         "--dir", str(tmp_path)], check=False, capture_output=True, text=True, timeout=120)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cascade_kv.bench.suite.core import Measure, Result, SystemResult, Target
-from cascade_kv.cluster.launch import LaunchError, mpiexec_path
+from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench"]
 SYSTEMS = "cascade-kv,posix,hdf5,redis"
@@ -26,10 +26,7 @@ def _run(args: list[str], tmp_path: Path, timeout: float = 180) -> dict:
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_hot_prefix_reads_every_block_from_disk_once_whatever_the_ranks(tmp_path: Path, ranks: int) -> None:
     if ranks > 1:
-        try:
-            mpiexec_path()
-        except LaunchError as e:
-            pytest.skip(str(e))
+        require_mpiexec()
     got = _run(["hot-prefix", "--systems", SYSTEMS, "--ranks", str(ranks), "--plot", str(tmp_path / "png")],
                tmp_path)
     assert got["ranks"] == ranks and got["reads_wrong"] == 0 and got["reads_checked"] > 0

