@@ -29,9 +29,12 @@ def test_version() -> None:
 
 
 def test_console_script_is_installed() -> None:
-    exe = shutil.which("cascade")
-    if exe is None:
-        pytest.skip("the cascade console script is not on PATH (package not installed)")
+    # beside the interpreter first: a venv's scripts are there whether or not the venv is on PATH. Not a skip
+    # when missing: the tests run on an installed package (the README's command), so its absence is a broken
+    # [project.scripts] entry.
+    own = Path(sys.executable).parent / "cascade"
+    exe = str(own) if own.is_file() else shutil.which("cascade")
+    assert exe is not None, f"no cascade console script beside {sys.executable} nor on PATH"
     p = subprocess.run([exe, "--version"], check=False, capture_output=True, text=True, timeout=30)
     assert p.returncode == 0 and __version__ in p.stdout
 

@@ -17,7 +17,7 @@ TIMEOUT = 10.0
 
 
 def test_a_bfloat16_tensor_crosses_ranks() -> None:
-    pytest.importorskip("torch")
+    pytest.importorskip("torch", reason="the test extra (torch) is not installed (pip install '.[test]')")
     from .conftest import run_scenario
 
     run_scenario(__file__, 2, "bf16", 120)

@@ -188,7 +188,7 @@ def test_cascade_stats_without_daemon(base: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- torch
 def test_torch_tensors(served: Daemon) -> None:
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the test extra (torch) is not installed (pip install '.[test]')")
     with cascade_kv.connect(served.socket) as c:
         x = torch.randn(4, 8, 16).to(torch.bfloat16)
         c.put("bf16", x)

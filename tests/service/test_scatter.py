@@ -40,7 +40,7 @@ def test_a_scatter_list_receives_consecutive_byte_ranges(client):
 
 
 def test_torch_pieces(client):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the test extra (torch) is not installed (pip install '.[test]')")
     value = torch.randn(2, 3, 8).to(torch.bfloat16)
     client.put("t", value)
     pieces = [torch.empty(3, 8, dtype=torch.bfloat16) for _ in range(2)]
