@@ -9,7 +9,8 @@ from pathlib import Path
 from cascade_kv.bench.cluster import ClusterSizes
 from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
 
-EXPERIMENTS = ("remote_get", "directory_lookup", "dedup_put", "hot_prefix")
+EXPERIMENTS = ("remote_get", "directory_lookup", "dedup_put", "hot_prefix", "idle_cpu", "wake_round_trip",
+               "small_remote_get")
 
 
 def test_quick_sizes_fit_the_quick_host_tier() -> None:
@@ -51,3 +52,14 @@ def test_bench_two_ranks_quick(tmp_path: Path) -> None:
     assert hot["ranks"] == 2 and hot["aggregate_GBps"]["median"] > 0 and hot["cold_readinto_GBps"]["median"] > 0
     assert hot["disk_reads"] == [hot["blocks"]] * len(hot["passes"])  # one disk read per block, not per rank
     assert hot["passed"]
+
+    idle = data["experiments"]["idle_cpu"]
+    assert len(idle["idle_pct"]) == 2 and idle["max_idle_pct"] == max(idle["idle_pct"]) >= 0
+    assert idle["blocking_recv_pct"][0] > 0  # a blocking receive polls: the figure beside the idle one
+    wake = data["experiments"]["wake_round_trip"]
+    for state in ("hot", "asleep", "busy", "bare_mpi"):
+        assert 0 < wake[state]["median_us"] <= wake[state]["p99_us"], state
+    assert wake["busy"]["peer_loops"] > 0  # the peer really ran Python while it was called
+    small = data["experiments"]["small_remote_get"]["sizes"]
+    assert [f["block_size"] for f in small] == [4 << 10, 64 << 10]
+    assert all(f["store_blocks_per_s"] > 0 and f["bare_blocks_per_s"] > 0 and f["batch"] == 64 for f in small)

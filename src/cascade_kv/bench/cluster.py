@@ -11,6 +11,11 @@ printed beside its ceiling measured in the same run.
 4. **hot prefix**: blocks start on the shared disk tier (demoted, page cache dropped) and every rank reads
    all of them. Load leases must make it one disk read per block however many ranks ask. Ceiling: one rank
    reading the same files cold with open + readinto.
+5. **idle ranks** (:mod:`.idle`): each rank's CPU while it holds an open store and does nothing, beside a
+   rank waiting in a blocking ``MPI_Recv``; round trips to a service that is hot, asleep, or whose rank
+   is busy in Python, beside a bare MPI ping-pong.
+6. **small remote gets** (:mod:`.small_remote`): ``get_many`` of 64 blocks of 4 KiB and 64 KiB from rank
+   1's memory against a bare ``Get`` loop over the same blocks.
 
 Every read is checked against the bytes written. Each experiment opens its own store (its disk tier in a
 folder of its own under the run's root, which every rank must see) and closes it. A rank that fails raises
@@ -45,6 +50,7 @@ from ..hashing import Hasher
 from ..tiers.slots import SLOT_HEADER
 from .ceilings import Contents, Spread, buffers, drop_page_cache, interleaved_rates, readinto_pass, touch
 from .report import run_header, write_json
+from . import idle, small_remote
 from .single import BenchError
 from .suite.core import describe_error as _describe
 
@@ -84,11 +90,17 @@ class ClusterSizes:
     dedup_blocks: int = 500
     prefix_blocks: int = 16
     prefix_passes: int = 3
+    idle_s: float = 3.0
+    """Idle CPU: the window each rank sits idle (and the same in a blocking receive)."""
+    wake_calls: int = 1000
+    """Round trips per state (at most 200 to a sleeping peer: each waits for the peer to fall asleep)."""
+    small_batches: int = 30
 
     @classmethod
     def for_run(cls, *, quick: bool, block: int | None, host_capacity: int | None) -> ClusterSizes:
         base = cls(block=1 * MiB, host_capacity=32 * MiB, reps=3, remote_set=8 * MiB, remote_bytes_per_rep=32 * MiB,
-                   lookups=500, lookup_keys=64, dedup_blocks=100, prefix_blocks=8, prefix_passes=2) if quick else cls()
+                   lookups=500, lookup_keys=64, dedup_blocks=100, prefix_blocks=8, prefix_passes=2, idle_s=1.0,
+                   wake_calls=100, small_batches=6) if quick else cls()
         return cls(**{**{name: getattr(base, name) for name in cls.__dataclass_fields__},
                       "block": block or base.block, "host_capacity": host_capacity or base.host_capacity})
 
@@ -106,7 +118,7 @@ class ClusterSizes:
     def ticks(self) -> int:
         """Progress steps: one per :meth:`ClusterBench._together` (store open and close among them), one per
         remote-get rep."""
-        return (4 + self.reps + 1) + 3 + 4 + (3 + 4 * self.prefix_passes)
+        return (4 + self.reps + 1) + 3 + 4 + (3 + 4 * self.prefix_passes) + 4 + (2 + 2 * len(small_remote.SIZES))
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__} | {
@@ -146,6 +158,8 @@ class ClusterBench:
         self.directory()
         self.dedup_put()
         self.hot_prefix()
+        self.idle()
+        self.small_remote_gets()
         mine = (sum(c.checked for c in self.checkers), sum(c.wrong for c in self.checkers), self.open_seconds)
         every = self.comm.gather(mine, root=0)
         if self.rank != 0:
@@ -351,6 +365,36 @@ class ClusterBench:
                 "target": {"kind": "max_median_us", "value": DEDUP_PUT_TARGET_US},
                 "passed": value["median_us"] < DEDUP_PUT_TARGET_US and hits == len(keys) and received < rows.shape[1]}
 
+    # ------------------------------------------------------------------ 5. idle ranks
+    def idle(self) -> None:
+        with self._store("idle") as st:
+            cpu = self._together(lambda: idle.idle_cpu(self.comm, self.s.idle_s), "idle: every rank sits idle")
+            trips = self._together(lambda: idle.round_trips(self.comm, st.directory.service, _OP_ECHO,
+                                                            self.s.wake_calls, 2 * st.directory.service.hot_s),
+                                   "idle: round trips to a hot, sleeping and busy rank")
+        if self.rank == 0:
+            self.experiments["idle_cpu"] = cpu
+            self.experiments["wake_round_trip"] = trips
+
+    # ------------------------------------------------------------------ 6. small remote gets
+    def small_remote_gets(self) -> None:
+        figures = []
+        with self._store("small", locality_aware=False) as st:
+            for nbytes in small_remote.SIZES:
+                contents = self._contents(nbytes, seed=25 + nbytes)
+                ids = contents.new_ids(64)
+                keys = [f"small-{nbytes}-{i}" for i in ids]
+                rows = [contents.fill(i, np.empty(nbytes, np.uint8)).copy() for i in ids]
+                self._together(lambda: st.put_many(keys, rows) if self.rank == _OWNER else None,
+                               f"small remote gets: rank {_OWNER} puts {format_size(nbytes)} blocks")
+                fig = self._together(
+                    lambda: small_remote.reads(st, keys, [self._memory_copy(st, k, _OWNER).offset + SLOT_HEADER
+                                                          for k in keys], rows, self.s.small_batches)
+                    if self.rank == _READER else None, f"small remote gets: {format_size(nbytes)} blocks")
+                figures.append(fig)
+        if self.rank == _READER:
+            self.experiments["small_remote_get"] = {"sizes": figures, "passed": all(f["passed"] for f in figures)}
+
     # ------------------------------------------------------------------ 4. hot prefix
     def hot_prefix(self) -> None:
         bs, p = self.s.block, self.s.prefix_count
@@ -449,6 +493,28 @@ def _gbps(s: dict) -> str:  # type: ignore[type-arg]
     return f"{s['median']:.2f} GB/s\n[dim]{s['min']:.2f} - {s['max']:.2f}[/dim]"
 
 
+def _rate(median: float, span: list[float]) -> str:
+    return f"{median / 1e3:,.0f}k blocks/s\n[dim]{span[0] / 1e3:,.0f}k - {span[1] / 1e3:,.0f}k[/dim]"
+
+
+def _idle_rows(table: Table, cpu: dict, trips: dict, n: int) -> None:  # type: ignore[type-arg]
+    table.add_row(f"CPU of an idle rank, store open\n[dim]{cpu['seconds']:g} s window; per rank "
+                  f"{cpu['idle_pct']} %[/dim]", f"{cpu['max_idle_pct']:.2f} %",
+                  f"{max(cpu['blocking_recv_pct']):.0f} %\n[dim]a rank in a blocking MPI_Recv[/dim]", "",
+                  f"< {idle.IDLE_TARGET_PCT:g} %", _VERDICT[cpu["passed"]])
+    bare = trips["bare_mpi"]
+    for state, say, target, ok in (
+            ("hot", "service hot (calls back to back)", "", None),
+            ("asleep", "service asleep in the kernel (woken by a ring)", f"< {idle.ASLEEP_TARGET_US:g} us median",
+             trips["asleep"]["median_us"] < idle.ASLEEP_TARGET_US),
+            ("busy", f"rank busy in Python, calls {trips['busy']['gap_ms']:.0f} ms apart",
+             f"< {idle.BUSY_TARGET_P99_US / 1e3:g} ms p99", trips["busy"]["p99_us"] < idle.BUSY_TARGET_P99_US)):
+        f = trips[state]
+        table.add_row(f"round trip to rank {_OWNER}: {say}\n[dim]{f['n']} calls, 24 B request, 56 B reply[/dim]",
+                      _us(f), _us(bare) + "\n[dim]bare MPI ping-pong, peer in Recv[/dim]",
+                      f"{bare['median_us'] / f['median_us']:.2f}x", target, _VERDICT[ok])
+
+
 def _us(s: dict) -> str:  # type: ignore[type-arg]
     return f"{s['median_us']:,.1f} us\n[dim]p99 {s['p99_us']:,.1f}[/dim]"
 
@@ -486,6 +552,16 @@ def render_cluster(report: ClusterReport, console: Console) -> None:
                   _gbps(h["aggregate_GBps"]), _gbps(h["cold_readinto_GBps"]) + "\n[dim]cold open + readinto, "
                   "one rank[/dim]", f"{h['ratio']:.2f}x", f"disk reads = {h['blocks']}\n[dim]whatever the ranks[/dim]",
                   _VERDICT[h["passed"]])
+    if "idle_cpu" in e:
+        _idle_rows(table, e["idle_cpu"], e["wake_round_trip"], n)
+    if "small_remote_get" in e:
+        for f in e["small_remote_get"]["sizes"]:
+            table.add_row(f"get_many of {f['batch']} blocks of {format_size(f['block_size'])} from rank {_OWNER}'s "
+                          f"memory\n[dim]{f['batches']} batches, locality_aware=False[/dim]",
+                          _rate(f["store_blocks_per_s"], f["store_range"]),
+                          _rate(f["bare_blocks_per_s"], f["bare_range"]) + "\n[dim]bare Get per block, one "
+                          "Lock_all epoch[/dim]", f"{f['ratio']:.2f}x", f">= {small_remote.TARGET_RATIO:g}x",
+                          _VERDICT[f["passed"]])
     console.print(table)
     s = report.settings
     console.print("Store open (arena allocated and touched), apart from every timed figure, slowest rank: " +

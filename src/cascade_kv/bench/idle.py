@@ -1,0 +1,156 @@
+"""What an idle rank costs, and what waking it costs: part of ``cascade bench --ranks N``.
+
+* **idle CPU**: every rank holds an open store and does nothing for ``idle_s``; each rank's process CPU
+  time over the window (all its threads, from ``time.process_time``) as % of one core. Beside it, the
+  same window spent in a blocking ``MPI_Recv``: what a rank waiting in MPI costs (Open MPI polls).
+  Target: < 5 % on every rank.
+* **round trips to rank 1's service**, rank 0 calling (a 24-byte request, a 56-byte reply, like a
+  lookup), with rank 1's service in three states: *hot* (calls back to back), *asleep* (rank 0 waits
+  until rank 1's service thread sleeps in the kernel before each call: a ring must wake it) and *busy*
+  (rank 1's main thread runs pure Python while rank 0 calls at gaps longer than the hot window, so each
+  call wakes a sleeping thread that then needs the GIL). Beside them, a bare MPI ping-pong between the
+  same ranks (rank 1 in a blocking ``Recv``). Targets: asleep < 100 us median, busy < 2 ms p99.
+
+Imports ``mpi4py.MPI``: import this module only in a rank a launcher started.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from mpi4py import MPI
+
+from ..cluster.service import Service
+
+IDLE_TARGET_PCT = 5.0
+ASLEEP_TARGET_US = 100.0
+BUSY_TARGET_P99_US = 2000.0
+_READER, _PEER = 0, 1
+_TAG = 77
+_WAIT_S = 30.0  # a safety bound on event waits: only a broken service reaches it
+_REQUEST = bytes(24)
+_REPLY = bytes(56)
+
+
+def latency_us(samples: Sequence[float]) -> dict[str, float | int]:
+    s = sorted(samples)
+    return {"median_us": statistics.median(s) * 1e6, "p99_us": s[min(len(s) - 1, int(0.99 * len(s)))] * 1e6,
+            "max_us": s[-1] * 1e6, "n": len(s)}
+
+
+def idle_cpu(comm: MPI.Comm, seconds: float) -> dict[str, object] | None:
+    """Collective, with a store (and so a service) open on every rank. Rank 0 gets the figure."""
+    comm.Barrier()
+    c0, t0 = time.process_time(), time.perf_counter()
+    time.sleep(seconds)  # the rank does nothing; its service and idle timer may do what they like
+    idle = 100 * (time.process_time() - c0) / (time.perf_counter() - t0)
+    # The bare-MPI figure: the same window in a blocking receive, released by a message sent after it
+    req = np.zeros(1, np.int8)
+    comm.Barrier()
+    if comm.Get_rank() == 0:
+        # rank 0 sleeps the window, then frees the others; its own figure is the plain sleep
+        c0, t0 = time.process_time(), time.perf_counter()
+        time.sleep(seconds)
+        waiting = 100 * (time.process_time() - c0) / (time.perf_counter() - t0)
+        for r in range(1, comm.Get_size()):
+            comm.Send(req, dest=r, tag=_TAG)
+    else:
+        c0, t0 = time.process_time(), time.perf_counter()
+        comm.Recv(req, source=0, tag=_TAG)
+        waiting = 100 * (time.process_time() - c0) / (time.perf_counter() - t0)
+    every = comm.gather((idle, waiting), root=0)
+    if comm.Get_rank() != 0:
+        return None
+    per_rank = [round(i, 2) for i, _ in every]
+    in_recv = [round(w, 1) for _, w in every[1:]]
+    return {"seconds": seconds, "idle_pct": per_rank, "max_idle_pct": max(per_rank),
+            "blocking_recv_pct": in_recv, "target": {"kind": "max_pct", "value": IDLE_TARGET_PCT},
+            "passed": max(per_rank) < IDLE_TARGET_PCT}
+
+
+def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float) -> dict[str, object] | None:
+    """Collective: rank 0 calls rank 1's ``op`` (an echo registered on ``service``) in the three states,
+    and times a bare MPI ping-pong. Ranks above 1 wait idle. Rank 0 gets the figures."""
+    rank = comm.Get_rank()
+    out: dict[str, object] = {}
+    call: Callable[[], object] = lambda: service.call(_PEER, op, _REQUEST)  # noqa: E731
+    # hot: back to back
+    comm.Barrier()
+    if rank == _READER:
+        for _ in range(max(10, n // 10)):
+            call()
+        out["hot"] = latency_us([_timed(call) for _ in range(n)])
+    # asleep: before each call, rank 1 says its service thread is asleep
+    comm.Barrier()
+    asleep = min(n, 200)
+    token = np.zeros(1, np.int8)
+    samples = []
+    for _ in range(asleep):
+        if rank == _PEER:
+            if not service.asleep.wait(_WAIT_S):
+                raise RuntimeError("the service thread never went to sleep")
+            comm.Send(token, dest=_READER, tag=_TAG)
+            comm.Recv(token, source=_READER, tag=_TAG)  # the call is over: the next sleep is a new one
+        elif rank == _READER:
+            comm.Recv(token, source=_PEER, tag=_TAG)
+            samples.append(_timed(call))
+            comm.Send(token, dest=_PEER, tag=_TAG)
+    if rank == _READER:
+        out["asleep"] = latency_us(samples) | {"sleeps_of_peer": asleep}
+    # busy: rank 1's main thread in pure Python; rank 0 calls at gaps longer than the hot window
+    comm.Barrier()
+    if rank == _PEER:
+        loops = _busy(comm)
+        comm.send(loops, dest=_READER, tag=_TAG)
+    elif rank == _READER:
+        samples = []
+        for _ in range(asleep):
+            time.sleep(gap_s)
+            samples.append(_timed(call))
+        comm.Send(token, dest=_PEER, tag=_TAG + 1)
+        out["busy"] = latency_us(samples) | {"gap_ms": gap_s * 1e3, "peer_loops": comm.recv(source=_PEER, tag=_TAG)}
+    # bare MPI ping-pong, rank 1 in a blocking Recv
+    comm.Barrier()
+    buf = bytearray(56)
+    if rank == _PEER:
+        for _ in range(n + max(10, n // 10)):
+            comm.Recv([buf, 24, MPI.BYTE], source=_READER, tag=_TAG)
+            comm.Send([_REPLY, MPI.BYTE], dest=_READER, tag=_TAG)
+    elif rank == _READER:
+        def ping() -> None:
+            comm.Send([_REQUEST, MPI.BYTE], dest=_PEER, tag=_TAG)
+            comm.Recv([buf, MPI.BYTE], source=_PEER, tag=_TAG)
+        for _ in range(max(10, n // 10)):
+            ping()
+        out["bare_mpi"] = latency_us([_timed(ping) for _ in range(n)])
+    comm.Barrier()
+    if rank != _READER:
+        return None
+    asleep_fig, busy_fig = out["asleep"], out["busy"]
+    return out | {"targets": {"asleep_median_us": ASLEEP_TARGET_US, "busy_p99_us": BUSY_TARGET_P99_US},
+                  "passed": (asleep_fig["median_us"] < ASLEEP_TARGET_US  # type: ignore[index]
+                             and busy_fig["p99_us"] < BUSY_TARGET_P99_US)}  # type: ignore[index]
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _busy(comm: MPI.Comm) -> int:
+    """Pure Python until rank 0's message arrives (probed between loops, without blocking); loops run."""
+    loops = 0
+    token = np.zeros(1, np.int8)
+    while not comm.Iprobe(source=_READER, tag=_TAG + 1):
+        x = 0
+        for i in range(2000):
+            x += i
+        loops += 1
+    comm.Recv(token, source=_READER, tag=_TAG + 1)
+    return loops
+
+
+__all__ = ["ASLEEP_TARGET_US", "BUSY_TARGET_P99_US", "IDLE_TARGET_PCT", "idle_cpu", "latency_us", "round_trips"]
