@@ -1,9 +1,10 @@
-"""The placement policy on its own: victim order per tier, protection, the reuse credit, promotion."""
+"""The placement policy on its own: victim order per tier, protection, the reuse credit, promotion; and the
+same ranking for a distributed store's arena (ArenaPolicy: replicas, unprotected, protected)."""
 from __future__ import annotations
 
 import pytest
 
-from cascade_kv.policy import Policy, ReuseCredit
+from cascade_kv.policy import ArenaPolicy, Policy, ReuseCredit
 
 CAP = 4 * 100  # a tier of four 100-byte blocks
 
@@ -111,3 +112,52 @@ def test_promotion_threshold_and_switch() -> None:
 def test_unknown_order_is_refused() -> None:
     with pytest.raises(ValueError, match="eviction order"):
         Policy([CAP], order="mru")  # type: ignore[arg-type]
+
+
+# -- ArenaPolicy: one rank's arena in the distributed store ---------------------------------------------------
+R, U, P = ArenaPolicy.REPLICA, ArenaPolicy.UNPROTECTED, ArenaPolicy.PROTECTED
+
+
+def test_arena_classes_replicas_then_unprotected_then_protected_on_request() -> None:
+    p = ArenaPolicy(CAP)
+    a, b, c = ids(3)
+    assert (p.class_of(replica=True, protected=True), p.class_of(replica=False, protected=True),
+            p.class_of(replica=False, protected=False)) == (R, P, U)
+    p.added(P, a, 100)
+    p.added(U, b, 100)
+    p.added(R, c, 100)
+    assert list(p.victims(protected=False)) == [c, b]
+    assert list(p.victims(protected=True)) == [c, b, a]
+    assert sorted(p.listed()) == sorted([(R, c), (U, b), (P, a)])
+
+
+def test_arena_lru_a_read_or_a_kept_victim_goes_last_in_its_class() -> None:
+    p = ArenaPolicy(CAP)
+    a, b, c = ids(3)
+    for x in (a, b, c):
+        p.added(U, x, 100)
+    p.accessed(U, a, 100, reads=1)
+    assert list(p.victims(protected=False)) == [b, c, a]
+    p.kept(U, b, reads=0)  # a victim that could not go is tried last next time
+    assert list(p.victims(protected=False)) == [c, a, b]
+    p.removed(U, c)
+    assert list(p.victims(protected=False)) == [a, b]
+
+
+def test_arena_reuse_order_credits_a_read_copy_as_the_single_store_does() -> None:
+    """The same events give the same victims in both policies: eviction_order means one thing."""
+    single, arena = Policy([CAP], order="reuse"), ArenaPolicy(CAP, order="reuse")
+    a, *rest = ids(6)
+    single.added(0, a, 100)
+    arena.added(U, a, 100)
+    single.accessed(0, a, 100, reads=1)
+    arena.accessed(U, a, 100, reads=1)
+    for x in rest:
+        single.added(0, x, 100)
+        arena.added(U, x, 100)
+    assert list(arena.victims(protected=False)) == list(single.victims(0)) == [*rest, a]
+
+
+def test_arena_unknown_order_is_refused() -> None:
+    with pytest.raises(ValueError, match="eviction order"):
+        ArenaPolicy(CAP, order="mru")  # type: ignore[arg-type]

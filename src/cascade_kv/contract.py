@@ -40,8 +40,9 @@ so that the conformance suite skips honestly instead of bending a test:
   this handle (this rank, this client), whatever the scope.
 * ``ignored_config``: the :class:`~cascade_kv.config.CascadeConfig` fields the implementation accepts but
   does not act on (every field is accepted: one config file serves every deployment).
-  :class:`~cascade_kv.DistributedStore` ignores ``eviction_order``: its arenas evict replicas, then
-  unprotected copies, by recency, and a reuse credit across ranks would need every rank's read counts.
+  Both stores act on every field: the :class:`~cascade_kv.DistributedStore`'s arenas offer replicas first,
+  then unprotected copies, each ranked by ``eviction_order`` (:mod:`cascade_kv.policy`); its reuse credit
+  counts a rank's own reads of its copies (peers read one-sidedly, unseen by the owner).
 
 One more difference, in what capacity pressure leaves behind: a key whose block lost its last copy (no disk
 tier, memory full) is removed by :class:`~cascade_kv.Store`, while :class:`~cascade_kv.DistributedStore`

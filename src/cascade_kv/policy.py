@@ -11,6 +11,10 @@ Unprotected copies are ranked by recency (``order="lru"``, the default: the seed
 be reused again than a block just computed (on the Mooncake FAST'25 trace 84 % against 45 %, see
 ``python -m cascade_kv.bench.tracesim``), but plain LRU ranks a block computed a moment ago above a
 system prompt read a thousand times an hour ago.
+
+Both stores ask this module: :class:`Policy` orders each tier of the single-node store, :class:`ArenaPolicy`
+one rank's arena in the distributed store (replicas, then unprotected copies, then protected ones). Both rank
+unprotected copies the same way, so ``eviction_order`` means the same in either.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from .config import EvictionOrder
 from .errors import ConfigError
@@ -48,7 +53,12 @@ class ReuseCredit:
         return (self.never_read, self.read_once, self.read_twice_or_more)
 
 
-LRU_CREDIT = ReuseCredit(0.0, 0.0, 0.0)
+def _credits(order: EvictionOrder, credit: ReuseCredit) -> tuple[float, ...]:
+    """The credit of each read class for ``order``, in tier capacities: plain LRU is one recency list (no
+    merge, and ties keep the order of use); ``reuse`` has one list per read class."""
+    if order not in ("reuse", "lru"):
+        raise ConfigError(f"eviction order must be 'reuse' or 'lru', got {order!r}")
+    return (0.0,) if order == "lru" else credit.by_reads()
 
 
 class _Ranked:
@@ -87,14 +97,12 @@ class Policy:
 
     def __init__(self, capacities: Sequence[int | None], *, semantic: bool = True, order: EvictionOrder = "lru",
                  credit: ReuseCredit = ReuseCredit(), promotion_threshold: int = 3, promote: bool = True) -> None:
-        if order not in ("reuse", "lru"):
-            raise ConfigError(f"eviction order must be 'reuse' or 'lru', got {order!r}")
+        credits = _credits(order, credit)
+        self._ranked = [_Ranked([c * (cap or 0) for c in credits]) for cap in capacities]
         self.semantic = semantic
         self.order = order
         self.promotion_threshold = promotion_threshold
         self.promote = promote
-        credits = (credit if order == "reuse" else LRU_CREDIT).by_reads()
-        self._ranked = [_Ranked([c * (cap or 0) for c in credits]) for cap in capacities]
         self._protected_lru: list[OrderedDict[BlockId, None]] = [OrderedDict() for _ in capacities]
         self._protected: set[BlockId] = set()
         self._clock = 0.0
@@ -151,3 +159,70 @@ class Policy:
     def should_promote(self, lower_reads: int) -> bool:
         """Whether a block read ``lower_reads`` times from below the top tier earns a promotion."""
         return self.promote and lower_reads >= self.promotion_threshold
+
+
+class ArenaPolicy:
+    """Eviction order of one rank's arena in the distributed store (:class:`~cascade_kv.cluster.arena.Arena`).
+
+    Three classes, offered in this order: replicas (another memory copy exists by construction, so they are
+    the cheapest to lose), unprotected copies, protected copies (which may only move to another rank's
+    memory). Replicas and unprotected copies are ranked as :class:`Policy` ranks a tier's unprotected copies
+    (``order``); protected ones by recency alone. The arena says which copies are listed, under which class,
+    and skips victims it cannot take now (pinned, moving); the policy only orders. Reads by peers are
+    one-sided and never reach the owner: only this rank's own reads count as uses.
+    """
+
+    REPLICA, UNPROTECTED, PROTECTED = 0, 1, 2
+    EVICTABLE = (REPLICA, UNPROTECTED)
+    """The classes whose bytes pressure can move anywhere (protected copies only go to a peer's memory)."""
+
+    def __init__(self, capacity: int, *, order: EvictionOrder = "lru", credit: ReuseCredit = ReuseCredit()) -> None:
+        steps = [c * capacity for c in _credits(order, credit)]
+        self.order = order
+        self._ranked = (_Ranked(steps), _Ranked(steps))  # replicas, unprotected copies
+        self._protected: OrderedDict[BlockId, None] = OrderedDict()
+        self._clock = 0.0
+
+    def class_of(self, *, replica: bool, protected: bool) -> int:
+        return self.REPLICA if replica else self.PROTECTED if protected else self.UNPROTECTED
+
+    def _place(self, cls: int, block_id: BlockId, reads: int) -> None:
+        if cls == self.PROTECTED:
+            self._protected[block_id] = None
+        else:
+            self._ranked[cls].put(block_id, reads, self._clock)
+
+    def added(self, cls: int, block_id: BlockId, nbytes: int, reads: int = 0, *, use: bool = True) -> None:
+        """A copy (read ``reads`` times here) is a candidate victim of class ``cls`` now; ``use``: its bytes
+        were just written (a reclassed copy is no use of its own and does not move the clock)."""
+        self._clock += nbytes if use else 0
+        self._place(cls, block_id, reads)
+
+    def accessed(self, cls: int, block_id: BlockId, nbytes: int, reads: int) -> None:
+        """This rank read the copy; it has now been read ``reads`` times here."""
+        self._clock += nbytes
+        self.kept(cls, block_id, reads)
+
+    def kept(self, cls: int, block_id: BlockId, reads: int) -> None:
+        """A victim that could not go stays, ranked as if used now, so the next pick tries another one."""
+        self.removed(cls, block_id)
+        self._place(cls, block_id, reads)
+
+    def removed(self, cls: int, block_id: BlockId) -> None:
+        if cls == self.PROTECTED:
+            self._protected.pop(block_id, None)
+        else:
+            self._ranked[cls].pop(block_id)
+
+    def victims(self, *, protected: bool) -> Iterator[BlockId]:
+        """Replicas, then unprotected copies, lowest rank first; then, with ``protected``, protected copies,
+        least recently used first. A live iterator (see :meth:`Policy.victims`): stop before changing a list."""
+        first = chain(self._ranked[0].ascending(), self._ranked[1].ascending())
+        return chain(first, self._protected) if protected else first
+
+    def listed(self) -> Iterator[tuple[int, BlockId]]:
+        """Every listed copy with its class (for the arena's consistency check)."""
+        for cls, ranked in enumerate(self._ranked):
+            for lst in ranked.lists:
+                yield from ((cls, b) for b in lst)
+        yield from ((self.PROTECTED, b) for b in self._protected)

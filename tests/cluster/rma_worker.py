@@ -17,11 +17,10 @@ import numpy as np
 from mpi4py import MPI
 
 from cascade_kv.cluster.rma import SlotRef, remote_read, remote_read_many
+from cascade_kv.cluster.slots import SlotArena, digest16_of
 from cascade_kv.cluster.window import ARENA_OFFSET, ArenaWindow
 from cascade_kv.hashing import Hasher
 from cascade_kv.ids import BlockId
-from cascade_kv.tiers import HostTier
-from cascade_kv.tiers.slots import digest16_of
 
 MiB = 1 << 20
 HASHER = Hasher("blake3")
@@ -32,7 +31,7 @@ def digest(data: bytes | bytearray | memoryview | np.ndarray) -> bytes:
     return bytes(HASHER.digest(memoryview(data).cast("B")))
 
 
-def put(tier: HostTier, data: bytes, bid: BlockId | None = None) -> tuple[SlotRef, bytes]:
+def put(tier: SlotArena, data: bytes, bid: BlockId | None = None) -> tuple[SlotRef, bytes]:
     """Store ``data`` (as a new block, or rewritten into ``bid``); its published location and digest."""
     if bid is None:
         bid = BlockId(digest(data))
@@ -88,7 +87,7 @@ def basic() -> dict[str, object]:
     shm_before = shm_names()
     aw = ArenaWindow(comm, 8 * MiB)
     osc_while_open = osc_mappings()
-    tier = HostTier(aw.capacity, aw.memory, slot_headers=True)
+    tier = SlotArena(aw.capacity, aw.memory)
     checks: dict[str, object] = {"osc_mapped_while_open": bool(osc_while_open)}
 
     sizes = [0, 1, 63, 64, 4096, 100_000, MiB + 3]
@@ -234,7 +233,7 @@ class Interfering:
             self._action()
 
 
-def interleaved(aw: ArenaWindow, tier: HostTier, rng: np.random.Generator) -> dict[str, bool]:
+def interleaved(aw: ArenaWindow, tier: SlotArena, rng: np.random.Generator) -> dict[str, bool]:
     """The owner acts between the phases of a read (a single read's Gets: 1 header, 2 bytes, 3 header)."""
     checks = {}
 
@@ -275,7 +274,7 @@ def interleaved(aw: ArenaWindow, tier: HostTier, rng: np.random.Generator) -> di
     return checks
 
 
-def _id_at(tier: HostTier, ref: SlotRef) -> BlockId:
+def _id_at(tier: SlotArena, ref: SlotRef) -> BlockId:
     """The block the owner holds at a published location."""
     (bid,) = [b for b in tier.block_ids() if tier.location(b)[0] == ref.offset]
     return bid
@@ -289,7 +288,7 @@ def stress(seconds: float) -> dict[str, object]:
     owner, reader = 0, 1
     shm_before = shm_names()
     aw = ArenaWindow(comm, 32 * MiB)  # 4 live blocks of at most 2 MiB: room for any fragmentation
-    tier = HostTier(aw.capacity, aw.memory, slot_headers=True)
+    tier = SlotArena(aw.capacity, aw.memory)
     stats = {"ok": 0, "stale": 0, "torn": 0, "batches": 0, "owner_ops": 0}
     sizes = [256 * 1024, MiB, 2 * MiB]
     # Both ranks draw the same payloads up front: the owner's loop is then only free / allocate / copy /
@@ -371,7 +370,7 @@ def many() -> dict[str, object]:
     rng = np.random.default_rng(100 + comm.rank)
     shm_before = shm_names()
     aw = ArenaWindow(comm, (2 + comm.rank) * MiB)  # ranks may differ in capacity
-    tier = HostTier(aw.capacity, aw.memory, slot_headers=True)
+    tier = SlotArena(aw.capacity, aw.memory)
     mine = [put(tier, rng.bytes(int(n))) for n in rng.integers(0, 200_000, size=6)]
     everyone = [p for r, blocks in enumerate(comm.allgather(mine)) if r != comm.rank for p in blocks]
     infos_ok = all(aw.describe(r).capacity == (2 + r) * MiB for r in range(comm.size))

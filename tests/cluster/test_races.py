@@ -101,7 +101,7 @@ store makes none: with no victim to move, a peer's hole is no use)."""
 
 def _pinned_arena(comm, scratch: Path) -> None:
     from cascade_kv import CapacityError, CascadeConfig, DistributedStore
-    from cascade_kv.tiers.slots import SLOT_HEADER
+    from cascade_kv.cluster.slots import SLOT_HEADER
 
     rank = comm.Get_rank()
     n = 8192

@@ -1,4 +1,4 @@
-"""HostTier with slot headers: the tier contract unchanged, plus the header protocol peers rely on."""
+"""SlotArena: the tier contract unchanged, plus the slot-header protocol peers rely on (no MPI here)."""
 from __future__ import annotations
 
 import itertools
@@ -6,39 +6,48 @@ import itertools
 import numpy as np
 import pytest
 
+from cascade_kv.cluster.slots import (MAGIC, SLOT_HEADER, TOMBSTONE, SlotArena, digest16_of, expected_fields,
+                                      fields_of, pack_header, unpack_header)
 from cascade_kv.hashing import Hasher
 from cascade_kv.ids import BlockId
 from cascade_kv.tiers import HostTier
 from cascade_kv.tiers.allocator import ALIGNMENT
-from cascade_kv.tiers.slots import (MAGIC, SLOT_HEADER, TOMBSTONE, digest16_of, expected_fields, fields_of,
-                                    pack_header, unpack_header)
-
-from .conformance import TierConformance, load, store
-from .test_host import offset_of
+from tests.tiers.conformance import TierConformance, load, store
+from tests.tiers.test_host import offset_of
 
 
-class TestHostTierSlotHeaders(TierConformance):
-    def make_tier(self, capacity: int) -> HostTier:
-        return HostTier(capacity, slot_headers=True)
+@pytest.fixture
+def hasher() -> Hasher:
+    return Hasher("blake3")
 
 
-class TestHostTierSlotHeadersOnCallersBuffer(TierConformance):
-    def make_tier(self, capacity: int) -> HostTier:
-        return HostTier(capacity, bytearray(capacity + 100), slot_headers=True)
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0xCA5CADE)
+
+
+class TestSlotArena(TierConformance):
+    def make_tier(self, capacity: int) -> SlotArena:
+        return SlotArena(capacity)
+
+
+class TestSlotArenaOnCallersBuffer(TierConformance):
+    def make_tier(self, capacity: int) -> SlotArena:
+        return SlotArena(capacity, bytearray(capacity + 100))
 
 
 @pytest.fixture
 def slotted():
-    tier = HostTier(64 * 1024, slot_headers=True)
+    tier = SlotArena(64 * 1024)
     yield tier
     tier.close()
 
 
-def header_at(tier: HostTier, offset: int):
+def header_at(tier: SlotArena, offset: int):
     return unpack_header(memoryview(tier.arena), offset)
 
 
-def test_write_publishes_a_header_in_front_of_the_bytes(slotted: HostTier, hasher: Hasher,
+def test_write_publishes_a_header_in_front_of_the_bytes(slotted: SlotArena, hasher: Hasher,
                                                         rng: np.random.Generator):
     data = rng.bytes(1000)
     bid = store(slotted, hasher, data)
@@ -55,7 +64,7 @@ def test_write_publishes_a_header_in_front_of_the_bytes(slotted: HostTier, hashe
 def test_allocated_but_unwritten_block_is_not_readable(hasher: Hasher):
     buf = bytearray(4096)
     pack_header(memoryview(buf), 0, 7, 10, bytes(16))  # what an earlier block could have left there
-    tier = HostTier(4096, buf, slot_headers=True)
+    tier = SlotArena(4096, buf)
     bid = BlockId(hasher.digest(memoryview(b"x" * 10)))
     assert tier.allocate(bid, 10)
     offset, nbytes, generation = tier.location(bid)
@@ -64,30 +73,30 @@ def test_allocated_but_unwritten_block_is_not_readable(hasher: Hasher):
     tier.close()
 
 
-def test_free_tombstones_before_the_range_is_reusable(slotted: HostTier, hasher: Hasher,
+def test_free_tombstones_before_the_range_is_reusable(slotted: SlotArena, hasher: Hasher,
                                                       rng: np.random.Generator):
     bid = store(slotted, hasher, rng.bytes(500))
     offset = slotted.location(bid)[0]
     seen = []
 
-    class Spy:  # the allocator, watched at the moment the range goes back to it
-        def __init__(self, alloc) -> None:
-            self._alloc = alloc
+    class Spy:  # the host tier underneath, watched at the moment the range goes back to it
+        def __init__(self, tier) -> None:
+            self._tier = tier
 
         def __getattr__(self, name: str):
-            return getattr(self._alloc, name)
+            return getattr(self._tier, name)
 
-        def free(self, start: int, nbytes: int) -> None:
+        def free(self, block_id: BlockId) -> None:
             seen.append(header_at(slotted, offset).generation)
-            self._alloc.free(start, nbytes)
+            self._tier.free(block_id)
 
-    slotted._alloc = Spy(slotted._alloc)  # type: ignore[assignment]
+    slotted._tier = Spy(slotted._tier)  # type: ignore[assignment]
     slotted.free(bid)
     assert seen == [TOMBSTONE]
     assert header_at(slotted, offset).magic == MAGIC and not header_at(slotted, offset).live
 
 
-def test_reused_slot_gets_a_new_generation(slotted: HostTier, hasher: Hasher, rng: np.random.Generator):
+def test_reused_slot_gets_a_new_generation(slotted: SlotArena, hasher: Hasher, rng: np.random.Generator):
     a = store(slotted, hasher, rng.bytes(4096))
     offset, _, gen_a = slotted.location(a)
     slotted.free(a)
@@ -97,7 +106,7 @@ def test_reused_slot_gets_a_new_generation(slotted: HostTier, hasher: Hasher, rn
     assert header_at(slotted, offset).digest16 == b[:16]
 
 
-def test_generations_increase_and_a_rewrite_takes_a_new_one(slotted: HostTier, hasher: Hasher,
+def test_generations_increase_and_a_rewrite_takes_a_new_one(slotted: SlotArena, hasher: Hasher,
                                                             rng: np.random.Generator):
     ids = [store(slotted, hasher, rng.bytes(100)) for _ in range(5)]
     gens = [slotted.location(bid)[2] for bid in ids]
@@ -108,25 +117,7 @@ def test_generations_increase_and_a_rewrite_takes_a_new_one(slotted: HostTier, h
     assert load(slotted, ids[0]) == data
 
 
-def test_filled_publishes_bytes_written_through_the_view(slotted: HostTier, hasher: Hasher):
-    """What the store calls after copying a block from disk straight into the arena."""
-    bid = BlockId(hasher.digest(memoryview(b"xyz")))
-    assert slotted.allocate(bid, 3)
-    slotted.view(bid)[:] = b"xyz"
-    slotted.filled(bid)
-    assert slotted.location(bid)[2] > 0
-
-
-def test_filled_is_a_no_op_without_slot_headers(hasher: Hasher):
-    tier = HostTier(4096)
-    bid = BlockId(hasher.digest(memoryview(b"xyz")))
-    assert tier.allocate(bid, 3)
-    tier.view(bid)[:] = b"xyz"
-    tier.filled(bid)  # no header to publish, nothing to fail
-    tier.close()
-
-
-def test_seal_publishes_bytes_written_through_the_view(slotted: HostTier, hasher: Hasher):
+def test_seal_publishes_bytes_written_through_the_view(slotted: SlotArena, hasher: Hasher):
     bid = BlockId(hasher.digest(memoryview(b"abc")))
     assert slotted.allocate(bid, 3)
     slotted.view(bid)[:] = b"abc"  # how a tier-to-tier copy fills a block
@@ -135,7 +126,7 @@ def test_seal_publishes_bytes_written_through_the_view(slotted: HostTier, hasher
     assert slotted.location(bid)[2] == generation > 0
 
 
-def test_failed_write_keeps_the_header(slotted: HostTier, hasher: Hasher, rng: np.random.Generator):
+def test_failed_write_keeps_the_header(slotted: SlotArena, hasher: Hasher, rng: np.random.Generator):
     bid = store(slotted, hasher, rng.bytes(100))
     before = slotted.location(bid)
     with pytest.raises(ValueError):
@@ -143,7 +134,7 @@ def test_failed_write_keeps_the_header(slotted: HostTier, hasher: Hasher, rng: n
     assert slotted.location(bid) == before
 
 
-def test_location_offsets_of_many_blocks(slotted: HostTier, hasher: Hasher, rng: np.random.Generator):
+def test_location_offsets_of_many_blocks(slotted: SlotArena, hasher: Hasher, rng: np.random.Generator):
     blocks = {}
     for n in (0, 1, 63, 64, 65, 3000):
         data = rng.bytes(n)
@@ -159,7 +150,7 @@ def test_location_offsets_of_many_blocks(slotted: HostTier, hasher: Hasher, rng:
 
 
 def test_capacity_and_used_leave_headers_out():
-    tier = HostTier(4096, slot_headers=True)
+    tier = SlotArena(4096)
     assert tier.capacity == 4096 - SLOT_HEADER == tier.largest_hole
     assert tier.fits(tier.capacity) and not tier.fits(tier.capacity + 1)
     bid = BlockId(bytes(32))
@@ -167,21 +158,17 @@ def test_capacity_and_used_leave_headers_out():
     assert tier.used == ALIGNMENT  # one aligned unit of bytes; the header is not counted
     tier.free(bid)
     assert tier.used == 0
-    assert HostTier(SLOT_HEADER - 1, slot_headers=True).capacity == 0
+    assert SlotArena(SLOT_HEADER - 1).capacity == 0
     tier.close()
 
 
-def test_default_tier_has_no_headers(hasher: Hasher):
+def test_the_host_tier_underneath_writes_nothing_but_the_bytes(hasher: Hasher):
     buf = bytearray(4096)
     tier = HostTier(4096, buf)
-    assert not tier.slot_headers and tier.capacity == 4096
+    assert tier.capacity == 4096 and not hasattr(tier, "seal") and not hasattr(tier, "location")
     bid = store(tier, hasher, b"\x01" * 100)
-    assert offset_of(tier, tier.view(bid)) == 0  # the block's bytes start the arena, as before
+    assert offset_of(tier, tier.view(bid)) == 0  # the block's bytes start the arena: no header
     assert buf[:100] == b"\x01" * 100 and not any(buf[100:])
-    with pytest.raises(ValueError, match="slot headers are off"):
-        tier.location(bid)
-    with pytest.raises(ValueError, match="slot headers are off"):
-        tier.seal(bid)
     tier.free(bid)
     assert buf[:100] == b"\x01" * 100  # free writes nothing
     tier.close()

@@ -47,7 +47,7 @@ from ..cluster.store import DistributedStore
 from ..cluster.window import ARENA_OFFSET, epoch
 from ..config import format_size
 from ..hashing import Hasher
-from ..tiers.slots import SLOT_HEADER
+from ..cluster.slots import SLOT_HEADER
 from .ceilings import Contents, Spread, buffers, drop_page_cache, interleaved_rates, readinto_pass, touch
 from .report import run_header, write_json
 from . import idle, small_remote

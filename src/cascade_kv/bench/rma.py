@@ -31,8 +31,8 @@ from .ceilings import Contents, Spread, touch
 if TYPE_CHECKING:
     from mpi4py import MPI
 
+    from ..cluster.slots import SlotArena
     from ..cluster.window import ArenaWindow
-    from ..tiers import HostTier
 
 MiB = 1 << 20
 TARGET_RATIO = 0.8
@@ -52,9 +52,8 @@ def run_rma_bench(comm: MPI.Comm, sizes: Sequence[int] = (16 * MiB,), reps: int 
     and the ratio of the medians."""
     # imported here and in _measure, not at the top: importing mpi4py.MPI initialises MPI, which
     # `python -m cascade_kv.bench.rma` started by hand must not do before it relaunches under mpiexec
+    from ..cluster.slots import SLOT_HEADER, SlotArena
     from ..cluster.window import ArenaWindow
-    from ..tiers import HostTier
-    from ..tiers.slots import SLOT_HEADER
 
     if comm.Get_size() < 2:
         raise ValueError(f"rma bench: needs 2 ranks or more, got {comm.Get_size()}")
@@ -63,7 +62,7 @@ def run_rma_bench(comm: MPI.Comm, sizes: Sequence[int] = (16 * MiB,), reps: int 
     rank = comm.Get_rank()
     capacity = sum(_blocks_for(n) * (n + 2 * SLOT_HEADER) for n in sizes) if rank == _OWNER else 0
     with ArenaWindow(comm, capacity) as aw:
-        tier = HostTier(aw.capacity, aw.memory, slot_headers=True)
+        tier = SlotArena(aw.capacity, aw.memory)
         try:
             where = comm.bcast(_publish(tier, sizes) if rank == _OWNER else None, root=_OWNER)
             figures = {}
@@ -80,9 +79,9 @@ def run_rma_bench(comm: MPI.Comm, sizes: Sequence[int] = (16 * MiB,), reps: int 
 Slot = tuple[int, int, int, bytes]  # header offset, nbytes, generation, digest prefix: what a directory says
 
 
-def _publish(tier: HostTier, sizes: Sequence[int]) -> list[list[Slot]]:
+def _publish(tier: SlotArena, sizes: Sequence[int]) -> list[list[Slot]]:
     """The owner's side: store each size's blocks (contents seeded by the size's index); where they lie."""
-    from ..tiers.slots import digest16_of
+    from ..cluster.slots import digest16_of
 
     hasher = Hasher("blake3")
     where = []
@@ -103,8 +102,8 @@ def _measure(aw: ArenaWindow, n: int, seed: int, slots: list[Slot], reps: int) -
     from mpi4py import MPI
 
     from ..cluster.rma import remote_read
+    from ..cluster.slots import SLOT_HEADER
     from ..cluster.window import ARENA_OFFSET, epoch
-    from ..tiers.slots import SLOT_HEADER
 
     outs = [memoryview(touch(np.empty(n, np.uint8))) for _ in slots]
     count = max(2 * len(slots), _BYTES_PER_REP // n)  # even: both kinds read every block

@@ -7,13 +7,14 @@ bookkeeping and nothing else: no MPI calls and no directory traffic, so the
 service thread's handlers and the application's threads can share it under one
 lock. Deciding *where* a victim goes takes messages, and is the store's job.
 
-Victims are offered in three tiers of preference, least recently used first in
-each: replicas (another memory copy exists by construction, so they are the
-cheapest to lose), then unprotected copies, then protected ones (which may only
-move to another rank's memory). One ordered dict per class keeps every pick
-O(1) in the common case, as in :class:`~cascade_kv.policy.Policy`.
+Which copy goes first is :class:`~cascade_kv.policy.ArenaPolicy`'s decision
+(the policy module orders the single-node store's tiers too): replicas, then
+unprotected copies, then protected ones (which may only move to another
+rank's memory), each class ranked by ``eviction_order``. The arena tells it
+which copies are listed and skips the victims it cannot take now. The bytes
+and their slot headers live in a :class:`~.slots.SlotArena`.
 
-The orders, the copies and the count of evictable bytes change together in two
+The policy's lists, the copies and the count of evictable bytes change together in two
 places only (``_list`` and ``_unlist``), and a copy remembers the class it is
 listed in: every path that seals, reclasses, dooms or frees a copy goes through
 them, so no digest can stay ordered after its copy went. (Before, a sealed copy
@@ -28,14 +29,14 @@ victim reads it one-sidedly.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..config import EvictionOrder
 from ..ids import BlockId
-from ..tiers import HostTier
-from ..tiers.slots import SLOT_HEADER
+from ..policy import ArenaPolicy
 from .directory import TIER_MEMORY, Location
+from .slots import SLOT_HEADER, SlotArena
 from .window import ArenaWindow
 
 
@@ -55,6 +56,8 @@ class Copy:
     """Offset of the slot header in the arena."""
     pins: int = 0
     """Local reads and moves in flight: the slot is not freed while > 0."""
+    reads: int = 0
+    """Reads of this copy by this rank (peers read one-sidedly, unseen): the policy's reuse class."""
     moving: bool = False
     """Being evicted by some thread: not offered as a victim again."""
     doomed: bool = False
@@ -67,15 +70,16 @@ class Copy:
 class Arena:
     """The copies in this rank's window, with their eviction order. Thread-safe."""
 
-    def __init__(self, window: ArenaWindow, capacity: int, *, rank: int, semantic: bool = True) -> None:
+    def __init__(self, window: ArenaWindow, capacity: int, *, rank: int, semantic: bool = True,
+                 order: EvictionOrder = "lru") -> None:
         self.window = window
         self.rank = rank
         self.semantic = semantic
         # the window holds one header more than the tier's capacity: an empty arena takes a block of capacity bytes
-        self.tier = HostTier(capacity + SLOT_HEADER, window.memory, slot_headers=True)
+        self.tier = SlotArena(capacity + SLOT_HEADER, window.memory)
+        self.policy = ArenaPolicy(self.tier.capacity, order=order)
         self.lock = threading.Lock()
         self._copies: dict[BlockId, Copy] = {}
-        self._order: tuple[OrderedDict[BlockId, None], ...] = (OrderedDict(), OrderedDict(), OrderedDict())
         self._evictable = 0  # bytes of sealed unprotected copies (replicas count too): what pressure can move
         self._publish_room()
 
@@ -140,8 +144,9 @@ class Arena:
             if c is None or c.generation == 0 or c.doomed:
                 return None
             c.pins += 1
+            c.reads += 1
             if c.listed >= 0:
-                self._order[c.listed].move_to_end(digest)
+                self.policy.accessed(c.listed, digest, c.nbytes, c.reads)
             return c
 
     def unpin(self, c: Copy) -> None:
@@ -175,15 +180,14 @@ class Arena:
             self._reclass(c)
 
     def pick_victim(self, *, protected: bool) -> Copy | None:
-        """Mark and return the least recently used copy that may go (replicas first, then unprotected copies;
-        with ``protected``, protected copies too); ``None`` when none is idle. Call :meth:`release` after."""
+        """Mark and return the policy's first victim that is idle (replicas first, then unprotected copies;
+        with ``protected``, protected copies too); ``None`` when none is. Call :meth:`release` after."""
         with self.lock:
-            for cls in ((0, 1, 2) if protected else (0, 1)):
-                for digest in self._order[cls]:
-                    c = self._copies[digest]  # listed implies live: see _list
-                    if c.pins == 0 and not c.moving:
-                        c.moving = True
-                        return c
+            for digest in self.policy.victims(protected=protected):
+                c = self._copies[digest]  # listed implies live: see _list
+                if c.pins == 0 and not c.moving:
+                    c.moving = True
+                    return c
             return None
 
     def release(self, c: Copy, *, gone: bool) -> None:
@@ -194,7 +198,7 @@ class Arena:
             if gone or c.doomed:
                 self._doom(c)  # frees it unless a local reader pinned it while it moved
             elif c.listed >= 0:
-                self._order[c.listed].move_to_end(c.digest)
+                self.policy.kept(c.listed, c.digest, c.reads)
 
     def promote_to_primary(self, c: Copy) -> None:
         """A replica turned out to be the block's last memory copy: it is evicted like a primary from now on."""
@@ -210,20 +214,19 @@ class Arena:
         problems: list[str] = []
         with self.lock:
             listed: dict[BlockId, int] = {}
-            for cls, order in enumerate(self._order):
-                for digest in order:
-                    name = digest.hex()[:16]
-                    if digest in listed:
-                        problems.append(f"block {name}: listed in eviction classes {listed[digest]} and {cls}")
-                    listed[digest] = cls
-                    c = self._copies.get(digest)
-                    if c is None:
-                        problems.append(f"block {name}: listed in eviction class {cls} but has no copy")
-                    elif c.listed != cls or self._class(c) != cls:
-                        problems.append(f"block {name}: listed in class {cls}, copy says {c.listed}, "
-                                        f"belongs in {self._class(c)}")
-                    elif c.generation == 0 or c.doomed:
-                        problems.append(f"block {name}: listed while {'doomed' if c.doomed else 'unsealed'}")
+            for cls, digest in self.policy.listed():
+                name = digest.hex()[:16]
+                if digest in listed:
+                    problems.append(f"block {name}: listed in eviction classes {listed[digest]} and {cls}")
+                listed[digest] = cls
+                c = self._copies.get(digest)
+                if c is None:
+                    problems.append(f"block {name}: listed in eviction class {cls} but has no copy")
+                elif c.listed != cls or self._class(c) != cls:
+                    problems.append(f"block {name}: listed in class {cls}, copy says {c.listed}, "
+                                    f"belongs in {self._class(c)}")
+                elif c.generation == 0 or c.doomed:
+                    problems.append(f"block {name}: listed while {'doomed' if c.doomed else 'unsealed'}")
             for digest, c in self._copies.items():
                 name = digest.hex()[:16]
                 if c.generation and not c.doomed and digest not in listed:
@@ -239,7 +242,8 @@ class Arena:
             for digest in self.tier.block_ids():
                 if digest not in self._copies:
                     problems.append(f"block {digest.hex()[:16]}: slot in the tier with no copy (leaked)")
-            evictable = sum(self._copies[d].nbytes for cls in (0, 1) for d in self._order[cls] if d in self._copies)
+            evictable = sum(self._copies[d].nbytes for cls, d in self.policy.listed()
+                            if cls in ArenaPolicy.EVICTABLE and d in self._copies)
             if evictable != self._evictable:
                 problems.append(f"evictable bytes counted {self._evictable}, listed copies hold {evictable}")
             if not self.window.closed and self.window.room() != (self.tier.largest_hole, self._evictable):
@@ -249,26 +253,26 @@ class Arena:
 
     # -------------------------------------------------------------- internals (lock held)
     def _class(self, c: Copy) -> int:
-        return 0 if c.replica else 2 if c.protected else 1
+        return self.policy.class_of(replica=c.replica, protected=c.protected)
 
-    def _list(self, c: Copy) -> None:
+    def _list(self, c: Copy, *, use: bool = True) -> None:
         """Offer a sealed, live copy as a victim of its class (the most recently used)."""
         assert c.listed < 0 and c.generation and not c.doomed and self._copies.get(c.digest) is c, c
         c.listed = self._class(c)
-        self._order[c.listed][c.digest] = None
-        self._evictable += c.nbytes if c.listed < 2 else 0
+        self.policy.added(c.listed, c.digest, c.nbytes, c.reads, use=use)
+        self._evictable += c.nbytes if c.listed in ArenaPolicy.EVICTABLE else 0
 
     def _unlist(self, c: Copy) -> None:
         if c.listed >= 0:
-            del self._order[c.listed][c.digest]
-            self._evictable -= c.nbytes if c.listed < 2 else 0
+            self.policy.removed(c.listed, c.digest)
+            self._evictable -= c.nbytes if c.listed in ArenaPolicy.EVICTABLE else 0
             c.listed = -1
 
     def _reclass(self, c: Copy) -> None:
         """List the copy under its class again, if it is listed and its class changed."""
         if c.listed >= 0 and c.listed != self._class(c):
             self._unlist(c)
-            self._list(c)
+            self._list(c, use=False)
             self._publish_room()
 
     def _doom(self, c: Copy) -> None:
@@ -296,9 +300,9 @@ class Arena:
 
     def close(self) -> None:
         with self.lock:
+            for c in self._copies.values():
+                self._unlist(c)
             self._copies.clear()
-            for order in self._order:
-                order.clear()
             self.tier.close()
 
     def blocks(self) -> Iterator[Copy]:

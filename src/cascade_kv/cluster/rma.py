@@ -2,7 +2,7 @@
 
 A reader knows where a block lies from the directory: owner rank, header offset,
 size, generation and digest prefix (:class:`SlotRef`, built from
-``HostTier.location``). By the time it reads, the owner may have freed the
+``SlotArena.location``). By the time it reads, the owner may have freed the
 block, or freed it and written another block over the same bytes: the owner
 never waits for readers. A read therefore answers ``True`` (``out`` holds
 exactly the block) or ``False`` (stale: ask the directory again); it never
@@ -13,8 +13,7 @@ Why the check is sound (seqlock). Each read, in one passive-target epoch, does
     H1 = Get(header);  Flush;  Get(bytes -> out);  Flush;  H2 = Get(header)
 
 and accepts only when H1 and H2 both carry the expected magic, generation,
-size and digest prefix. The owner (:class:`~cascade_kv.tiers.HostTier` with
-``slot_headers``) keeps two rules: it writes a block's header *after* its
+size and digest prefix. The owner (:class:`~.slots.SlotArena`) keeps two rules: it writes a block's header *after* its
 bytes, and it overwrites the header with a tombstone *before* any byte of the
 range can change (``free`` tombstones before the range returns to the
 allocator; ``write`` tombstones before copying, so a rewrite in place is
@@ -47,7 +46,7 @@ is a plain copy out of the shared mapping, complete when the call returns, and
 network component Flush is what completes the Gets. ``Win_sync`` is not needed:
 osc/sm has MPI's unified memory model, where the owner's plain stores into its
 window reach peers without it. Owner: it makes every header store under the
-tier's lock. On x86-64 the lock's atomic instructions are full fences, so a
+slot arena's lock. On x86-64 the lock's atomic instructions are full fences, so a
 tombstone is visible before any later byte (glibc's non-temporal copies also
 end in ``sfence``) and a block's bytes before its new header. On a weaker model
 (ARMv8) the lock's release/acquire still orders a free's tombstone before the
@@ -63,7 +62,7 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from ..tiers.slots import HEADER_FIELDS, SLOT_HEADER, expected_fields
+from .slots import HEADER_FIELDS, SLOT_HEADER, expected_fields
 from .window import ARENA_OFFSET, ArenaWindow, epoch, lock_all
 
 
@@ -74,10 +73,10 @@ class SlotRef:
     rank: int
     """The owner."""
     offset: int
-    """Offset of the block's slot header in the owner's arena (``HostTier.location()[0]``)."""
+    """Offset of the block's slot header in the owner's arena (``SlotArena.location()[0]``)."""
     nbytes: int
     generation: int
-    """The incarnation of the slot that holds the block (``HostTier.location()[2]``; never 0)."""
+    """The incarnation of the slot that holds the block (``SlotArena.location()[2]``; never 0)."""
     digest16: bytes
     """First 16 bytes of the block id."""
 

@@ -51,7 +51,7 @@ from ..namespace import Namespace, Space, check_name, check_quota, user_key
 from ..stats import StoreStats, TierStats
 from ..info import KeyInfo
 from ..tiers import DiskTier
-from ..tiers.slots import SLOT_HEADER, digest16_of
+from .slots import SLOT_HEADER, digest16_of
 from .arena import Arena, Copy
 from .counters import Counters, sum_stats
 from .durable import Durability
@@ -109,12 +109,12 @@ class DistributedStore(Durability):
     """
 
     # what this implementation does of the contract's optional parts (cascade_kv.contract): stats() counts
-    # what this rank is home to; the arenas evict by recency (replicas, then unprotected copies), whatever
-    # eviction_order says
+    # what this rank is home to; the arenas evict replicas, then unprotected copies, each in eviction_order
+    # (policy.ArenaPolicy; a reuse credit counts this rank's own reads of its copies, not peers')
     supports_persist = True
     supports_demote = True
     stats_scope = "rank"
-    ignored_config: frozenset[str] = frozenset({"eviction_order"})
+    ignored_config: frozenset[str] = frozenset()
 
     def __init__(self, config: CascadeConfig | None = None, comm: MPI.Comm | None = None, *,
                  timeout: float = 30.0, **overrides: object) -> None:
@@ -137,7 +137,8 @@ class DistributedStore(Durability):
         self._where: dict[BlockId, tuple[Location, int]] = {}  # last good remote copy per digest (see _read_elsewhere)
         self.service = Service(self.comm, timeout=timeout)
         self.window = ArenaWindow(self.comm, cfg.host_capacity + SLOT_HEADER)
-        self.arena = Arena(self.window, cfg.host_capacity, rank=self.rank, semantic=cfg.semantic_eviction)
+        self.arena = Arena(self.window, cfg.host_capacity, rank=self.rank, semantic=cfg.semantic_eviction,
+                           order=cfg.eviction_order)
         self.disk: DiskTier | None = None
         self._disk_lock = threading.Lock()
         if cfg.disk_path is not None:

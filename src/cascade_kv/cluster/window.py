@@ -11,7 +11,7 @@ Layout of every rank's window (displacement unit 1 byte)::
     0              one page: window header (magic, layout version, arena capacity); at 64 the owner's
                    room (largest free hole, evictable bytes), rewritten as it changes; at 128 the count
                    of bounded collective waits the owner has entered; rest zero
-    arena_offset   the arena: ``capacity`` bytes, rounded up to whole pages, handed to HostTier
+    arena_offset   the arena: ``capacity`` bytes, rounded up to whole pages, handed to a SlotArena
 
 The header page lets a peer check what a displacement points into (:meth:`ArenaWindow.describe`);
 page rounding keeps every rank's arena page aligned, since osc/sm lays the ranks' memory end to end
@@ -184,7 +184,7 @@ class ArenaWindow:
 
     @property
     def memory(self) -> memoryview:
-        """The arena's bytes (writable, page aligned): pass as ``HostTier(capacity, buffer=...)``."""
+        """The arena's bytes (writable, page aligned): pass as ``SlotArena(capacity, buffer)``."""
         if self._memory is None:
             raise ValueError("arena window is closed")
         return self._memory
@@ -248,7 +248,7 @@ class ArenaWindow:
     def close(self, timeout: float | None = None) -> None:
         """Free the window on every rank (collective; a second call does nothing).
 
-        The tier built on :attr:`memory` must be closed first, and no view of it kept: freeing unmaps
+        The arena built on :attr:`memory` must be closed first, and no view of it kept: freeing unmaps
         the memory, and a view that outlived it would crash the process on its next access. A rank that
         still holds one makes every rank raise ``BufferError`` instead, with the window left open.
         ``timeout`` (seconds) bounds the wait for the other ranks: past it,
@@ -286,7 +286,7 @@ class ArenaWindow:
             self._memory = self._arena_view()  # the window stays open and usable
             self._room = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
             raise BufferError(f"arena window: ranks {[r for r, h in enumerate(holders) if h]} still hold views "
-                              "of their arena; close the host tier and drop its views before the window")
+                              "of their arena; close the slot arena and drop its views before the window")
         self._memory = None
         self._buffer = None
         self.win.Free()

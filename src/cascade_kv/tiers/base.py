@@ -17,8 +17,9 @@ data between tiers and decides what a failure means. The contract:
   decides whether another copy makes that a miss.
 
 Batch methods (``read_many``/``write_many``) have working defaults built on the
-single-block ones; a tier overrides them where batching saves work (one MPI
-epoch for many remote reads, one ``io_uring`` submission, ...).
+single-block ones, so every tier has them; a tier overrides them where batching
+saves work (the host tier hoists its lookups and checks out of the loop; one
+``io_uring`` submission, ...).
 """
 from __future__ import annotations
 
@@ -132,10 +133,6 @@ class Tier(ABC):
     def view(self, block_id: BlockId) -> memoryview:
         """The block's bytes in place; only for ``traits.addressable`` tiers."""
         raise NotImplementedError(f"{self.traits.name} tier is not addressable")
-
-    def filled(self, block_id: BlockId) -> None:
-        """The block's bytes were written in place through :meth:`view` (a copy from another tier);
-        a tier that publishes its blocks to peers (slot headers) publishes this one now."""
 
     def read_many(self, block_ids: Sequence[BlockId], outs: Sequence[memoryview]) -> None:
         for block_id, out in zip(block_ids, outs, strict=True):

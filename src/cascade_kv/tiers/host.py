@@ -6,9 +6,9 @@ and returned to the OS on close. It is touched page by page at open because
 this class of VM faults fresh memory in at about 0.5 GB/s, forty times slower
 than a warm copy: paying that once at open keeps it out of every later put.
 
-With ``slot_headers`` on, each block carries a 64-byte header in front of its
-bytes (:mod:`.slots`) so that peers can read it over an MPI window while this
-process frees and reuses the space: callers see the same views and sizes.
+The tier stores bytes and knows nothing of who else reads its memory: a caller
+that lets other processes read the arena (an MPI window) allocates any
+per-block header it needs together with the block.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ from ..ids import BlockId
 from ..memcopy import copy_bytes
 from .allocator import ArenaAllocator, align_up
 from .base import RoomModel, Tier, TierTraits
-from .slots import SLOT_HEADER, digest16_of, next_generation, pack_header, pack_tombstone, unpack_header
 
 _PAGE = mmap.PAGESIZE
 
@@ -115,7 +114,7 @@ class _ArenaRoom(RoomModel):
         alloc = self._clone()
         offset = self._offsets.pop(block_id, None)
         if offset is None:
-            offset = self._tier._slots[block_id][0] - self._tier._header
+            offset = self._tier._slots[block_id][0]
         alloc.free(offset, self._tier._span(nbytes))
 
     def copy(self) -> "_ArenaRoom":
@@ -130,18 +129,12 @@ class HostTier(Tier):
 
     traits = TierTraits(name="host", memory=True, persistent=False, addressable=True)
 
-    def __init__(self, capacity: int, buffer: object | None = None, *, slot_headers: bool = False) -> None:
+    def __init__(self, capacity: int, buffer: object | None = None) -> None:
         """``buffer``: memory to use as the arena instead of a private mapping (at least ``capacity``
         writable bytes, e.g. an MPI window's memory, so peers can read blocks where they lie). The tier
-        does not own it: the caller frees it after :meth:`close`.
-
-        ``slot_headers``: put a :mod:`.slots` header in front of every block, written last by
-        :meth:`write` and tombstoned first by :meth:`free`, so a peer reading the arena one-sidedly can
-        tell a live block from a freed or reused slot (see :meth:`location`). ``capacity`` and ``used``
-        leave the headers out: an empty tier still takes one block of ``capacity`` bytes."""
+        does not own it: the caller frees it after :meth:`close`."""
         t0 = time.perf_counter()
         self._alloc = ArenaAllocator(capacity)
-        self._header = SLOT_HEADER if slot_headers else 0
         self._mmap: mmap.mmap | None = None
         self.arena = np.empty(0, dtype=np.uint8)
         if buffer is not None:
@@ -162,20 +155,16 @@ class HostTier(Tier):
         """Time taken to allocate and touch the arena."""
 
     @property
-    def slot_headers(self) -> bool:
-        return self._header != 0
-
-    @property
     def capacity(self) -> int:
-        return max(self._alloc.capacity - self._header, 0)
+        return self._alloc.capacity
 
     @property
     def used(self) -> int:
-        return self._alloc.capacity - self._alloc.free_bytes - self._header * len(self._slots)
+        return self._alloc.capacity - self._alloc.free_bytes
 
     def _span(self, nbytes: int) -> int:
-        """Arena bytes a block of ``nbytes`` takes: header, bytes, rounding."""
-        return align_up(max(nbytes + self._header, 1))  # the allocator rounds every block up
+        """Arena bytes a block of ``nbytes`` takes: bytes and rounding."""
+        return align_up(max(nbytes, 1))  # the allocator rounds every block up
 
     def fits(self, nbytes: int) -> bool:
         return self._span(nbytes) <= self._alloc.capacity
@@ -183,7 +172,7 @@ class HostTier(Tier):
     @property
     def largest_hole(self) -> int:
         """Largest block that can be allocated right now (fragmentation shows as largest_hole < free)."""
-        return max(self._alloc.largest_hole - self._header, 0)
+        return self._alloc.largest_hole
 
     def room_model(self) -> RoomModel:
         return _ArenaRoom(self)
@@ -191,19 +180,16 @@ class HostTier(Tier):
     def fits_now(self, sizes: Sequence[int]) -> bool:
         # best fit never splits the largest hole while a smaller one fits, so blocks whose aligned sizes
         # add up to no more than it are all placed
-        return sum(align_up(max(n, 1) + self._header) for n in sizes) <= self._alloc.largest_hole
+        return sum(align_up(max(n, 1)) for n in sizes) <= self._alloc.largest_hole
 
     def allocate(self, block_id: BlockId, nbytes: int) -> bool:
         with self._lock:
             if block_id in self._slots:
                 raise KeyError(f"block {block_id.hex()[:16]} already allocated in host tier")
-            offset = self._alloc.allocate(nbytes + self._header)
+            offset = self._alloc.allocate(nbytes)
             if offset is None:
                 return False
-            if self._header:
-                # the range may hold an old header or another block's bytes: nothing there is readable
-                pack_tombstone(self._mv, offset)
-            self._slots[block_id] = (offset + self._header, nbytes)
+            self._slots[block_id] = (offset, nbytes)
             return True
 
     def offset_of(self, block_id: BlockId) -> int:
@@ -218,41 +204,7 @@ class HostTier(Tier):
         dst = self.view(block_id)
         if src.nbytes != dst.nbytes:
             raise ValueError(f"host tier: block is {dst.nbytes} B, source is {src.nbytes} B")
-        if self._header:
-            # a rewrite of a live block must not be read as the old generation: tombstone first. Making
-            # the header stores under the lock also orders them against the copy: on x86-64 no load or
-            # store is reordered across the lock's atomic instructions (and glibc's non-temporal copies
-            # end in sfence), so the tombstone is visible before any new byte, the bytes before the header.
-            with self._lock:
-                pack_tombstone(self._mv, self._slots[block_id][0] - self._header)
         copy_bytes(dst, src.cast("B") if src.format != "B" or src.ndim != 1 else src)
-        if self._header:
-            self.seal(block_id)
-
-    def filled(self, block_id: BlockId) -> None:
-        if self._header:
-            self.seal(block_id)
-
-    def seal(self, block_id: BlockId) -> int:
-        """Publish the block's bytes as they are now under a fresh generation, and return it.
-        :meth:`write` seals; a caller that filled the block through :meth:`view` seals it itself,
-        else the header stays a tombstone and no peer can read the block."""
-        if not self._header:
-            raise ValueError("host tier: slot headers are off")
-        with self._lock:
-            offset, nbytes = self._slots[block_id]
-            generation = next_generation()
-            pack_header(self._mv, offset - self._header, generation, nbytes, digest16_of(block_id))
-            return generation
-
-    def location(self, block_id: BlockId) -> tuple[int, int, int]:
-        """``(header offset in the arena, nbytes, generation)`` of a block, for a directory to
-        publish; generation 0 means not readable yet (allocated but not written or sealed)."""
-        if not self._header:
-            raise ValueError("host tier: slot headers are off")
-        with self._lock:
-            offset, nbytes = self._slots[block_id]
-            return offset - self._header, nbytes, unpack_header(self._mv, offset - self._header).generation
 
     def read_into(self, block_id: BlockId, out: memoryview) -> None:
         src = self.view(block_id)
@@ -266,11 +218,7 @@ class HostTier(Tier):
     def free(self, block_id: BlockId) -> None:
         with self._lock:
             offset, nbytes = self._slots.pop(block_id)
-            if self._header:
-                # before the range can be handed out again: a reader that copied bytes of the next
-                # block there will find this tombstone (or a newer header) when it checks again
-                pack_tombstone(self._mv, offset - self._header)
-            self._alloc.free(offset - self._header, nbytes + self._header)
+            self._alloc.free(offset, nbytes)
 
     def contains(self, block_id: BlockId) -> bool:
         return block_id in self._slots

@@ -205,7 +205,7 @@ def _get_vs_bare(store: Any, backend: Any, keys: list[str], ids: list[int], cont
 
     from ...cluster.directory import TIER_MEMORY
     from ...cluster.window import ARENA_OFFSET, epoch
-    from ...tiers.slots import SLOT_HEADER
+    from ...cluster.slots import SLOT_HEADER
 
     where = []
     for key in keys:
