@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
     """Start or answer a run of several ranks; ``None`` when this process runs the single-node benchmark."""
-    from .cluster.launch import LaunchError, launched_as, relaunch  # imports no MPI
+    from .cluster.launch import LaunchError, job_size, launched_as, relaunch  # no MPI (but see job_size)
 
     try:
         started = launched_as()
@@ -152,10 +152,7 @@ def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
     except LaunchError as e:
         print(f"cascade bench: {e}", file=sys.stderr)
         return 2
-    size = started.size
-    if size is None:  # the launcher does not say; MPI knows
-        from mpi4py import MPI
-        size = MPI.COMM_WORLD.Get_size()
+    size = job_size()
     if args.ranks is None or args.ranks == size:
         if size == 1:
             return None

@@ -92,6 +92,8 @@ def test_launching_imports_no_mpi() -> None:
 def test_launched_as(environ: dict[str, str], expected: LaunchedAs | None) -> None:
     assert launched_as(environ) == expected
     assert launch.under_launcher(environ) is (expected is not None)
+    if expected is None or expected.size is not None:  # PMIx alone: job_size would initialise MPI to ask it
+        assert launch.job_size(environ) == (1 if expected is None else expected.size)
 
 
 @pytest.mark.parametrize(("environ", "culprit"), [
@@ -102,6 +104,8 @@ def test_launched_as(environ: dict[str, str], expected: LaunchedAs | None) -> No
 def test_a_launcher_variable_that_is_not_a_count_raises(environ: dict[str, str], culprit: str) -> None:
     with pytest.raises(LaunchError, match=re.escape(culprit)):
         launched_as(environ)
+    with pytest.raises(LaunchError, match=re.escape(culprit)):
+        launch.job_size(environ)
 
 
 def test_under_launcher_reads_this_process_environment(no_launcher: pytest.MonkeyPatch) -> None:

@@ -64,6 +64,22 @@ def launched_as(environ: Mapping[str, str] | None = None) -> LaunchedAs | None:
     return None
 
 
+def job_size(environ: Mapping[str, str] | None = None) -> int:
+    """How many ranks this process's job has: 1 where no launcher started it, else the size the launcher set.
+
+    Where the launcher names no size (PMIx alone), MPI is asked, which initialises it: the one case where
+    this module imports ``mpi4py.MPI``, in a process a launcher started as a rank, which uses MPI anyway.
+    """
+    started = launched_as(environ)
+    if started is None:
+        return 1
+    if started.size is not None:
+        return started.size
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_size()
+
+
 def under_launcher(environ: Mapping[str, str] | None = None) -> bool:
     """Whether an MPI launcher started this process (without importing MPI)."""
     return launched_as(environ) is not None
@@ -360,5 +376,5 @@ def _text(data: str | bytes | None) -> str:
     return data or ""
 
 
-__all__ = ["LaunchError", "LaunchTimeout", "LaunchedAs", "launched_as", "under_launcher", "SINGLETON_MCA",
-           "prepare_singleton", "mpiexec_path", "local_mpi_env", "relaunch", "run_mpi"]
+__all__ = ["LaunchError", "LaunchTimeout", "LaunchedAs", "launched_as", "job_size", "under_launcher",
+           "SINGLETON_MCA", "prepare_singleton", "mpiexec_path", "local_mpi_env", "relaunch", "run_mpi"]

@@ -61,19 +61,6 @@ def config_from_args(args: argparse.Namespace) -> CascadeConfig:
     return CascadeConfig.from_env(**overrides)
 
 
-def _mpi_size() -> int:
-    from ..cluster.launch import launched_as  # imports no MPI
-
-    started = launched_as()
-    if started is None:
-        return 1
-    if started.size is not None:
-        return started.size
-    from mpi4py import MPI
-
-    return MPI.COMM_WORLD.Get_size()
-
-
 def _rank_path(path: Path, comm: Any) -> Path:
     from mpi4py import MPI
 
@@ -88,6 +75,7 @@ def _rank_path(path: Path, comm: Any) -> Path:
 
 def run_serve(args: argparse.Namespace) -> int:
     """The daemon: serve until SIGTERM or SIGINT, then stop cleanly (exit 0)."""
+    from ..cluster.launch import job_size  # imports no MPI unless the launcher names no job size
     from .backends import GenericBackend, LocalBackend
     from .served import ServedStore
     from .server import Server, default_socket_path
@@ -100,7 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         path = args.socket if args.socket is not None else default_socket_path()
         rank = None
-        if _mpi_size() > 1:
+        if job_size() > 1:
             from ..cluster.store import DistributedStore
 
             store = DistributedStore(cfg)
