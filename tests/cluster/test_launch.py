@@ -211,8 +211,18 @@ def test_ranks_agree_on_an_allreduce(mpirun: MpiRun, n: int) -> None:
         sorted((str(r), str(n), str(expected)) for r in range(n))
 
 
-def test_a_hung_rank_is_killed_at_the_timeout(tmp_path: Path) -> None:
+def test_a_hung_rank_is_killed_at_the_timeout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_mpiexec()
+    # The timeout reaches the wait on mpiexec (seen by a spy, not by timing the call): a rank that hangs for 120 s
+    # without it would let the job finish and LaunchTimeout never come.
+    waits: list[float | None] = []
+    communicate = subprocess.Popen.communicate
+
+    def spy(self: subprocess.Popen[str], *args: object, timeout: float | None = None, **kwargs: object) -> object:
+        waits.append(timeout)
+        return communicate(self, *args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", spy)
     script = tmp_path / "hang.py"
     script.write_text(
         "import os, time\n"
@@ -222,17 +232,14 @@ def test_a_hung_rank_is_killed_at_the_timeout(tmp_path: Path) -> None:
         "if comm.rank == 1:\n"
         "    time.sleep(120)\n"
         "comm.Barrier()\n")
-    t0 = time.monotonic()
     with pytest.raises(LaunchTimeout) as caught:
         launch.run_mpi(2, [sys.executable, str(script)], timeout=10)
-    assert time.monotonic() - t0 < 30
+    assert waits[0] == 10, waits
     message = str(caught.value)
     assert "did not finish in 10 s" in message and "killed mpiexec" in message
     pids = [int(p) for p in re.findall(r"rank \d pid (\d+)", caught.value.stdout)]
     assert len(pids) == 2 and all(f"pid {p}" in message for p in pids), message  # the output so far
-    deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_gone(pids)
     assert not [p for p in pids if _alive(p)], "a rank outlived the timeout"
 
 
@@ -251,10 +258,25 @@ def test_a_launcher_that_ignores_sigterm_is_killed_with_its_children(
     with pytest.raises(LaunchTimeout) as caught:
         launch._run([sys.executable, str(script)], dict(os.environ), timeout=2, capture=True)
     (child,) = (int(p) for p in re.findall(r"child (\d+)", caught.value.stdout))
-    deadline = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    _wait_gone([child])
     assert not _alive(child), "the launcher's child outlived the timeout"
+
+
+def _wait_gone(pids: list[int], limit: float = 60.0) -> None:
+    """Wait until each of ``pids`` has exited: a pidfd becomes readable when its process ends, so this wakes on
+    the exit itself rather than polling. ``limit`` only keeps a process that never ends from hanging the test
+    (the caller's assertion then fails); a signalled process ends within milliseconds."""
+    import select
+
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone (and reaped) already
+            continue
+        try:
+            select.select([fd], [], [], limit)
+        finally:
+            os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -289,9 +311,7 @@ def test_sigterm_to_a_relaunching_cascade_ends_its_ranks_too(tmp_path: Path) -> 
         assert len(ranks) >= 2, "the ranks did not start"
         parent.terminate()
         assert parent.wait(30) == 128 + 15
-        deadline = time.monotonic() + 10
-        while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        _wait_gone(ranks)
         assert not [p for p in ranks if _alive(p)], "a rank outlived its cascade command"
     finally:
         if parent.poll() is None:
