@@ -9,6 +9,7 @@ array metadata = ``u8 len`` + numpy :func:`~.records.dtype_text` (``u16 len`` + 
 """
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable
 
@@ -25,6 +26,12 @@ _I32 = struct.Struct("<i")
 _CLAIM_REQ = struct.Struct("<QB")  # nbytes, prefix; after the digest
 _STATUS_REPLY = struct.Struct("<BiII")  # status, pending rank (-1 unless PENDING), protected, refs; then locations
 _UNREF_REPLY = struct.Struct("<BB")  # freed, unprotected; then locations
+
+
+@functools.lru_cache(maxsize=64)
+def _dims(ndim: int) -> struct.Struct:
+    """The struct of ``ndim`` little-endian u64 dims (built once per rank: a record decodes one per key)."""
+    return struct.Struct(f"<{ndim}Q")
 
 
 class _Reader:
@@ -75,7 +82,7 @@ class _Reader:
         digest = Digest(self.digest())
         dtype = self.take(self.unpack(_U16)[0]).decode("ascii")
         ndim = self.u8()
-        shape = self.unpack(struct.Struct(f"<{ndim}Q")) if ndim else ()
+        shape = self.unpack(_dims(ndim)) if ndim else ()
         return KeyRecord(digest, dtype, shape, bool(self.u8()))
 
     def done(self) -> None:

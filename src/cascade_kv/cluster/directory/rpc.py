@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from ...errors import PeerTimeout
 from ...ids import Key, StoreKey
-from ..homes import home_of_digest, home_of_key
+from ..homes import decode_key, encode_key, home_of_digest, home_of_encoded, home_of_key
 from ..service import Service
 from .codec import (_CLAIM_REQ, _I32, _STATUS_REPLY, _U8, _U32, _U64, _UNREF_REPLY, _digest, _key, _located,
                     _locations, _optional_record, _read_located, _read_optional_record, _Reader, _record)
@@ -72,14 +72,14 @@ class Directory:
         self._serve(OP_MOVE, lambda src, r: _U8.pack(s.move(self._mine(r.digest()), r.location(), r.location())))
         self._serve(OP_DROP_COPY, self._drop_copy_one)
         self._serve(OP_PROTECT, lambda src, r: _located(s.set_protected(self._mine(r.digest()), r.unpack(_I32)[0])))
-        self._serve(OP_BIND, lambda src, r: _optional_record(s.bind(self._my_key(r.key()), r.record())))
-        self._serve(OP_LOOKUP, lambda src, r: _optional_record(s.lookup(self._my_key(r.key()))))
-        self._serve(OP_UNBIND, lambda src, r: _optional_record(s.unbind(self._my_key(r.key()))))
+        self._serve(OP_BIND, lambda src, r: _optional_record(s.bind(self._my_key(r), r.record())))
+        self._serve(OP_LOOKUP, lambda src, r: _optional_record(s.lookup(self._my_key(r))))
+        self._serve(OP_UNBIND, lambda src, r: _optional_record(s.unbind(self._my_key(r))))
         self.service.register(OP_KEYS, lambda src, payload: b"".join(_key(k) for k in s.keys()))
         self.service.register(OP_BOUND, self._bound)
         self.service.register(OP_SPACE_PROTECTED, lambda src, payload: _U64.pack(s.protected_bytes(bytes(payload))))
         self._serve(OP_SET_PREFIX, lambda src, r: _optional_record(
-            s.set_prefix(self._my_key(r.key()), bool(r.u8()), r.digest() or None)))
+            s.set_prefix(self._my_key(r), bool(r.u8()), r.digest() or None)))
 
     # ---------------------------------------------------------------- serving
     def _serve(self, op: int, one: Callable[[int, _Reader], bytes]) -> None:
@@ -97,8 +97,11 @@ class Directory:
                              f"not {self.rank}")
         return digest
 
-    def _my_key(self, key: Key) -> Key:
-        if home_of_key(key, self.size) != self.rank:
+    def _my_key(self, r: _Reader) -> Key:
+        """The next key of a request, checked to be homed here (from its wire bytes: no second encoding)."""
+        raw = r.take(r.u32())
+        key = decode_key(raw)
+        if home_of_encoded(raw, self.size) != self.rank:
             raise ValueError(f"key {key!r:.80} is homed at rank {home_of_key(key, self.size)}, not {self.rank}")
         return key
 
@@ -110,7 +113,7 @@ class Directory:
 
     def _bound(self, source: int, payload: memoryview) -> bytes:
         r = _Reader(payload)
-        keys = [self._my_key(r.key()) for _ in range(r.u32())]
+        keys = [self._my_key(r) for _ in range(r.u32())]
         r.done()
         return self.state.bound(keys)
 
@@ -125,20 +128,25 @@ class Directory:
         return _U8.pack(status) + _U32.pack(protected)
 
     # ---------------------------------------------------------------- calling
-    def _fan_out(self, op: int, items: Sequence[T], home: Callable[[T], int], encode: Callable[[T], bytes],
+    def _fan_out(self, op: int, items: Sequence[T], route: Callable[[T], tuple[int, bytes]],
                  decode: Callable[[_Reader], R]) -> list[R]:
-        """One request per home rank holding ``items``' records; the results back in ``items``' order."""
+        """One request per home rank holding ``items``' records; the results back in ``items``' order.
+        ``route(item)`` gives the item's home and its encoded request (see :meth:`_by_digest`, :meth:`_by_key`)."""
         if not items:
             return []
         if len(items) == 1:  # the common single-key call: no grouping
-            r = _Reader(self.service.call(home(items[0]), op, b"\x01\x00\x00\x00" + encode(items[0])))
+            home, piece = route(items[0])
+            r = _Reader(self.service.call(home, op, b"\x01\x00\x00\x00" + piece))
             result = decode(r)
             r.done()
             return [result]
         groups: dict[int, list[int]] = {}
+        pieces: list[bytes] = []
         for i, item in enumerate(items):
-            groups.setdefault(home(item), []).append(i)
-        requests = [(rank, op, _U32.pack(len(idx)) + b"".join(encode(items[i]) for i in idx))
+            home, piece = route(item)
+            pieces.append(piece)
+            groups.setdefault(home, []).append(i)
+        requests = [(rank, op, _U32.pack(len(idx)) + b"".join([pieces[i] for i in idx]))
                     for rank, idx in groups.items()]
         results: list[R] = [None] * len(items)  # type: ignore[list-item]  # every slot is filled below
         for (rank, idx), reply in zip(groups.items(), self.service.call_many(requests), strict=True):
@@ -148,11 +156,22 @@ class Directory:
             r.done()
         return results
 
-    def _by_digest(self, item: tuple) -> int:
-        return home_of_digest(item[0], self.size)
+    def _by_digest(self, encode: Callable[[T], bytes]) -> Callable[[T], tuple[int, bytes]]:
+        """Route items whose first field is a digest to the digest's home; ``encode(item)`` is the request."""
+        size = self.size
+        return lambda it: (home_of_digest(it[0], size), encode(it))
 
-    def _by_key(self, item: tuple) -> int:
-        return home_of_key(item[0], self.size)
+    def _by_key(self, extra: Callable[[T], bytes] | None = None) -> Callable[[T], tuple[int, bytes]]:
+        """Route items whose first field is a key to the key's home; the request is the key's wire form, then
+        ``extra(item)``. The key is encoded once for both (encoding and hashing cost ~1 us each per key)."""
+        size = self.size
+
+        def route(it: T) -> tuple[int, bytes]:
+            raw = encode_key(it[0])  # type: ignore[index]
+            piece = _U32.pack(len(raw)) + raw
+            return home_of_encoded(raw, size), piece if extra is None else piece + extra(it)
+
+        return route
 
     # put side
     def claim_many(self, items: Sequence[tuple[bytes, int] | tuple[bytes, int, bool]]) -> list[Claim]:
@@ -161,9 +180,8 @@ class Directory:
             status, pending, protected, _ = r.unpack(_STATUS_REPLY)
             return Claim(ClaimStatus(status), r.locations(), pending, protected)
 
-        return self._fan_out(OP_CLAIM, items, self._by_digest,
-                             lambda it: _digest(it[0]) + _CLAIM_REQ.pack(it[1], bool(it[2]) if len(it) > 2 else 0),
-                             decode)
+        return self._fan_out(OP_CLAIM, items, self._by_digest(
+            lambda it: _digest(it[0]) + _CLAIM_REQ.pack(it[1], bool(it[2]) if len(it) > 2 else 0)), decode)
 
     def claim(self, digest: bytes, nbytes: int, prefix: bool = False) -> Claim:
         return self.claim_many([(digest, nbytes, prefix)])[0]
@@ -198,15 +216,14 @@ class Directory:
         return self.claim_settled_many([(digest, nbytes, prefix)], timeout)[0]
 
     def publish_many(self, items: Sequence[tuple[bytes, Location]]) -> None:
-        self._fan_out(OP_PUBLISH, items, self._by_digest, lambda it: _digest(it[0]) + it[1].pack(), lambda r: None)
+        self._fan_out(OP_PUBLISH, items, self._by_digest(lambda it: _digest(it[0]) + it[1].pack()), lambda r: None)
 
     def publish(self, digest: bytes, location: Location) -> None:
         self.publish_many([(digest, location)])
 
     def bind_many(self, items: Sequence[tuple[Key, KeyRecord]]) -> list[KeyRecord | None]:
         """Bind each key at its home; what each named before (to ``unref``), or None."""
-        return self._fan_out(OP_BIND, items, self._by_key, lambda it: _key(it[0]) + _record(it[1]),
-                             _read_optional_record)
+        return self._fan_out(OP_BIND, items, self._by_key(lambda it: _record(it[1])), _read_optional_record)
 
     def bind(self, key: Key, record: KeyRecord) -> KeyRecord | None:
         return self.bind_many([(key, record)])[0]
@@ -219,17 +236,16 @@ class Directory:
             freed, unprotected = r.unpack(_UNREF_REPLY)
             return Released(bool(freed), bool(unprotected), r.locations())
 
-        return self._fan_out(OP_UNREF, pairs, self._by_digest, lambda it: _digest(it[0]) + _U8.pack(it[1]), decode)
+        return self._fan_out(OP_UNREF, pairs, self._by_digest(lambda it: _digest(it[0]) + _U8.pack(it[1])), decode)
 
     def unref(self, digest: bytes, prefix: bool = False) -> Released:
         return self.unref_many([(digest, prefix)])[0]
 
     def forget_many(self, digests: Sequence[bytes]) -> None:
-        self._fan_out(OP_FORGET, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]), lambda r: None)
+        self._fan_out(OP_FORGET, [(d,) for d in digests], self._by_digest(lambda it: _digest(it[0])), lambda r: None)
 
     def unbind_many(self, keys: Sequence[Key]) -> list[KeyRecord | None]:
-        return self._fan_out(OP_UNBIND, [(k,) for k in keys], self._by_key, lambda it: _key(it[0]),
-                             _read_optional_record)
+        return self._fan_out(OP_UNBIND, [(k,) for k in keys], self._by_key(), _read_optional_record)
 
     def unbind(self, key: Key) -> KeyRecord | None:
         return self.unbind_many([key])[0]
@@ -237,14 +253,12 @@ class Directory:
     def set_prefix(self, key: Key, prefix: bool, digest: bytes | None = None) -> KeyRecord | None:
         """Mark ``key`` as a prefix or not at its home, only while it names ``digest`` if given; its record
         before the change (None: not bound)."""
-        return self._fan_out(OP_SET_PREFIX, [(key,)], self._by_key,
-                             lambda it: _key(it[0]) + _U8.pack(prefix) + (_digest(digest) if digest else _U8.pack(0)),
-                             _read_optional_record)[0]
+        return self._fan_out(OP_SET_PREFIX, [(key,)], self._by_key(
+            lambda it: _U8.pack(prefix) + (_digest(digest) if digest else _U8.pack(0))), _read_optional_record)[0]
 
     # get side
     def lookup_many(self, keys: Sequence[Key]) -> list[KeyRecord | None]:
-        return self._fan_out(OP_LOOKUP, [(k,) for k in keys], self._by_key, lambda it: _key(it[0]),
-                             _read_optional_record)
+        return self._fan_out(OP_LOOKUP, [(k,) for k in keys], self._by_key(), _read_optional_record)
 
     def lookup(self, key: Key) -> KeyRecord | None:
         return self.lookup_many([key])[0]
@@ -252,8 +266,7 @@ class Directory:
     def bound_many(self, keys: Sequence[StoreKey]) -> list[bool]:
         """Whether each key is bound: ``lookup_many`` answering one byte per key instead of its record (a
         prompt's prefix keys are thousands: records would cost ~60 B and a few us to decode each)."""
-        return self._fan_out(OP_BOUND, [(k,) for k in keys], self._by_key, lambda it: _key(it[0]),
-                             lambda r: bool(r.u8()))
+        return self._fan_out(OP_BOUND, [(k,) for k in keys], self._by_key(), lambda r: bool(r.u8()))
 
     def keys(self) -> list[Key]:
         """Every key bound anywhere (one request to every rank): a snapshot, in no particular order."""
@@ -270,33 +283,29 @@ class Directory:
                    for reply in self.service.call_many([(r, OP_SPACE_PROTECTED, tag) for r in range(self.size)]))
 
     def locate_many(self, digests: Sequence[bytes]) -> list[Located]:
-        return self._fan_out(OP_LOCATE, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),
-                             _read_located)
+        return self._fan_out(OP_LOCATE, [(d,) for d in digests], self._by_digest(lambda it: _digest(it[0])), _read_located)
 
     def locate(self, digest: bytes) -> Located:
         return self.locate_many([digest])[0]
 
     def load_many(self, digests: Sequence[bytes]) -> list[Located]:
         """Ask for a load lease on each digest found on disk only (see :class:`LoadStatus`)."""
-        return self._fan_out(OP_LOAD, [(d,) for d in digests], self._by_digest, lambda it: _digest(it[0]),
-                             _read_located)
+        return self._fan_out(OP_LOAD, [(d,) for d in digests], self._by_digest(lambda it: _digest(it[0])), _read_located)
 
     # moves and protection
     def move_many(self, items: Sequence[tuple[bytes, Location, Location]]) -> list[bool]:
-        return self._fan_out(OP_MOVE, items, self._by_digest,
-                             lambda it: _digest(it[0]) + it[1].pack() + it[2].pack(), lambda r: bool(r.u8()))
+        return self._fan_out(OP_MOVE, items, self._by_digest(lambda it: _digest(it[0]) + it[1].pack() + it[2].pack()),
+                             lambda r: bool(r.u8()))
 
     def move(self, digest: bytes, old: Location, new: Location) -> bool:
         return self.move_many([(digest, old, new)])[0]
 
     def drop_copy(self, digest: bytes, location: Location, force: bool = False) -> tuple[CopyStatus, int]:
-        return self._fan_out(OP_DROP_COPY, [(digest,)], self._by_digest,
-                             lambda it: _digest(it[0]) + location.pack() + _U8.pack(force),
+        return self._fan_out(OP_DROP_COPY, [(digest,)], self._by_digest(lambda it: _digest(it[0]) + location.pack() + _U8.pack(force)),
                              lambda r: (CopyStatus(r.u8()), r.u32()))[0]
 
     def set_protected_many(self, items: Sequence[tuple[bytes, int]]) -> list[Located]:
-        return self._fan_out(OP_PROTECT, items, self._by_digest, lambda it: _digest(it[0]) + _I32.pack(it[1]),
-                             _read_located)
+        return self._fan_out(OP_PROTECT, items, self._by_digest(lambda it: _digest(it[0]) + _I32.pack(it[1])), _read_located)
 
     def set_protected(self, digest: bytes, delta: int) -> Located:
         return self.set_protected_many([(digest, delta)])[0]
