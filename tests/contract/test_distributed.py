@@ -18,10 +18,15 @@ from .mpi_main import JOB_ENV
 MPI_MAIN = Path(__file__).resolve().parent / "mpi_main.py"
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_the_contract_holds_on_ranks(ranks):
+@pytest.mark.parametrize("ranks,transport", [(1, "sm"), (2, "sm"), (2, "tcp")])
+def test_the_contract_holds_on_ranks(ranks, transport, monkeypatch):
     from cluster.conftest import run_ranks  # tests/ is on sys.path (rootdir-relative test packages)
 
+    if transport == "tcp":
+        # Separate nodes emulated: no shared memory between the ranks, one-sided reads through Open MPI's
+        # TCP transport, and every idle service asleep in the kernel (woken over UDP) between calls.
+        monkeypatch.setenv("OMPI_MCA_btl", "tcp,self")
+        monkeypatch.setenv("OMPI_MCA_osc", "rdma")
     out = run_ranks(ranks, [sys.executable, str(MPI_MAIN)], timeout=180)
     assert " passed" in out and " failed" not in out, out
 
