@@ -69,7 +69,7 @@ def test_reads_blocks_and_refuses_stale_locations():
 
 
 def test_churning_owner_never_yields_another_blocks_bytes():
-    result = run_worker(2, "stress", "2")
+    result = run_worker(2, "stress")
     assert result["torn"] == 0, result
     assert result["ok"] > 0 and result["stale"] > 0 and result["batches"] > 0, result
     assert result["owner_ops"] > 100, result
