@@ -29,6 +29,9 @@ def build_model(path: Path) -> None:
 
 
 def wait_keys(socket: str, n: int, limit: float = 60.0) -> None:
+    """Until the daemon holds ``n`` keys. The daemon offers no event for a save landing, so this polls; the
+    10 ms pause leaves the cores to the threads doing the saves, and ``limit`` only turns a hang into a failure
+    (nothing here asserts how long the saves took)."""
     import time
 
     import cascade_kv
@@ -61,7 +64,7 @@ def main() -> None:
               enable_prefix_caching=False, seed=0, **kw)
     params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 8))
     for step in spec["steps"]:
-        if "wait_keys" in step:  # saves are asynchronous: wait until the daemon holds them (a deadline, no sleep)
+        if "wait_keys" in step:  # saves are asynchronous: wait until the daemon holds them (polled: see wait_keys)
             wait_keys(step["socket"], step["wait_keys"])
             continue
         if "kill" in step:
