@@ -63,13 +63,15 @@ def _seed(default: int) -> int:
     return int(os.environ.get("CASCADE_MODEL_SEED", default))
 
 
-@pytest.mark.parametrize(("n", "steps", "seed"), [(2, 300, 1), (4, 150, 2)])
-def test_random_operations_from_every_rank_agree_with_the_model(n, steps, seed, tmp_path):
+# the arenas' eviction order (policy.ArenaPolicy) changes which copies move, never what a read returns
+@pytest.mark.parametrize(("n", "steps", "seed", "order"),
+                         [(2, 300, 1, "lru"), (4, 150, 2, "lru"), (2, 150, 3, "reuse")])
+def test_random_operations_from_every_rank_agree_with_the_model(n, steps, seed, order, tmp_path):
     from .conftest import run_ranks
 
     steps, seed = _steps(steps), _seed(seed)
     # the disk tier lies in pytest's tmp_path: a failed run (the job aborted) leaves nothing elsewhere
-    out = run_ranks(n, [sys.executable, "-m", "mpi4py", __file__, str(steps), str(seed), str(tmp_path)],
+    out = run_ranks(n, [sys.executable, "-m", "mpi4py", __file__, str(steps), str(seed), str(tmp_path), order],
                     timeout=max(90.0, steps * n / 10))
     for rank in range(n):
         assert f"rank {rank}: ok" in out, out
@@ -349,12 +351,12 @@ def _check_directory(comm, store) -> list[str]:
     return problems
 
 
-def _run(comm, scratch: Path, steps: int, seed: int) -> dict[str, int]:
+def _run(comm, scratch: Path, steps: int, seed: int, order: str) -> dict[str, int]:
     from cascade_kv.cluster.store import DistributedStore
 
     rank = comm.Get_rank()
     store = DistributedStore(comm=comm, timeout=STORE_TIMEOUT, host_capacity=ARENA_BLOCKS * (SIZES[1] + 64),
-                             disk_path=str(scratch / "disk"), promotion_threshold=2)
+                             disk_path=str(scratch / "disk"), promotion_threshold=2, eviction_order=order)
     walkers = [Walker(store, rank, t, seed) for t in range(THREADS)]
     per_thread = max(1, steps // THREADS)
     done = 0
@@ -385,7 +387,7 @@ def _run(comm, scratch: Path, steps: int, seed: int) -> dict[str, int]:
     return counts
 
 
-def _main(steps: int, seed: int, where: str | None) -> None:
+def _main(steps: int, seed: int, where: str | None, order: str = "lru") -> None:
     from mpi4py import MPI
 
     faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
@@ -394,10 +396,10 @@ def _main(steps: int, seed: int, where: str | None) -> None:
     # the first pickle-based collective duplicates the communicator with the GIL held: before any store
     scratch = Path(comm.bcast(tempfile.mkdtemp(prefix="cascade-model-test-", dir=where) if rank == 0 else None))
     if rank == 0:
-        print(f"model: {comm.Get_size()} ranks x {steps} steps x {THREADS} threads, seed {seed}", flush=True)
+        print(f"model: {comm.Get_size()} ranks x {steps} steps x {THREADS} threads, seed {seed}, {order}", flush=True)
     t0 = time.perf_counter()
     try:
-        counts = _run(comm, scratch, steps, seed)
+        counts = _run(comm, scratch, steps, seed, order)
         comm.Barrier()
     except BaseException:
         if where is None:  # a run of its own: say what is left behind (the ranks may still use it)
@@ -410,4 +412,4 @@ def _main(steps: int, seed: int, where: str | None) -> None:
 
 
 if __name__ == "__main__":
-    _main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
+    _main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None, *sys.argv[4:5])
