@@ -132,7 +132,7 @@ def _pinned_arena(comm, scratch: Path) -> None:
                     assert go.wait(60), "the scenario never let the first put go"
                 return publish_many(published)
 
-            ask_for_room = store._ask_for_room
+            ask_for_room = store.eviction.ask_for_room
             asks = []
 
             def ask_counted(need, ask_for_room=ask_for_room):
@@ -143,7 +143,7 @@ def _pinned_arena(comm, scratch: Path) -> None:
                 return ask_for_room(need)
 
             store.directory.publish_many = publish_held
-            store._ask_for_room = ask_counted
+            store.eviction.ask_for_room = ask_counted
             try:
                 first.start()
                 assert held.wait(60) and not failed, f"the first put never reached publish_many: {failed!r}"
@@ -159,7 +159,7 @@ def _pinned_arena(comm, scratch: Path) -> None:
                 go.set()
                 first.join()
                 assert not failed, f"the first put failed: {failed!r}"
-                del store.directory.publish_many, store._ask_for_room  # the classes' own methods again
+                del store.directory.publish_many, store.eviction.ask_for_room  # the classes' own methods again
             assert "b" not in store
             store.put("b", b, is_prefix=True)  # the copies are listed now: one of them moves to rank 1
         store.barrier()

@@ -1,4 +1,5 @@
-"""The distributed store's counters, and the sum of every rank's snapshot (``cluster_stats``)."""
+"""The distributed store's counters, one rank's snapshot of them (``stats``), and the sum of every rank's
+snapshot (``cluster_stats``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..stats import StoreCounters, StoreStats, TierCounters, TierStats
+from .arena import Arena
+from .directory import HomeStats
 
 
 @dataclass(slots=True)
@@ -20,6 +23,47 @@ class Counters(StoreCounters):
     """The shared disk tier: gets served from a file (disk reads); bytes written = files this rank wrote."""
     bytes_sent: int = 0
     bytes_received: int = 0
+
+
+def rank_stats(c: Counters, arena: Arena, disk_capacity: int | None, has_disk: bool, home: HomeStats,
+               open_seconds: float) -> StoreStats:
+    """One rank's snapshot: its counters ``c`` (taken under the arena's lock) and what it is home to."""
+    copies = arena.copies()
+    with arena.lock:
+        tiers = [TierStats("host", c.host.hits, c.host.misses, c.host.bytes_read, c.host.bytes_written,
+                           c.host.evictions, sum(1 for x in copies if x.generation), arena.tier.used, arena.capacity),
+                 TierStats("remote", c.remote.hits, c.remote.misses, c.remote.bytes_read, c.remote.bytes_written,
+                           0, 0, 0, None)]
+        if has_disk:
+            # blocks and bytes on disk are counted at the digests' homes: summed over ranks, each file once
+            tiers.append(TierStats("disk", c.disk.hits, c.disk.misses, c.disk.bytes_read, c.disk.bytes_written,
+                                   0, home.disk_blocks, home.disk_bytes, disk_capacity))
+        return StoreStats(
+            tiers=tuple(tiers), keys=home.keys, blocks=home.blocks, logical_bytes=home.logical_bytes,
+            unique_bytes=home.unique_bytes, protected_blocks=home.protected_blocks,
+            protected_in_memory=home.protected_in_memory, puts=c.puts, gets=c.gets, misses=c.misses,
+            deletes=c.deletes, dedup_hits=c.dedup_hits, dedup_bytes_saved=c.dedup_bytes_saved,
+            demotions=c.demotions, promotions=c.promotions, drops=c.drops, dropped_bytes=c.dropped_bytes,
+            integrity_errors=c.integrity_errors, quarantined=c.quarantined, open_seconds=open_seconds,
+            ranks=1, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received)
+
+
+def space_stats(c: Counters, arena: Arena, disk_capacity: int | None, has_disk: bool, home: HomeStats,
+                open_seconds: float) -> StoreStats:
+    """A named namespace's snapshot on one rank: its own operations (``c``) and what this rank is home to of
+    it (``home``); its tiers show only capacity (per-tier counters are not kept per namespace)."""
+    with arena.lock:
+        tiers = [TierStats("host", 0, 0, 0, 0, 0, 0, arena.tier.used, arena.capacity),
+                 TierStats("remote", 0, 0, 0, 0, 0, 0, 0, None)]
+        if has_disk:
+            tiers.append(TierStats("disk", 0, 0, 0, 0, 0, home.disk_blocks, home.disk_bytes, disk_capacity))
+        return StoreStats(
+            tiers=tuple(tiers), keys=home.keys, blocks=home.blocks, logical_bytes=home.logical_bytes,
+            unique_bytes=home.unique_bytes, protected_blocks=home.protected_blocks,
+            protected_in_memory=home.protected_in_memory, puts=c.puts, gets=c.gets, misses=c.misses,
+            deletes=c.deletes, dedup_hits=c.dedup_hits, dedup_bytes_saved=c.dedup_bytes_saved, demotions=0,
+            promotions=0, drops=0, dropped_bytes=0, integrity_errors=0, quarantined=0,
+            open_seconds=open_seconds, ranks=1)
 
 
 _MAX_FIELDS = frozenset({"open_seconds"})
@@ -47,4 +91,4 @@ def sum_stats(snapshots: Sequence[StoreStats]) -> StoreStats:
     return StoreStats(**values)  # type: ignore[arg-type]
 
 
-__all__ = ["Counters", "sum_stats"]
+__all__ = ["Counters", "rank_stats", "space_stats", "sum_stats"]

@@ -49,17 +49,18 @@ import stat
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .. import catalog
-from ..errors import ConfigError, StorageError
+from ..config import CascadeConfig
+from ..errors import BlockNotFound, CapacityError, ConfigError, IntegrityError, PeerTimeout, StorageError
 from ..ids import BlockId, Key, parse_block_name
 from ..tiers.disk import DiskTier, lock_directory, make_dirs, unlink_quietly, write_atomically
-from .directory import TIER_DISK, DirectoryState, KeyRecord, Location, dtype_of, dtype_text
+from .directory import TIER_DISK, Directory, DirectoryState, KeyRecord, Location, dtype_of, dtype_text
 from .homes import home_of_digest, home_of_key
 
 log = logging.getLogger(__name__)
@@ -481,69 +482,65 @@ class JournalledState(DirectoryState):
 
 # ------------------------------------------------------------------ the store's side
 class Durability:
-    """What :class:`~.store.DistributedStore` does differently with ``persist=True`` (a mixin, as
-    :class:`~cascade_kv.persistence.Persistence` is for the single-node store): recover the directory at
-    open, write every new block durably before its key is bound, reload protected blocks, keep the files
-    at close."""
+    """What :class:`~.store.DistributedStore` does differently with ``persist=True``: recover the directory
+    at open (:meth:`open`), serve the journalled share (:attr:`state`), reload protected blocks, release the
+    LOCK at close. Writing every new block durably before its key is bound is the write path's
+    (:class:`~.writes.Writes`, ``persist``). A part the store holds, not a mixin: it reads none of the
+    store's fields."""
 
-    durable: Recovery | None
+    def __init__(self, recovery: Recovery | None) -> None:
+        self.recovery = recovery
+        """What open recovered (None without persist)."""
+        self.state = None if recovery is None else JournalledState(recovery.journal)
+        """The directory share this rank serves, its journal open (None without persist: a plain one)."""
 
-    def _open_durable(self) -> JournalledState | None:
-        """Collective: recover the shared directory; the directory share to serve (None without persist)."""
-        self.durable = None
-        if not self.config.persist:
-            return None
-        assert self.disk is not None  # CascadeConfig: persist needs disk_path
-        try:
-            self.durable = open_directory(self.comm, self.rank, self.size, self.disk, self.config.hash_algorithm,
-                                          file_mode=self.disk.file_mode, dir_mode=self.disk.dir_mode)
-        except BaseException:
-            # every rank fails here together (open_directory agrees on failure): undo the collective set-up
-            self.service.close()
-            self.arena.close()
-            self.window.close(timeout=self.service.timeout)
-            raise
-        state = JournalledState(self.durable.journal)
-        state.restore(self.durable, self.rank)
-        return state
+    @classmethod
+    def open(cls, comm: object, rank: int, size: int, config: CascadeConfig, disk: DiskTier | None) -> Durability:
+        """Collective: recover the shared directory (without persist, nothing to do)."""
+        if not config.persist:
+            return cls(None)
+        assert disk is not None  # CascadeConfig: persist needs disk_path
+        recovery = open_directory(comm, rank, size, disk, config.hash_algorithm, file_mode=disk.file_mode,
+                                  dir_mode=disk.dir_mode)
+        durability = cls(recovery)
+        assert durability.state is not None
+        durability.state.restore(recovery, rank)
+        return durability
 
-    def _persist_block(self, digest: BlockId, data: memoryview) -> Location | None:
-        """With persist, the block's file is durable before any key names it: its disk location, else None."""
-        if self.durable is None:
-            return None
-        self._write_disk(digest, data)
-        return Location(self.rank, TIER_DISK, 0, data.nbytes, 0)
+    @property
+    def enabled(self) -> bool:
+        return self.recovery is not None
 
-    def _reload_protected(self) -> None:
+    def reload_protected(self, comm: object, rank: int, read_blocks: Callable[[list[BlockId], list[memoryview]], None],
+                         directory: Directory) -> None:
         """Collective: protected keys come back protected. Each digest home loads the protected blocks it
-        homes into cluster memory (a load under lease, as any read from disk). One that does not fit stays on
-        disk, and one whose file fails its digest check is quarantined (its keys then read as missing): both
-        are logged and counted, never a failed open."""
-        if self.durable is None:
+        homes into cluster memory (a load under lease, as any read from disk: ``read_blocks``). One that does
+        not fit stays on disk, and one whose file fails its digest check is quarantined (its keys then read
+        as missing): both are logged and counted, never a failed open."""
+        if self.recovery is None:
             return
-        from ..errors import BlockNotFound, CapacityError, IntegrityError, PeerTimeout
-
-        protected = [(d, c.nbytes) for d, c in self.durable.digests.items() if c.protected > 0]
+        protected = [(d, c.nbytes) for d, c in self.recovery.digests.items() if c.protected > 0]
         failed = on_disk = 0
         for digest, nbytes in protected:
             out = np.empty(nbytes, np.uint8)
             try:
-                self._read_blocks([digest], [memoryview(out)])
+                read_blocks([digest], [memoryview(out)])
             except (BlockNotFound, CapacityError, IntegrityError, StorageError, PeerTimeout) as e:
                 failed += 1
-                log.warning("rank %d: protected block %s not reloaded: %s", self.rank, digest[:8].hex(), e)
+                log.warning("rank %d: protected block %s not reloaded: %s", rank, digest[:8].hex(), e)
                 continue
-            if not self.directory.locate(digest).memory:
+            if not directory.locate(digest).memory:
                 on_disk += 1
-        self.durable.protected_not_reloaded = failed + on_disk
+        self.recovery.protected_not_reloaded = failed + on_disk
         if on_disk:
-            log.warning("rank %d: %d protected block(s) stay on disk: no room in cluster memory", self.rank, on_disk)
-        self.comm.Barrier()  # open returns with every rank's protected blocks where they belong
+            log.warning("rank %d: %d protected block(s) stay on disk: no room in cluster memory", rank, on_disk)
+        comm.Barrier()  # open returns with every rank's protected blocks where they belong
 
-    def _close_durable(self) -> None:
-        if self.durable is not None:
-            self.durable.journal.close()
-            release_lock(self.durable)
+    def close(self) -> None:
+        """Close the journal and release the LOCK (the block files and the journals stay)."""
+        if self.recovery is not None:
+            self.recovery.journal.close()
+            release_lock(self.recovery)
 
 
 __all__ = ["DigestRefs", "Durability", "JournalledState", "Manifest", "Recovery", "damaged_blocks", "digest_refs",
