@@ -6,8 +6,17 @@ import itertools
 import numpy as np
 import pytest
 
-from cascade_kv.cluster.slots import (MAGIC, SLOT_HEADER, TOMBSTONE, SlotArena, digest16_of, expected_fields,
-                                      fields_of, pack_header, unpack_header)
+from cascade_kv.cluster.slots import (
+    MAGIC,
+    SLOT_HEADER,
+    TOMBSTONE,
+    SlotArena,
+    digest16_of,
+    expected_fields,
+    fields_of,
+    pack_header,
+    unpack_header,
+)
 from cascade_kv.hashing import Hasher
 from cascade_kv.ids import BlockId
 from cascade_kv.tiers import HostTier
@@ -179,3 +188,16 @@ def test_expected_fields_refuses_the_tombstone_and_short_digests():
         expected_fields(TOMBSTONE, 10, bytes(16))
     with pytest.raises(ValueError):
         expected_fields(1, 10, bytes(15))
+
+
+def test_room_model_and_fits_now_count_the_headers():
+    """The what-if room is the host tier's, with a header added to every block: exact, fragmentation included."""
+    tier = SlotArena(4096)
+    room = tier.room_model()
+    a, b = BlockId(bytes(32)), BlockId(bytes([1]) * 32)
+    assert tier.fits_now([tier.capacity]) and not tier.fits_now([tier.capacity, 0])
+    assert room.allocate(a, tier.capacity) and not room.allocate(b, 0)  # b's header alone does not fit
+    room.free(a, tier.capacity)
+    assert room.allocate(b, 0)
+    assert tier.used == 0 and tier.largest_hole == tier.capacity  # the model changed nothing in the arena
+    tier.close()
