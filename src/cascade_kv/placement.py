@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -257,8 +257,20 @@ class Placement:
         """Record a copy in tier ``t``; ``use``: a put wrote it (a demotion or promotion only moves a copy)."""
         self._copy_counted(b, t, +1)
         self._policy.added(t, b.id, b.nbytes, b.reads, use=use)
-        for c in self._counts(b):
-            c.tiers[t].bytes_written += b.nbytes
+        self._c.tiers[t].bytes_written += b.nbytes
+        (b.space if b.space is not None else self._default).counters.tiers[t].bytes_written += b.nbytes
+
+    def _add_copies(self, blocks: list[Block], t: int) -> None:
+        """:meth:`_add_copy` with ``use``, for a put's blocks written into tier ``t``."""
+        added = self._policy.added
+        default = self._default
+        nbytes = 0
+        for b in blocks:
+            self._copy_counted(b, t, +1)
+            added(t, b.id, b.nbytes, b.reads)
+            (b.space if b.space is not None else default).counters.tiers[t].bytes_written += b.nbytes
+            nbytes += b.nbytes
+        self._c.tiers[t].bytes_written += nbytes
 
     def _drop_copy(self, b: Block, t: int) -> None:
         self._tiers[t].free(b.id)
@@ -270,16 +282,23 @@ class Placement:
         tier's blocks, protected bytes, protected blocks in memory. The one place ``where`` changes."""
         was = b.where
         bit = 1 << t
-        if bool(was & bit) == (sign > 0):
-            return  # recorded already (or never): counting it twice would drift from the walk
-        b.where = was | bit if sign > 0 else was & ~bit
+        if sign > 0:
+            if was & bit:
+                return  # recorded already: counting it twice would drift from the walk
+            b.where = was | bit
+        else:
+            if not was & bit:
+                return
+            b.where = was & ~bit
+        self._c.contents.tier_blocks[t] += sign
+        space = b.space if b.space is not None else self._default
+        space.counters.contents.tier_blocks[t] += sign
         if b.protected:
             self._protected_bytes[t] += sign * b.nbytes
-        memory = self._memory_mask
-        in_memory = (bool(b.where & memory) - bool(was & memory)) if b.protected else 0
-        for c in self._counts(b):
-            c.contents.tier_blocks[t] += sign
-            c.contents.protected_in_memory += in_memory
+            memory = self._memory_mask
+            in_memory = bool(b.where & memory) - bool(was & memory)
+            self._c.contents.protected_in_memory += in_memory
+            space.counters.contents.protected_in_memory += in_memory
 
     def _protection_changed(self, b: Block, sign: int) -> None:
         """``b`` became protected (+1) or unprotected (-1): its copies' protected bytes, its namespace's
@@ -323,6 +342,14 @@ class Placement:
         self._policy.set_protected(b.id, False)
         if self._blocks.get(b.id) is b:
             del self._blocks[b.id]
+
+    def _unpin_all(self, blocks: Iterable[Block]) -> None:
+        """:meth:`_unpin` for a batch: waiters are woken once (a notify costs more than the rest of an unpin)."""
+        for b in blocks:
+            b.pins -= 1
+            if b.pins == 0:
+                self._maybe_release(b)
+        self._cond.notify_all()
 
     def _unpin(self, b: Block) -> None:
         b.pins -= 1
