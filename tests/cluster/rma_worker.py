@@ -15,7 +15,7 @@ import traceback
 import numpy as np
 from mpi4py import MPI
 
-from cascade_kv.cluster.rma import SlotRef, remote_read, remote_read_many
+from cascade_kv.cluster.rma import BATCH_TYPES_FROM, SlotRef, remote_read, remote_read_many
 from cascade_kv.cluster.slots import SlotArena, digest16_of
 from cascade_kv.cluster.window import ARENA_OFFSET, ArenaWindow
 from cascade_kv.hashing import Hasher
@@ -195,7 +195,8 @@ def threaded_reads(aw: ArenaWindow, published: list[tuple[SlotRef, bytes]]) -> b
         rng = np.random.default_rng(seed)
         try:
             for _ in range(200):
-                picks = [published[int(i)] for i in rng.integers(len(published), size=3)]
+                # 3 blocks: a Get each; 6: the typed batch (rma.BATCH_TYPES_FROM)
+                picks = [published[int(i)] for i in rng.integers(len(published), size=int(rng.choice([3, 6])))]
                 outs = [bytearray(ref.nbytes) for ref, _ in picks]
                 if rng.random() < 0.5:
                     oks = remote_read_many(aw, [ref for ref, _ in picks], [memoryview(o) for o in outs])
@@ -236,10 +237,10 @@ def interleaved(aw: ArenaWindow, tier: SlotArena, rng: np.random.Generator) -> d
     """The owner acts between the phases of a read (a single read's Gets: 1 header, 2 bytes, 3 header)."""
     checks = {}
 
-    def race(after: int, action: str, many: bool = False) -> list[tuple[bool, bool]]:
-        """Read two fresh blocks (the first one alone unless ``many``) while ``action`` hits the first
+    def race(after: int, action: str, many: bool = False, n: int = 2) -> list[tuple[bool, bool]]:
+        """Read ``n`` fresh blocks (the first one alone unless ``many``) while ``action`` hits the first
         after Get number ``after``; per block read: (answered True, bytes were that block's)."""
-        blocks = [put(tier, rng.bytes(4096)) for _ in range(2)]
+        blocks = [put(tier, rng.bytes(4096)) for _ in range(n)]
         first = _id_at(tier, blocks[0][0])
 
         def act() -> None:
@@ -270,6 +271,13 @@ def interleaved(aw: ArenaWindow, tier: SlotArena, rng: np.random.Generator) -> d
     checks["race: free after bytes copied -> refused"] = race(2, "free") == [(False, True)]
     # a batch of two: Gets 1-2 headers, 3-4 bytes, 5-6 headers; the first block is reused after its bytes
     checks["race: batch, one reused -> only it refused"] = race(3, "reuse", many=True) == [(False, True), (True, True)]
+    # a batch read through derived datatypes (rma.BATCH_TYPES_FROM blocks on one rank): Get 1 all headers,
+    # 2 all bytes, 3 all headers again
+    n = BATCH_TYPES_FROM + 1
+    checks["race: typed batch, one reused after bytes -> only it refused"] = (
+        race(2, "reuse", many=True, n=n) == [(False, True)] + [(True, True)] * (n - 1))
+    checks["race: typed batch, one freed after headers -> only it refused"] = (
+        race(1, "free", many=True, n=n) == [(False, True)] + [(True, True)] * (n - 1))
     return checks
 
 

@@ -102,29 +102,97 @@ def remote_read(win: ArenaWindow, rank: int, offset: int, nbytes: int, generatio
     return first == want and again == want  # the epoch's end completed the last Get
 
 
+BATCH_TYPES_FROM = 4
+"""A batch with at least this many blocks on one rank reads them with one ``Get`` per phase through a derived
+datatype (``hindexed``) instead of one ``Get`` per block: measured here for 64 blocks, the headers phase takes
+5 us instead of 45-52 us and the bytes of 4 KiB blocks 33 us instead of 43 us. Below it, the types' creation
+costs more than the calls it saves."""
+TYPED_BLOCK_MAX = 1 << 20
+"""Blocks larger than this are read with a ``Get`` each even in a typed batch: a datatype's copy goes through
+Open MPI's convertor, slower than the plain copy of one large contiguous block (see "Datatypes" above)."""
+
+
 def remote_read_many(win: ArenaWindow, refs: Sequence[SlotRef], outs: Sequence[memoryview]) -> list[bool]:
     """:func:`remote_read` for many blocks on one or several ranks, in one ``Lock_all`` epoch: each of the
-    three phases (headers, bytes, headers again) covers the whole batch, with one ``Flush_all`` between."""
+    three phases (headers, bytes, headers again) covers the whole batch, with one ``Flush_all`` between.
+    The blocks a rank holds many of are read through derived datatypes (:data:`BATCH_TYPES_FROM`)."""
     if len(refs) != len(outs):
         raise ValueError(f"remote read: {len(refs)} locations, {len(outs)} buffers")
     if not refs:
         return []
     views = [_checked(win, ref.rank, ref.offset, ref.nbytes, out) for ref, out in zip(refs, outs)]
-    wants = [expected_fields(ref.generation, ref.nbytes, ref.digest16) for ref in refs]
-    n, f = len(refs), HEADER_FIELDS
-    headers = memoryview(bytearray(2 * n * f))  # first reads in [0, n f), second reads in [n f, 2 n f)
-    with lock_all(win) as w:
-        for i, ref in enumerate(refs):
-            w.Get([headers[i * f:(i + 1) * f], MPI.BYTE], ref.rank, (ARENA_OFFSET + ref.offset, f, MPI.BYTE))
-        w.Flush_all()
-        for ref, view in zip(refs, views):
-            if ref.nbytes:
-                w.Get([view, MPI.BYTE], ref.rank, (ARENA_OFFSET + ref.offset + SLOT_HEADER, ref.nbytes, MPI.BYTE))
-        w.Flush_all()
-        for i, ref in enumerate(refs):
-            w.Get([headers[(n + i) * f:(n + i + 1) * f], MPI.BYTE], ref.rank, (ARENA_OFFSET + ref.offset, f, MPI.BYTE))
-    return [headers[i * f:(i + 1) * f] == want and headers[(n + i) * f:(n + i + 1) * f] == want
-            for i, want in enumerate(wants)]
+    f = HEADER_FIELDS
+    by_rank: dict[int, list[int]] = {}
+    for i, ref in enumerate(refs):
+        by_rank.setdefault(ref.rank, []).append(i)
+    # headers land rank by rank, so a rank's headers are one contiguous run of the buffers
+    order = [i for idx in by_rank.values() for i in idx]
+    first, again = memoryview(bytearray(len(refs) * f)), memoryview(bytearray(len(refs) * f))
+    types: list[MPI.Datatype] = []
+    try:
+        plan = _plan(refs, views, by_rank, types)
+        with lock_all(win) as w:
+            _headers(w, refs, by_rank, plan, first)
+            w.Flush_all()
+            for rank, (_, typed, loose) in plan.items():
+                if typed is not None:
+                    w.Get([MPI.BOTTOM, 1, typed[0]], rank, (0, 1, typed[1]))
+                for i in loose:
+                    w.Get([views[i], MPI.BYTE], rank, (ARENA_OFFSET + refs[i].offset + SLOT_HEADER, refs[i].nbytes,
+                                                      MPI.BYTE))
+            w.Flush_all()
+            _headers(w, refs, by_rank, plan, again)
+    finally:
+        for t in types:
+            t.Free()
+    good = [False] * len(refs)
+    for k, i in enumerate(order):
+        want = expected_fields(refs[i].generation, refs[i].nbytes, refs[i].digest16)
+        good[i] = first[k * f:(k + 1) * f] == want and again[k * f:(k + 1) * f] == want
+    return good
+
+
+def _plan(refs: Sequence[SlotRef], views: list[memoryview], by_rank: dict[int, list[int]],
+          types: list[MPI.Datatype]) -> dict[int, tuple[MPI.Datatype | None, tuple[MPI.Datatype, MPI.Datatype] | None,
+                                                      list[int]]]:
+    """Per rank: the headers' target type (None: a Get each), the bytes' (origin, target) types for the blocks
+    read through them, and the blocks read with a Get each. Every type made is appended to ``types``."""
+    plan = {}
+    for rank, idx in by_rank.items():
+        if len(idx) < BATCH_TYPES_FROM:
+            plan[rank] = (None, None, [i for i in idx if refs[i].nbytes])
+            continue
+        header = MPI.BYTE.Create_hindexed_block(HEADER_FIELDS, [ARENA_OFFSET + refs[i].offset for i in idx])
+        types.append(header)
+        header.Commit()
+        small = [i for i in idx if 0 < refs[i].nbytes <= TYPED_BLOCK_MAX]
+        typed = None
+        if len(small) >= BATCH_TYPES_FROM:
+            lengths = [refs[i].nbytes for i in small]
+            origin = MPI.BYTE.Create_hindexed(lengths, [MPI.Get_address(views[i]) for i in small])
+            types.append(origin)
+            target = MPI.BYTE.Create_hindexed(lengths, [ARENA_OFFSET + refs[i].offset + SLOT_HEADER for i in small])
+            types.append(target)
+            origin.Commit()
+            target.Commit()
+            typed = (origin, target)
+            loose = [i for i in idx if refs[i].nbytes > TYPED_BLOCK_MAX]
+        else:
+            loose = [i for i in idx if refs[i].nbytes]
+        plan[rank] = (header, typed, loose)
+    return plan
+
+
+def _headers(w: MPI.Win, refs: Sequence[SlotRef], by_rank: dict[int, list[int]], plan: dict, into: memoryview) -> None:
+    f, k = HEADER_FIELDS, 0
+    for rank, idx in by_rank.items():
+        header = plan[rank][0]
+        if header is not None:
+            w.Get([into[k * f:(k + len(idx)) * f], MPI.BYTE], rank, (0, 1, header))
+        else:
+            for j, i in enumerate(idx):
+                w.Get([into[(k + j) * f:(k + j + 1) * f], MPI.BYTE], rank, (ARENA_OFFSET + refs[i].offset, f, MPI.BYTE))
+        k += len(idx)
 
 
 def _checked(aw: ArenaWindow, rank: int, offset: int, nbytes: int, out: memoryview) -> memoryview:
