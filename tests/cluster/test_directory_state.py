@@ -342,7 +342,8 @@ def _walk_stats(s: DirectoryState, space: tuple[str | None, bytes] | None = None
     protected = [e for e in live if e.protected > 0]
     on_disk = [e for e in live if any(loc.tier == TIER_DISK for loc in e.locations)]
     home = HomeStats(
-        keys=len(keys), blocks=len(live), logical_bytes=sum(dtype_of(r.dtype).itemsize * math.prod(r.shape) for r in keys),
+        keys=len(keys), blocks=len(live),
+        logical_bytes=sum(dtype_of(r.dtype).itemsize * math.prod(r.shape) for r in keys),
         unique_bytes=sum(e.nbytes for e in live), protected_blocks=len(protected),
         protected_in_memory=sum(any(loc.tier == TIER_MEMORY for loc in e.locations) for e in protected),
         disk_blocks=len(on_disk), disk_bytes=sum(e.nbytes for e in on_disk))

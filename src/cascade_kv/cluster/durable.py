@@ -457,7 +457,8 @@ class JournalledState(DirectoryState):
 
     def restore(self, recovery: Recovery, rank: int) -> None:
         """Load the share :func:`open_directory` recovered: keys, and digests listed on disk only."""
-        self.restore_entries(recovery.keys, ((d, c.nbytes, c.refs, c.protected, [Location(rank, TIER_DISK, 0, c.nbytes, 0)])
+        self.restore_entries(recovery.keys, ((d, c.nbytes, c.refs, c.protected,
+                                              [Location(rank, TIER_DISK, 0, c.nbytes, 0)])
                                              for d, c in recovery.digests.items()))
 
     def bind(self, key: Key, record: KeyRecord) -> KeyRecord | None:

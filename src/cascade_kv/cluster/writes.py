@@ -106,9 +106,10 @@ class Writes:
                 c.dedup_bytes_saved += saved
 
     def block_id(self, data: memoryview, space: Space) -> BlockId:
-        """As :meth:`Store._block_id`: the digest, then a named namespace's tag (equal bytes in two namespaces
-        are two blocks: separate claims, never a dedup hit), then with dedup off the rank and a serial. The
-        tag stays before the serial so the directory can tell a block's namespace (:func:`.directory.space_tag`)."""
+        """As :meth:`Store._block_ids` (one block): the digest, then a named namespace's tag (equal bytes in two
+        namespaces are two blocks: separate claims, never a dedup hit), then with dedup off the rank and a
+        serial. The tag stays before the serial so the directory can tell a block's namespace
+        (:func:`.directory.space_tag`)."""
         digest = self._hasher.digest(data) + space.tag
         if self.ctx.config.dedup_enabled:
             return BlockId(digest)
