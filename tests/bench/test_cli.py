@@ -14,8 +14,8 @@ from cascade_kv import __version__, cli
 from cascade_kv.store import Store
 
 CLI = [sys.executable, "-m", "cascade_kv.cli"]
-FIGURES = ("host_get", "put_blake3", "put_sha256", "small_get", "small_put", "disk_put", "disk_get_hot",
-           "disk_get_cold", "disk_get_hot_verify_always")
+FIGURES = ("host_get", "put_blake3", "put_sha256", "small_get", "small_put", "batch_get_4k", "batch_put_4k",
+           "batch_get_64k", "batch_put_64k", "disk_put", "disk_get_hot", "disk_get_cold", "disk_get_hot_verify_always")
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -72,6 +72,8 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
         assert 0 < f["min"] <= f["median"] <= f["max"], key
         assert f["ceiling"]["median"] > 0 and f["ratio"] > 0, key
     assert data["figures"]["host_get"]["target"] == {"kind": "ratio", "value": 0.8}
+    assert data["figures"]["batch_get_4k"]["target"] == {"kind": "value", "value": 500_000}  # issue 12's small ops
+    assert data["figures"]["batch_put_64k"]["target"] == {"kind": "value", "value": 100_000}
     assert all(s > 0 for s in data["open_seconds"].values())
     mixed = data["mixed"]
     for key in ("put_gbps", "get_gbps", "dedup_hits", "demotions", "stored_bytes"):

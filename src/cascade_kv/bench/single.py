@@ -30,6 +30,8 @@ GB = 1e9
 class BenchError(RuntimeError):
     """The store did not do what a measurement relies on (e.g. a block landed in another tier)."""
 
+BATCH_BLOCKS = (4096, 64 << 10)
+"""Block sizes of the small-ops figures (issue 12's targets: 500k gets/s and 100k puts/s per thread)."""
 _POISON = 0xA5  # outputs are overwritten before each checked pass: a get that copies nothing fails its check
 
 
@@ -44,6 +46,8 @@ class Sizes:
     disk_blocks: int = 32  # blocks per disk read pass
     small_block: int = 4096
     small_count: int = 20_000
+    batch: int = 64  # small ops: blocks per get_many / put_many
+    batch_bytes: int = 64 << 20  # small ops: the blocks read and written per pass, at most (a quarter of the host tier)
     unique_per_request: int = 4  # mixed workload
     read_rounds: int = 3  # mixed: each unique block is read this often (promotion threshold is 3)
 
@@ -56,7 +60,8 @@ class Sizes:
         return cls(block=bs, host_capacity=host, reps=base.reps,
                    host_blocks=max(1, min(base.host_blocks, host // bs // 4)),
                    disk_blocks=max(2, min(base.disk_blocks, (base.disk_blocks * base.block) // bs)),
-                   small_count=base.small_count, unique_per_request=base.unique_per_request)
+                   small_count=base.small_count, unique_per_request=base.unique_per_request,
+                   batch_bytes=min(base.batch_bytes, host // 4))
 
     @property
     def prefix_blocks(self) -> int:
@@ -69,7 +74,7 @@ class Sizes:
 
     @property
     def ticks(self) -> int:
-        return 9 * (self.reps + 1) + self.requests + self.read_rounds
+        return (9 + 2 * len(BATCH_BLOCKS)) * (self.reps + 1) + self.requests + self.read_rounds
 
 
 class Bench:
@@ -89,6 +94,7 @@ class Bench:
         self.host_get()
         self.puts()
         self.small_blocks()
+        self.small_ops()
         self.disk()
         os.sync()  # the disk phase's dirty pages must not be written back during the mixed workload
         self.mixed()
@@ -215,6 +221,50 @@ class Bench:
                   "np.copyto per call", Target("value", 50_000))
         self._add("small_put", f"put new {size} blocks, host tier, one thread", "/s", rp["store"], rp["ceiling"],
                   "blake3 + np.copyto per call")
+
+    def small_ops(self) -> None:
+        """get_many and put_many of small blocks in batches (an engine's traffic), per thread, beside the same
+        blocks copied one ``np.copyto`` call each (gets) and hashed and copied (puts) in a bare loop."""
+        b = self.s.batch
+        for bs in BATCH_BLOCKS:
+            n = max(b, self.s.batch_bytes // bs // b * b)
+            contents = Contents(bs, seed=3 + bs)
+            src, out, scratch = (touch(np.empty((n, bs), np.uint8)) for _ in range(3))
+            src_rows, out_rows = list(src), list(out)
+            cuts = range(0, n, b)
+
+            def puts() -> float:
+                ids = contents.new_ids(n)
+                contents.fill_rows(ids, src)
+                keys = [f"b{bs}-{i}" for i in ids]
+                took = timed(lambda: [st.put_many(keys[i:i + b], src_rows[i:i + b]) for i in cuts])
+                st.get_many(keys, out_rows)
+                contents.check_rows(ids, out, scratch)
+                st.delete_many(keys)
+                return took
+
+            def gets() -> float:
+                out.fill(_POISON)
+                took = timed(lambda: [st.get_many(keys[i:i + b], out_rows[i:i + b]) for i in cuts])
+                contents.check_rows(ids, out, scratch)
+                return took
+
+            size = format_size(bs)
+            with self._store(f"batch-{bs}", disk_path=None) as st:
+                rp = self._measure(f"put_many {size}", n, {
+                    "store": puts, "ceiling": lambda: small_put_pass(out_rows, src_rows)})
+                ids = contents.new_ids(n)
+                keys = [f"b{bs}-{i}" for i in ids]
+                st.put_many(keys, list(contents.fill_rows(ids, src)))
+                rg = self._measure(f"get_many {size}", n, {
+                    "store": gets, "ceiling": self._poisoned(lambda: copy_pass(out_rows, src_rows), [out])})
+            self.small.checked += contents.checked
+            self.small.wrong += contents.wrong
+            what = f"{size} blocks, batches of {b}, host tier, one thread"
+            self._add(f"batch_get_{bs // 1024}k", f"get_many, {what}", "/s", rg["store"], rg["ceiling"],
+                      "np.copyto per block", Target("value", 500_000), f"{n} blocks ({format_size(n * bs)}) a pass")
+            self._add(f"batch_put_{bs // 1024}k", f"put_many new, {what}", "/s", rp["store"], rp["ceiling"],
+                      "blake3 + np.copyto per block", Target("value", 100_000), f"{n} blocks a pass")
 
     def disk(self) -> None:
         n, bs, m = self.s.disk_blocks, self.s.block, self.s.host_blocks
