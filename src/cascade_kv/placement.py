@@ -264,13 +264,18 @@ class Placement:
         """:meth:`_add_copy` with ``use``, for a put's blocks written into tier ``t``."""
         added = self._policy.added
         default = self._default
-        nbytes = 0
+        bit = 1 << t
         for b in blocks:
-            self._copy_counted(b, t, +1)
+            if b.protected or b.where & bit:
+                self._copy_counted(b, t, +1)  # the general case: protected bytes and blocks in memory move too
+            else:  # a put's new block, unprotected: of the counts, only its tier's blocks move
+                b.where |= bit
+                space = b.space if b.space is not None else default
+                space.counters.contents.tier_blocks[t] += 1
+                self._c.contents.tier_blocks[t] += 1
             added(t, b.id, b.nbytes, b.reads)
             (b.space if b.space is not None else default).counters.tiers[t].bytes_written += b.nbytes
-            nbytes += b.nbytes
-        self._c.tiers[t].bytes_written += nbytes
+        self._c.tiers[t].bytes_written += sum(b.nbytes for b in blocks)
 
     def _drop_copy(self, b: Block, t: int) -> None:
         self._tiers[t].free(b.id)
@@ -347,7 +352,7 @@ class Placement:
         """:meth:`_unpin` for a batch: waiters are woken once (a notify costs more than the rest of an unpin)."""
         for b in blocks:
             b.pins -= 1
-            if b.pins == 0:
+            if b.pins == 0 and not b.keys:  # _maybe_release's first test, without the call for a kept block
                 self._maybe_release(b)
         self._cond.notify_all()
 

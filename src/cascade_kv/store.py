@@ -771,8 +771,9 @@ class Store(Persistence, Placement):
         per block, the lock twice and a tier call each for allocating, copying and recording cost more than a
         4 KiB copy. Whatever was allocated and not recorded when something fails is freed here (what was
         recorded, the caller's abandon drops). Returns ``(block, tier)`` for each block, in ``order``."""
+        # A new block has no copy before this put (a healed one lost them all): its bit in ``where`` is
+        # set exactly when its copy here was recorded, which is how a failure finds what to free.
         placed: list[tuple[Block, int]] = []
-        pending: dict[BlockId, tuple[Block, int]] = {}  # allocated, not recorded yet
         try:
             with self._lock:
                 chosen, tiers = plan.tiers.get, self._tiers
@@ -781,24 +782,22 @@ class Store(Persistence, Placement):
                     if t is None or not tiers[t].allocate(b.id, b.nbytes):  # the room the dry run saw is gone
                         t = self._allocate(b, self._chosen(plan, b, self._allowed_tiers(b.id in needs_memory)))
                     placed.append((b, t))
-                    pending[b.id] = (b, t)
                 for t in {t for _, t in placed}:
-                    if not self._tiers[t].traits.addressable:
+                    if not tiers[t].traits.addressable:
                         continue  # its writes may block (files): never under the lock
                     small = [b for b, u in placed if u == t and b.nbytes <= SMALL_COPY]
-                    self._tiers[t].write_many([b.id for b in small], [byte_view(src[b.id]) for b in small])
+                    tiers[t].write_many([b.id for b in small], [byte_view(src[b.id]) for b in small])
                     self._add_copies(small, t)
-                    for b in small:
-                        del pending[b.id]
-            for b, t in list(pending.values()):  # b is pinned: its slot cannot be freed or reused meanwhile
-                self._tiers[t].write(b.id, byte_view(src[b.id]))
-                with self._lock:
-                    self._add_copy(b, t, use=True)
-                    del pending[b.id]
+            for b, t in placed:  # the large ones, outside the lock: b is pinned, its slot stays its own
+                if not b.where >> t & 1:
+                    tiers[t].write(b.id, byte_view(src[b.id]))
+                    with self._lock:
+                        self._add_copy(b, t, use=True)
         except BaseException:
             with self._lock:
-                for b, t in pending.values():
-                    self._tiers[t].free(b.id)
+                for b, t in placed:
+                    if not b.where >> t & 1:
+                        self._tiers[t].free(b.id)
             raise
         return placed
 
