@@ -29,7 +29,7 @@ victim reads it one-sidedly.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..config import EvictionOrder
@@ -139,15 +139,24 @@ class Arena:
 
     def readable(self, digest: BlockId) -> Copy | None:
         """Pin and return a sealed copy for a local read (:meth:`unpin` after), or ``None``."""
+        return self.readable_many([digest])[0]
+
+    def readable_many(self, digests: Sequence[BlockId]) -> list[Copy | None]:
+        """:meth:`readable` for a batch, under one hold of the lock (a get of 64 small blocks took it 64 times)."""
+        out: list[Copy | None] = []
         with self.lock:
-            c = self._copies.get(digest)
-            if c is None or c.generation == 0 or c.doomed:
-                return None
-            c.pins += 1
-            c.reads += 1
-            if c.listed >= 0:
-                self.policy.accessed(c.listed, digest, c.nbytes, c.reads)
-            return c
+            copies = self._copies
+            for digest in digests:
+                c = copies.get(digest)
+                if c is None or c.generation == 0 or c.doomed:
+                    out.append(None)
+                    continue
+                c.pins += 1
+                c.reads += 1
+                if c.listed >= 0:
+                    self.policy.accessed(c.listed, digest, c.nbytes, c.reads)
+                out.append(c)
+        return out
 
     def unpin(self, c: Copy) -> None:
         with self.lock:

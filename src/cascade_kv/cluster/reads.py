@@ -96,8 +96,7 @@ class Reads:
         while True:
             before = len(todo)
             elsewhere = []
-            for i in todo:
-                copy = arena.readable(digests[i])
+            for i, copy in zip(todo, arena.readable_many([digests[i] for i in todo])):
                 if copy is None:
                     elsewhere.append(i)
                     continue
@@ -166,21 +165,28 @@ class Reads:
         refs = [SlotRef(loc.rank, loc.offset, loc.nbytes, loc.generation, digest16_of(digests[j]))
                 for j, loc, _ in remote]
         failed = []
+        hits = nbytes = 0
+        replicate = ctx.config.locality_aware
         for (j, loc, protected), good in zip(remote, remote_read_many(ctx.window, refs, [outs[j] for j, _, _ in remote])):
             if not good:
                 failed.append(j)
                 continue
-            with ctx.arena.lock:
-                c.remote.hits += 1
-                c.remote.bytes_read += loc.nbytes
-                c.host.misses += 1
-                c.bytes_received += loc.nbytes
+            hits += 1
+            nbytes += loc.nbytes
             self._remember(digests[j], loc, protected)
-            self.replication.note_remote_read(digests[j], outs[j], protected)
+            if replicate:
+                self.replication.note_remote_read(digests[j], outs[j], protected)
+        with ctx.arena.lock:  # once per batch, not per block
+            c.remote.hits += hits
+            c.remote.bytes_read += nbytes
+            c.host.misses += hits
+            c.bytes_received += nbytes
         return failed
 
     def _remember(self, digest: BlockId, loc: Location, protected: int) -> None:
         where = self._where
+        if where.get(digest) == (loc, protected):
+            return  # read again where it was last time: most reads of a hot block, no need to reorder
         where.pop(digest, None)
         where[digest] = (loc, protected)
         if len(where) > LOCATION_CACHE:

@@ -123,12 +123,35 @@ def _read_located(r: _Reader) -> Located:
     return Located(r.locations(), protected, LoadStatus(status), pending, refs)
 
 
+# A reply's record travels with its length, so the reader can take its bytes at once and decode each distinct
+# record once (a lookup answers the same records over and over: a prompt's prefix blocks, read by every
+# request that shares them); the home encodes each distinct record once. Both caches are bounded by entries
+# (a record is ~100 B, so 64k of them ~10 MB) and hold values only, never what the directory decides on.
+_RECORD_CACHE = 1 << 16
+
+
+@functools.lru_cache(maxsize=_RECORD_CACHE)
+def _record_reply(record: KeyRecord) -> bytes:
+    body = _record(record)
+    return b"\x01" + _U16.pack(len(body)) + body
+
+
+@functools.lru_cache(maxsize=_RECORD_CACHE)
+def _record_of(body: bytes) -> KeyRecord:
+    r = _Reader(body)
+    record = r.record()
+    r.done()
+    return record
+
+
 def _optional_record(record: KeyRecord | None) -> bytes:
-    return b"\x00" if record is None else b"\x01" + _record(record)
+    return b"\x00" if record is None else _record_reply(record)
 
 
 def _read_optional_record(r: _Reader) -> KeyRecord | None:
-    return r.record() if r.u8() else None
+    if not r.u8():
+        return None
+    return _record_of(r.take(r.unpack(_U16)[0]))
 
 
 __all__ = ["_Reader"]

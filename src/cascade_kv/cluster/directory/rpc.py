@@ -8,13 +8,14 @@ rank (:meth:`Service.call_many`) and the single-item calls are thin wrappers.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ...errors import PeerTimeout
 from ...ids import Key, StoreKey
-from ..homes import decode_key, encode_key, home_of_digest, home_of_encoded, home_of_key
+from ..homes import decode_key, encode_key, home_of_digest, home_of_encoded
 from ..service import Service
 from .codec import (_CLAIM_REQ, _I32, _STATUS_REPLY, _U8, _U32, _U64, _UNREF_REPLY, _digest, _key, _located,
                     _locations, _optional_record, _read_located, _read_optional_record, _Reader, _record)
@@ -47,6 +48,25 @@ OPS = range(16, 32)
 _FIRST_POLL_S = 200e-6
 _MAX_POLL_S = 10e-3
 """Bounds of the wait between claims of a PENDING digest (doubling: a store takes ~0.1-10 ms)."""
+
+
+# Engines ask about the same keys again and again (a prompt's prefix blocks, by every request that shares
+# them): each side remembers what a key costs to encode, decode and hash. Bounded by entries (a key and its
+# wire form, ~100-200 B each).
+_KEY_CACHE = 1 << 16
+
+
+@functools.lru_cache(maxsize=_KEY_CACHE)
+def _key_route(key: StoreKey, size: int) -> tuple[int, bytes]:
+    """A key's home and its wire form (u32 length + :func:`~..homes.encode_key`)."""
+    raw = encode_key(key)
+    return home_of_encoded(raw, size), _U32.pack(len(raw)) + raw
+
+
+@functools.lru_cache(maxsize=_KEY_CACHE)
+def _key_at_home(raw: bytes, size: int) -> tuple[StoreKey, int]:
+    """The key a request names, and its home."""
+    return decode_key(raw), home_of_encoded(raw, size)
 
 
 class Directory:
@@ -99,10 +119,9 @@ class Directory:
 
     def _my_key(self, r: _Reader) -> Key:
         """The next key of a request, checked to be homed here (from its wire bytes: no second encoding)."""
-        raw = r.take(r.u32())
-        key = decode_key(raw)
-        if home_of_encoded(raw, self.size) != self.rank:
-            raise ValueError(f"key {key!r:.80} is homed at rank {home_of_key(key, self.size)}, not {self.rank}")
+        key, home = _key_at_home(r.take(r.u32()), self.size)
+        if home != self.rank:
+            raise ValueError(f"key {key!r:.80} is homed at rank {home}, not {self.rank}")
         return key
 
     def _claim_one(self, source: int, r: _Reader) -> bytes:
@@ -163,13 +182,13 @@ class Directory:
 
     def _by_key(self, extra: Callable[[T], bytes] | None = None) -> Callable[[T], tuple[int, bytes]]:
         """Route items whose first field is a key to the key's home; the request is the key's wire form, then
-        ``extra(item)``. The key is encoded once for both (encoding and hashing cost ~1 us each per key)."""
+        ``extra(item)``. The key is encoded once for both (encoding and hashing cost ~1 us each per key), and
+        once per process for a key asked about again (:func:`_key_route`)."""
         size = self.size
 
         def route(it: T) -> tuple[int, bytes]:
-            raw = encode_key(it[0])  # type: ignore[index]
-            piece = _U32.pack(len(raw)) + raw
-            return home_of_encoded(raw, size), piece if extra is None else piece + extra(it)
+            home, piece = _key_route(it[0], size)  # type: ignore[index]
+            return home, piece if extra is None else piece + extra(it)
 
         return route
 
