@@ -28,10 +28,9 @@ class Counters(StoreCounters):
 def rank_stats(c: Counters, arena: Arena, disk_capacity: int | None, has_disk: bool, home: HomeStats,
                open_seconds: float) -> StoreStats:
     """One rank's snapshot: its counters ``c`` (taken under the arena's lock) and what it is home to."""
-    copies = arena.copies()
     with arena.lock:
         tiers = [TierStats("host", c.host.hits, c.host.misses, c.host.bytes_read, c.host.bytes_written,
-                           c.host.evictions, sum(1 for x in copies if x.generation), arena.tier.used, arena.capacity),
+                           c.host.evictions, arena.sealed, arena.tier.used, arena.capacity),
                  TierStats("remote", c.remote.hits, c.remote.misses, c.remote.bytes_read, c.remote.bytes_written,
                            0, 0, 0, None)]
         if has_disk:
