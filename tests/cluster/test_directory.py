@@ -94,7 +94,10 @@ def _scenario_protocol() -> None:
         try:
             directory.claim_settled_many([(contested, 10)] * 3, timeout=0.05)
         except PeerTimeout as e:
-            assert 0.05 <= time.monotonic() - t0 < 5, e
+            # not before the timeout (the holder keeps the grant until told, so only the timeout ends the wait;
+            # no upper bound: a loaded 2-core machine may take long to deliver it, and a wait that never ends
+            # fails the job's own timeout)
+            assert time.monotonic() - t0 >= 0.05, e
             assert f"still pending on rank {holder} (3 claim(s) pending)" in str(e), e
         else:
             raise AssertionError("no PeerTimeout while the grant is held")
