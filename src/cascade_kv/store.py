@@ -667,9 +667,11 @@ class Store(Persistence, Placement):
                 raise CapacityError(f"put({key!r}): block of {arr.nbytes} B is larger than every {where} "
                                     f"(largest holds {biggest} B)")
         needs_memory = self._needs_memory(items, ids)
-        fresh = {b.id for b in plan.fresh}
-        rising = [self._blocks[bid] for bid in dict.fromkeys(ids) if bid in needs_memory and bid not in fresh
-                  and not self._blocks[bid].where & self._memory_mask]  # dedup hits to bring into memory
+        rising: list[Block] = []  # dedup hits to bring into memory
+        if needs_memory:
+            fresh = {b.id for b in plan.fresh}
+            rising = [self._blocks[bid] for bid in dict.fromkeys(ids) if bid in needs_memory and bid not in fresh
+                      and not self._blocks[bid].where & self._memory_mask]
         rising_ids = {b.id for b in rising}
         if not plan.fresh and not rising:
             return  # every block is stored already, where it may stay: nothing to place
@@ -702,17 +704,21 @@ class Store(Persistence, Placement):
         by_tier: dict[int, list[int]] = {}
         chosen: dict[BlockId, int] = {}
         first: dict[tuple[bool, int], int | None] = {}  # (must be in memory, size) -> the tier: a batch has few
+        durable = self._disk if self.config.persist else None
         for b in plan.fresh:
-            kind = (b.id in needs_memory, b.nbytes)
+            kind = (b.id in needs_memory, b.nbytes) if needs_memory else (False, b.nbytes)
             t = first.get(kind, -1)
             if t == -1:
                 t = first[kind] = next((t for t in self._allowed_tiers(kind[0]) if self._tiers[t].fits(b.nbytes)), None)
             if t is None:
                 return False
             chosen[b.id] = t
-            by_tier.setdefault(t, []).append(b.nbytes)
-            if self.config.persist and t != self._disk and self._disk is not None:
-                by_tier.setdefault(self._disk, []).append(b.nbytes)
+            sizes = by_tier.get(t)
+            if sizes is None:
+                sizes = by_tier[t] = []
+            sizes.append(b.nbytes)
+            if durable is not None and t != durable:
+                by_tier.setdefault(durable, []).append(b.nbytes)
         if not all(self._tiers[t].fits_now(sizes) for t, sizes in by_tier.items()):
             return False
         plan.tiers.update(chosen)
