@@ -5,14 +5,25 @@ block ids map to :class:`Block` (size, the keys that refer to it, which tiers
 hold a copy). Tiers only store bytes; the policy only names victims. One lock
 guards all metadata; bulk copies, hashing and file I/O run outside it on blocks
 that are *pinned* (a pinned block's copies are never freed or reused, so a
-reader outside the lock can never see another block's bytes). Small copies are
-done under the lock instead: releasing and retaking it would cost more.
+reader outside the lock can never see another block's bytes). Small copies
+(up to 64 KiB a block) are done under the lock instead, a batch's in one hold
+of it: releasing and retaking it would cost more than the copy.
+
+Batch first: ``get_many``/``put_many`` are the real paths and the single calls
+wrappers of them. What costs per block in Python is kept to the lookups, the
+copy and the policy's bookkeeping; checks, counters and locking are per batch
+(a 4 KiB get or put's copy takes ~1 us: the code around it is the cost).
 
 Life of a put: hash (no lock) -> plan under the lock (dedup hits are settled
 here; new blocks are registered *pending* so a concurrent put of the same bytes
-waits for this one instead of storing a second copy) -> place each new block
-(allocate under the lock, evicting the policy's victims down a tier; copy outside it) ->
-journal (persist only) -> commit the keys under the lock.
+waits for this one instead of storing a second copy) -> place the new blocks
+(allocate them in one hold of the lock, evicting the policy's victims down a
+tier; copy small ones under it, large ones outside it) -> journal (persist
+only) -> commit the keys under the lock.
+
+What each namespace holds (keys, blocks, bytes, protected blocks, copies per
+tier) is counted where it changes, so ``stats()`` costs O(tiers);
+``_walk_stats`` recounts it from the tables, for tests.
 """
 from __future__ import annotations
 
