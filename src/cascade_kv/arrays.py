@@ -158,4 +158,5 @@ def put_items(keys: Sequence[Key], arrays: Sequence[object],
         raise InvalidArgument(f"put_many: {len(keys)} keys but {len(arrays)} arrays")
     flags = normalize_flags(is_prefix, len(keys))
     last = {k: i for i, k in enumerate(keys)}
-    return [(keys[i], as_block(arrays[i], keys[i]), flags[i]) for i in sorted(last.values())]
+    order = range(len(keys)) if len(last) == len(keys) else sorted(last.values())  # no key twice: no sort
+    return [(keys[i], as_block(arrays[i], keys[i]), flags[i]) for i in order]

@@ -166,16 +166,19 @@ class Store(Persistence, Placement):
         if space.name is not None:
             items = [(space.internal(k), a, p) for k, a, p in items]
         self._refuse_unpersistable(items)
-        self._put_prepared(space, items, self._block_ids([a for _, a, _ in items], space))  # hashing: no lock
+        views = [byte_view(a) for _, a, _ in items]
+        self._put_prepared(space, items, self._block_ids(views, space), views)  # hashing: outside every lock
 
-    def _put_prepared(self, space: Space, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId]) -> None:
-        """A put whose values are checked and hashed (``ids``): plan, place, journal, commit."""
+    def _put_prepared(self, space: Space, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId],
+                      views: list[memoryview] | None = None) -> None:
+        """A put whose values are checked and hashed (``ids``; ``views``: their bytes, when the caller made
+        them to hash): plan, place, journal, commit."""
         with self._write_order:
             with self._lock:
                 self._check_open()
                 plan = self._plan_put(items, ids, space)
             try:
-                self._place_all(plan, items, ids)
+                self._place_all(plan, items, ids, views)
                 if self._journal is not None:  # records cost ~5 us each: build them only to write them
                     self._journal_append([catalog.put_record(catalog.KeyRecord(k, bid, a.nbytes, a.dtype, a.shape, p))
                                           for (k, a, p), bid in zip(items, ids)])
@@ -582,14 +585,14 @@ class Store(Persistence, Placement):
                 self.close()
 
     # ------------------------------------------------------------------ put internals
-    def _block_ids(self, arrays: list[np.ndarray], space: Space) -> list[BlockId]:
-        """Dedup on: each array's digest, followed in a named namespace by its tag (so equal bytes in two
+    def _block_ids(self, views: list[memoryview], space: Space) -> list[BlockId]:
+        """Dedup on: each value's digest, followed in a named namespace by its tag (so equal bytes in two
         namespaces are two blocks); dedup off: the digest and a serial, never shared whatever the namespace."""
         digest = self._hasher.digest
         if self.config.dedup_enabled:
             tag = space.tag
-            return [BlockId(digest(byte_view(a)) + tag) for a in arrays]
-        return [BlockId(digest(byte_view(a)) + next(self._serial).to_bytes(8, "big")) for a in arrays]
+            return [BlockId(digest(v) + tag) for v in views]
+        return [BlockId(digest(v) + next(self._serial).to_bytes(8, "big")) for v in views]
 
     def _plan_put(self, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId], space: Space) -> Plan:
         """Under the lock: wait out other threads' pending copies of these bytes, then pin every block
@@ -607,8 +610,9 @@ class Store(Persistence, Placement):
                 continue
             b = self._blocks.get(bid)
             if b is None:
-                b = self._blocks[bid] = Block(bid, arr.nbytes, space=space)
-            if b.lost or not b.ready:
+                b = self._blocks[bid] = Block(bid, arr.nbytes, space=space)  # not ready: pending until commit
+                plan.fresh.append(b)
+            elif b.lost or not b.ready:
                 b.ready, b.lost = False, False
                 plan.fresh.append(b)
             b.pins += 1  # a dedup hit's block must not be released before the key is attached
@@ -742,10 +746,12 @@ class Store(Persistence, Placement):
             f"even after evicting every victim, with {placed} of the call's {total} blocks placed before it; "
             f"nothing was moved. " + ", ".join(self._room_report(t) for t in range(len(self._tiers))))
 
-    def _place_all(self, plan: Plan, items: list[tuple[Key, np.ndarray, bool]],
-                   ids: list[BlockId]) -> None:
+    def _place_all(self, plan: Plan, items: list[tuple[Key, np.ndarray, bool]], ids: list[BlockId],
+                   views: list[memoryview] | None = None) -> None:
         """Write every new block into its tier (and, with persist, durably to disk)."""
-        src = {bid: arr for (_, arr, _), bid in zip(items, ids)}
+        # the values' bytes by block; a value without bytes (the daemon's described dedup hits) is never written
+        src = dict(zip(ids, views)) if views is not None else {
+            bid: byte_view(arr) for (_, arr, _), bid in zip(items, ids) if isinstance(arr, np.ndarray)}
         needs_memory = self._needs_memory(items, ids)
         # dedup hits on blocks that must now be protected but sit on disk only: bring them up first, from
         # the caller's bytes (a bad disk copy must not fail a put that carries good ones)
@@ -757,7 +763,7 @@ class Store(Persistence, Placement):
                 for bid in dict.fromkeys(ids):
                     b = self._blocks[bid]
                     if bid in needs_memory and bid not in fresh and not b.where & self._memory_mask:
-                        self._bring_to_memory(b, byte_view(src[bid]), self._chosen(plan, b, self._memory))
+                        self._bring_to_memory(b, src[bid], self._chosen(plan, b, self._memory))
         # blocks that must be in memory before the others: a block of this batch placed in memory stays
         # pinned until the commit, so it could not make room for them
         order = sorted(plan.fresh, key=lambda b: b.id not in needs_memory) if needs_memory else plan.fresh
@@ -771,7 +777,7 @@ class Store(Persistence, Placement):
                     if not self._make_room(self._disk, b):
                         raise CapacityError(f"put: disk tier cannot hold {b.nbytes} B "
                                             f"({self._tiers[self._disk].used} B used of {self.config.disk_capacity} B)")
-                self._write_copy(b, self._disk, byte_view(src[b.id]))
+                self._write_copy(b, self._disk, src[b.id])
         # dedup hits whose only copies are unchecked (files adopted at reopen or changed since their last
         # check): rewrite them from the caller's bytes, hashed just now, so that an acknowledged put never
         # rests on a copy that may be corrupt. Rare (a stat each), and it heals bad files for free.
@@ -779,9 +785,9 @@ class Store(Persistence, Placement):
             b = self._blocks[bid]
             for t in range(len(self._tiers)):
                 if b.where >> t & 1 and not self._tiers[t].trusted(bid) and not b.where & ~(1 << t):
-                    self._tiers[t].write(bid, byte_view(src[bid]))
+                    self._tiers[t].write(bid, src[bid])
 
-    def _write_fresh(self, plan: Plan, order: list[Block], src: dict[BlockId, np.ndarray],
+    def _write_fresh(self, plan: Plan, order: list[Block], src: dict[BlockId, memoryview],
                      needs_memory: set[BlockId]) -> list[tuple[Block, int]]:
         """Allocate the put's new blocks, in ``order``, in one hold of the lock (an eviction that copies releases
         it), copy the small ones into a memory tier under it and the others outside it, and record every copy:
@@ -803,11 +809,11 @@ class Store(Persistence, Placement):
                     if not tiers[t].traits.addressable:
                         continue  # its writes may block (files): never under the lock
                     small = [b for b, u in placed if u == t and b.nbytes <= SMALL_COPY]
-                    tiers[t].write_many([b.id for b in small], [byte_view(src[b.id]) for b in small])
+                    tiers[t].write_many([b.id for b in small], [src[b.id] for b in small])
                     self._add_copies(small, t)
             for b, t in placed:  # the large ones, outside the lock: b is pinned, its slot stays its own
                 if not b.where >> t & 1:
-                    tiers[t].write(b.id, byte_view(src[b.id]))
+                    tiers[t].write(b.id, src[b.id])
                     with self._lock:
                         self._add_copy(b, t, use=True)
         except BaseException:
