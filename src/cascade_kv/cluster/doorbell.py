@@ -135,8 +135,17 @@ class Doorbells:
             rung = True
 
     def wait(self) -> None:
-        """Block in the kernel until a ring arrives (it is left in the socket: :meth:`drain` takes it)."""
-        select.select([self._sock], [], [])
+        """Block in the kernel until a ring arrives, and take one ring (others stay for :meth:`drain`).
+
+        One ``recv`` and no loop: every system call gives up the GIL, and on a rank whose main thread is busy
+        in Python each one costs up to a switch interval to get it back."""
+        while True:
+            select.select([self._sock], [], [])
+            try:
+                self._sock.recv(_DRAIN)
+                return
+            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+                continue  # not a ring (an ICMP error of an earlier send), or taken meanwhile: wait again
 
     def close(self) -> None:
         self._sock.close()

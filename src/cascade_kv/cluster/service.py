@@ -113,6 +113,10 @@ _OP_SLEEP = 0xFFFD  # sent by a rank's idle timer to its own service thread: lea
 _U64 = struct.Struct("<Q")
 ARRIVALS_WAIT_S = 1.0
 """How long a rank whose barrier timed out waits for the others to say whether they arrived."""
+_TEST_SENDS_AT = 16
+"""Replies' sends are tested for completion once this many are outstanding (and before sleeping), not after
+each reply: every MPI call gives up the GIL, which a rank busy in Python hands back only after a switch
+interval. Small replies complete at once (eager), so the list stays short."""
 _REQUEST_TAG = 1
 _FIRST_REPLY_TAG = 2
 
@@ -334,7 +338,8 @@ class Service:
                 # Isend, not Send: a large reply to a rank that stopped receiving must not
                 # block this thread (and every request queued behind it) forever.
                 sending.append((comm.Isend([out, MPI.BYTE], source, reply_tag), out))
-                sending = [(r, b) for r, b in sending if not r.Test()]
+                if len(sending) >= _TEST_SENDS_AT:
+                    sending = [(r, b) for r, b in sending if not r.Test()]
                 self._last_served = time.monotonic()
                 if self._tell_timer:
                     self._tell_timer = False
@@ -357,10 +362,8 @@ class Service:
             return msg
         self.sleeps += 1
         self.asleep.set()
-        while not self._stopping:
+        if not self._stopping:
             self._doorbells.wait()
-            if self._doorbells.drain():
-                break
         self.asleep.clear()
         # Back in MPI at once; the idle timer is told after the first reply (_serve), so waking it
         # (another thread wanting the GIL) does not delay the request that rang.
