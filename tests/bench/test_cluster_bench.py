@@ -57,7 +57,7 @@ def test_bench_two_ranks_quick(tmp_path: Path) -> None:
     assert len(idle["idle_pct"]) == 2 and idle["max_idle_pct"] == max(idle["idle_pct"]) >= 0
     assert idle["blocking_recv_pct"][0] > 0  # a blocking receive polls: the figure beside the idle one
     wake = data["experiments"]["wake_round_trip"]
-    for state in ("hot", "asleep", "busy", "bare_mpi"):
+    for state in ("hot", "asleep", "busy", "bare_mpi", "kernel_wake"):
         assert 0 < wake[state]["median_us"] <= wake[state]["p99_us"], state
     assert wake["busy"]["peer_loops"] > 0  # the peer really ran Python while it was called
     small = data["experiments"]["small_remote_get"]["sizes"]

@@ -9,13 +9,17 @@
   until rank 1's service thread sleeps in the kernel before each call: a ring must wake it) and *busy*
   (rank 1's main thread runs pure Python while rank 0 calls at gaps longer than the hot window, so each
   call wakes a sleeping thread that then needs the GIL). Beside them, a bare MPI ping-pong between the
-  same ranks (rank 1 in a blocking ``Recv``). Targets: asleep < 100 us median, busy < 2 ms p99.
+  same ranks (rank 1 in a blocking ``Recv``), and the floor for waking a process asleep in the kernel: a
+  UDP ping-pong to a process blocked in ``recv``, after the same gap. Targets: asleep < 100 us median,
+  busy < 2 ms p99.
 
 Imports ``mpi4py.MPI``: import this module only in a rank a launcher started.
 """
 from __future__ import annotations
 
+import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -70,20 +74,38 @@ def idle_cpu(comm: MPI.Comm, seconds: float) -> dict[str, object] | None:
             "passed": max(per_rank) < IDLE_TARGET_PCT}
 
 
-def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float) -> dict[str, object] | None:
+def _sleeping_barrier(comm: MPI.Comm) -> None:
+    """A barrier that sleeps between tests: Open MPI's ``Barrier`` polls, and a peer polling in it would take
+    the core its own service thread needs (the figures would measure that, not the service)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(1e-3)
+
+
+def _sleeping_recv(comm: MPI.Comm, buf: np.ndarray, source: int, tag: int) -> None:
+    request = comm.Irecv(buf, source=source, tag=tag)
+    while not request.Test():
+        time.sleep(50e-6)
+
+
+def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
+                done_op: int) -> dict[str, object] | None:
     """Collective: rank 0 calls rank 1's ``op`` (an echo registered on ``service``) in the three states,
-    and times a bare MPI ping-pong. Ranks above 1 wait idle. Rank 0 gets the figures."""
+    and times a bare MPI ping-pong. Ranks above 1 wait idle. ``done_op`` (unused on ``service``) is
+    registered here: rank 0 calls it to end rank 1's busy loop. Rank 0 gets the figures."""
     rank = comm.Get_rank()
     out: dict[str, object] = {}
     call: Callable[[], object] = lambda: service.call(_PEER, op, _REQUEST)  # noqa: E731
+    done = threading.Event()
+    service.register(done_op, lambda source, payload: (done.set(), b"")[1])
     # hot: back to back
-    comm.Barrier()
+    _sleeping_barrier(comm)
     if rank == _READER:
         for _ in range(max(10, n // 10)):
             call()
         out["hot"] = latency_us([_timed(call) for _ in range(n)])
     # asleep: before each call, rank 1 says its service thread is asleep
-    comm.Barrier()
+    _sleeping_barrier(comm)
     asleep = min(n, 200)
     token = np.zeros(1, np.int8)
     samples = []
@@ -92,27 +114,32 @@ def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float)
             if not service.asleep.wait(_WAIT_S):
                 raise RuntimeError("the service thread never went to sleep")
             comm.Send(token, dest=_READER, tag=_TAG)
-            comm.Recv(token, source=_READER, tag=_TAG)  # the call is over: the next sleep is a new one
+            _sleeping_recv(comm, token, _READER, _TAG)  # the call is over: the next sleep is a new one
         elif rank == _READER:
-            comm.Recv(token, source=_PEER, tag=_TAG)
+            _sleeping_recv(comm, token, _PEER, _TAG)
             samples.append(_timed(call))
             comm.Send(token, dest=_PEER, tag=_TAG)
     if rank == _READER:
         out["asleep"] = latency_us(samples) | {"sleeps_of_peer": asleep}
-    # busy: rank 1's main thread in pure Python; rank 0 calls at gaps longer than the hot window
-    comm.Barrier()
+    # busy: rank 1's main thread in pure Python (no MPI call); rank 0 calls at gaps longer than the hot window
+    _sleeping_barrier(comm)
     if rank == _PEER:
-        loops = _busy(comm)
+        loops = _busy(done)
         comm.send(loops, dest=_READER, tag=_TAG)
     elif rank == _READER:
         samples = []
         for _ in range(asleep):
             time.sleep(gap_s)
             samples.append(_timed(call))
-        comm.Send(token, dest=_PEER, tag=_TAG + 1)
+        service.call(_PEER, done_op, b"")
         out["busy"] = latency_us(samples) | {"gap_ms": gap_s * 1e3, "peer_loops": comm.recv(source=_PEER, tag=_TAG)}
+    # the kernel's own floor for waking a sleeping process: a UDP ping-pong after the same gap
+    _sleeping_barrier(comm)
+    out_wake = _udp_ping_pong(comm, asleep, gap_s)
+    if rank == _READER:
+        out["kernel_wake"] = out_wake
     # bare MPI ping-pong, rank 1 in a blocking Recv
-    comm.Barrier()
+    _sleeping_barrier(comm)
     buf = bytearray(56)
     if rank == _PEER:
         for _ in range(n + max(10, n // 10)):
@@ -134,22 +161,48 @@ def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float)
                              and busy_fig["p99_us"] < BUSY_TARGET_P99_US)}  # type: ignore[index]
 
 
+def _udp_ping_pong(comm: MPI.Comm, n: int, gap_s: float) -> dict[str, float | int] | None:
+    """Rank 1 blocks in ``recv`` on a UDP socket and answers; rank 0 pings it every ``gap_s``: what waking a
+    process asleep in the kernel costs on this machine, whatever the service does (rank 0 gets it)."""
+    rank = comm.Get_rank()
+    if rank == _PEER:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            comm.send(sock.getsockname(), dest=_READER, tag=_TAG)
+            for _ in range(n):
+                data, peer = sock.recvfrom(64)
+                sock.sendto(_REPLY, peer)
+        return None
+    if rank != _READER:
+        return None
+    address = comm.recv(source=_PEER, tag=_TAG)
+    samples = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        for _ in range(n):
+            time.sleep(gap_s)
+            t0 = time.perf_counter()
+            sock.sendto(_REQUEST, address)
+            sock.recv(64)
+            samples.append(time.perf_counter() - t0)
+    return latency_us(samples)
+
+
 def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
 
 
-def _busy(comm: MPI.Comm) -> int:
-    """Pure Python until rank 0's message arrives (probed between loops, without blocking); loops run."""
+def _busy(done: threading.Event) -> int:
+    """Pure Python until rank 0 calls the done op (which sets ``done``); the loops run. No MPI call in the
+    loop: one would contend with the service thread for MPI's progress as well as for the GIL."""
     loops = 0
-    token = np.zeros(1, np.int8)
-    while not comm.Iprobe(source=_READER, tag=_TAG + 1):
+    while not done.is_set():
         x = 0
         for i in range(2000):
             x += i
         loops += 1
-    comm.Recv(token, source=_READER, tag=_TAG + 1)
     return loops
 
 
