@@ -2,6 +2,7 @@
 which is what composition with explicit interfaces buys over a mixin sharing the store's fields."""
 from __future__ import annotations
 
+import struct
 import threading
 from types import SimpleNamespace
 
@@ -178,3 +179,31 @@ def test_a_file_gone_before_the_read_is_vanished_unless_its_home_still_lists_it(
     with pytest.raises(IntegrityError if listed_on_disk else Vanished):
         mine.read(digest, memoryview(np.zeros(8, np.uint8)))
     tier.close()
+
+
+# ------------------------------------------------------------------ the directory's batched lookup, alone
+def test_directory_lookup_batch_parses_checks_and_answers():
+    from cascade_kv.cluster.directory import KeyRecord
+    from cascade_kv.cluster.directory.rpc import OP_LOOKUP, Directory
+    from cascade_kv.cluster.homes import home_of_key
+
+    service = _Loopback()
+    service.rank, service.size = 0, 2
+    directory = Directory(service)  # type: ignore[arg-type]
+    mine = [k for k in (f"key-{i}" for i in range(40)) if home_of_key(k, 2) == 0][:8]
+    other = next(k for k in (f"key-{i}" for i in range(40)) if home_of_key(k, 2) == 1)
+    records = [KeyRecord(bytes([i]) * 32, "<f4", (i + 1, 2), prefix=bool(i % 2)) for i in range(len(mine))]
+    directory.bind_many(list(zip(mine[:5], records[:5])))
+    assert directory.lookup_many(mine) == records[:5] + [None] * (len(mine) - 5)
+    assert directory.bound_many(mine) == [True] * 5 + [False] * (len(mine) - 5)
+    handler = service.handlers[OP_LOOKUP]
+    wire = b"s" + mine[0].encode()
+    good = struct.pack("<II", 1, len(wire)) + wire
+    assert handler(1, memoryview(good))[:1] == b"\x01"  # found
+    for bad, says in [(b"\x01\x00", "ends inside"), (good[:-1], "ends inside"), (good + b"x", "after its last"),
+                      (struct.pack("<II", 1, 99) + wire, "ends inside")]:
+        with pytest.raises(ValueError, match=says):
+            handler(1, memoryview(bad))
+    raw = b"s" + other.encode()
+    with pytest.raises(ValueError, match="homed at rank 1"):
+        handler(1, memoryview(struct.pack("<II", 1, len(raw)) + raw))

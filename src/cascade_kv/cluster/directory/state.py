@@ -333,6 +333,12 @@ class DirectoryState:
         with self._lock:
             return self._keys.get(key)
 
+    def lookup_many(self, keys: list[Key]) -> list[KeyRecord | None]:
+        """:meth:`lookup` of each key, under one hold of the lock."""
+        with self._lock:
+            get = self._keys.get
+            return [get(k) for k in keys]
+
     def unbind(self, key: Key) -> KeyRecord | None:
         """Forget ``key``; returns its record (for the caller to unref), or None if it was not bound."""
         with self._lock:
