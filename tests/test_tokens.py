@@ -44,7 +44,7 @@ def test_a_strided_array_gives_the_keys_of_its_values():
 
 
 def test_torch_tensors_give_the_same_keys():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the test extra (torch) is not installed (pip install '.[test]')")
     ids = [5, 17, 9000, 3, 0, 42, 7, 7, 1]
     keys = prefix_keys(ids, 2)
     assert prefix_keys(torch.tensor(ids), 2) == keys

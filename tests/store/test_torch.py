@@ -14,7 +14,7 @@ from cascade_kv.tensors import TORCH_DTYPE, numpy_dtype, torch_dtype
 
 from .conftest import KIB, block, snapshot, values
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the test extra (torch) is not installed (pip install '.[test]')")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn]
 
