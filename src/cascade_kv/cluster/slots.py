@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from ..ids import BlockId
 from ..memcopy import copy_bytes
 from ..tiers import HostTier, Tier, TierTraits
+from ..tiers.host import copy_view_into
 from ..tiers.base import RoomModel
 
 SLOT_HEADER = 64
@@ -228,13 +229,7 @@ class SlotArena(Tier):
             return offset, self.size_of(block_id), unpack_header(self._mv, offset).generation
 
     def read_into(self, block_id: BlockId, out: memoryview) -> None:
-        src = self.view(block_id)
-        if src.nbytes != out.nbytes:
-            raise ValueError(f"host tier: block is {src.nbytes} B, buffer is {out.nbytes} B")
-        if out.format == "B" and out.ndim == 1:
-            copy_bytes(out, src)
-        else:
-            out[:] = src.cast(out.format, out.shape) if out.shape else src.cast(out.format)
+        copy_view_into(self.view(block_id), out)
 
     def free(self, block_id: BlockId) -> None:
         with self._lock:

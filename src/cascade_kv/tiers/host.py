@@ -124,6 +124,17 @@ class _ArenaRoom(RoomModel):
         return other
 
 
+def copy_view_into(src: memoryview, out: memoryview) -> None:
+    """Copy a block's bytes ``src`` into ``out`` (any format and shape of the same size): a flat byte ``out`` with
+    the store's parallel copy, any other through a cast. ValueError when the sizes differ."""
+    if src.nbytes != out.nbytes:
+        raise ValueError(f"host tier: block is {src.nbytes} B, buffer is {out.nbytes} B")
+    if out.format == "B" and out.ndim == 1:
+        copy_bytes(out, src)
+    else:
+        out[:] = src.cast(out.format, out.shape) if out.shape else src.cast(out.format)
+
+
 class HostTier(Tier):
     """Blocks live at offsets of one pre-touched arena; a read is one copy out of it."""
 
@@ -210,13 +221,7 @@ class HostTier(Tier):
         copy_bytes(dst, src.cast("B") if src.format != "B" or src.ndim != 1 else src)
 
     def read_into(self, block_id: BlockId, out: memoryview) -> None:
-        src = self.view(block_id)
-        if src.nbytes != out.nbytes:
-            raise ValueError(f"host tier: block is {src.nbytes} B, buffer is {out.nbytes} B")
-        if out.format == "B" and out.ndim == 1:
-            copy_bytes(out, src)
-        else:
-            out[:] = src.cast(out.format, out.shape) if out.shape else src.cast(out.format)
+        copy_view_into(self.view(block_id), out)
 
     # The batch paths are the store's: a small block's copy costs ~0.15 us, less than the method calls,
     # slot lookups and checks around it in read_into/write, so they loop here with those hoisted.
