@@ -6,6 +6,7 @@ Plain frozen values with no behaviour beyond their own fields, shared by the sta
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import struct
 from dataclasses import dataclass, field
@@ -135,8 +136,10 @@ def dtype_text(dt: np.dtype) -> str:
     return encoded if isinstance(encoded, str) else json.dumps(encoded, separators=(",", ":"))
 
 
+@functools.lru_cache(maxsize=256)
 def dtype_of(text: str) -> np.dtype:
-    """Inverse of :func:`dtype_text`."""
+    """Inverse of :func:`dtype_text`; remembered per text (a get builds one per key: ~1 us each, and a cache
+    holds few distinct dtypes)."""
     return decode_dtype(json.loads(text)) if text[:1] in ("{", "[") else np.dtype(text)
 
 
