@@ -1,7 +1,8 @@
 """Where a block's copies live: the metadata the store keeps per key and per block.
 
-Kept apart from the store so the placement logic and the public API (which
-both work on these records) can live in small modules of their own.
+Kept apart from the store so that its parts (puts, reads, the key table,
+placement, the promoter, persistence), which all work on these records, can
+live in small modules of their own.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ class Plan:
     fresh: list[Block] = field(default_factory=list)  # blocks this put writes (new, or lost and healed)
     held: dict[BlockId, Block] = field(default_factory=dict)  # every distinct block of the batch
     tiers: dict[BlockId, int] = field(default_factory=dict)  # where the dry run placed each fresh block
-    placing: bool = False  # counted in the store's _placing (the promoter waits): undone at commit or abandon
+    placing: bool = False  # counted in the promoter's placements (it waits for them): undone at commit or abandon
 
 
 def fastest(where: int) -> int:

@@ -17,10 +17,14 @@ block of a batch but the first must find room next to the ones placed before it.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from .blocks import Block
 from .ids import BlockId
 from .tiers.base import RoomModel
+
+if TYPE_CHECKING:
+    from .context import StoreContext
 
 
 class DryRun:
@@ -28,10 +32,10 @@ class DryRun:
 
     ``held``: blocks that may not be victims (the batch's own: pinned until its commit)."""
 
-    def __init__(self, store: object, held: Iterable[BlockId] = ()) -> None:
-        self._s = store
-        self._tiers = store._tiers  # type: ignore[attr-defined]
-        self._blocks: dict[BlockId, Block] = store._blocks  # type: ignore[attr-defined]
+    def __init__(self, ctx: StoreContext, held: Iterable[BlockId] = ()) -> None:
+        self._ctx = ctx
+        self._tiers = ctx.tiers
+        self._blocks: dict[BlockId, Block] = ctx.blocks
         self._rooms: list[RoomModel | None] = [None] * len(self._tiers)  # made on first use
         self._where: dict[BlockId, int] = {}  # blocks whose copies the run changed -> their tiers now
         self._arrived: list[list[BlockId]] = [[] for _ in self._tiers]  # copies moved in, in order
@@ -68,7 +72,7 @@ class DryRun:
     def _victims(self, t: int) -> Iterator[Block]:
         """Tier ``t``'s victims in the run's state: the policy's order, then the copies moved in by the
         run (a moved copy is no use of its own, so the policy ranks it after every copy there before)."""
-        seen = self._s._policy.victims(t)  # type: ignore[attr-defined]
+        seen = self._ctx.policy.victims(t)
         i = 0
         for bid in seen:
             v = self._blocks[bid]
@@ -122,7 +126,7 @@ class DryRun:
             self.free_copy(v, t)
             return True
         if dst == len(self._tiers):
-            if w & ~(1 << t) and not self._s._durable_copy(t):  # type: ignore[attr-defined]
+            if w & ~(1 << t) and not self._ctx.durable_copy(t):
                 self.free_copy(v, t)
             elif not may_drop:
                 return False

@@ -1,8 +1,10 @@
 """Persistence: the key journal and the directory a persistent store reopens.
 
-A mixin of :class:`~cascade_kv.store.Store`, kept apart because recovering a
-directory (locking it, replaying the journal, adopting block files) is its own
-job with its own failure modes, separate from moving data between tiers.
+A part of :class:`~cascade_kv.store.Store` (:class:`Persistence`), kept apart
+because recovering a directory (locking it, replaying the journal, adopting
+block files) is its own job with its own failure modes, separate from moving
+data between tiers. The put, delete and protect paths append to the journal
+through it; what the open found is its :class:`RecoveryReport`.
 
 Opening runs in two phases. The *read* phase takes the lock, reads ``FORMAT``,
 reads and parses the whole journal and examines every block file it names;
@@ -27,14 +29,21 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import catalog
 from .blocks import Block, Entry
+from .context import StoreContext
 from .errors import CapacityError, ConfigError, IntegrityError, InvalidArgumentType, StorageError
 from .ids import BlockId, Key, block_name
+from .placement import Placement
 from .tiers import DiskTier
+
+if TYPE_CHECKING:
+    from .keys import KeyTable
 from .tiers.disk import fsync_dir, lock_directory, make_dirs, write_atomically
 
 log = logging.getLogger(__name__)
@@ -99,16 +108,23 @@ class RecoveryReport:
 
 
 class Persistence:
-    """Journal and recovery, on the state ``Store.__init__`` sets up."""
+    """The journal of a ``persist=True`` store (``journal`` is None without it) and the open that replays it."""
 
-    def _journal_append(self, records: list[bytes]) -> None:
-        if self._journal is not None:
-            self._journal.append(records, sync=True)
+    def __init__(self, ctx: StoreContext) -> None:
+        self._ctx = ctx
+        self.journal: catalog.Journal | None = None
+        """Set by :meth:`open`; user mutations are appended here before they are committed."""
+        self._lock_fd = -1
 
-    def _refuse_unpersistable(self, items: list[tuple[Key, object, bool]]) -> None:
+    def append(self, records: list[bytes]) -> None:
+        """Append ``records`` durably (nothing without a journal)."""
+        if self.journal is not None:
+            self.journal.append(records, sync=True)
+
+    def refuse_unpersistable(self, items: list[tuple[Key, object, bool]]) -> None:
         """TypeError, before anything changes, for a value whose dtype the journal cannot record exactly
         (a put that succeeded but could not be reloaded would lose the key at the next open)."""
-        if self._journal is None:
+        if self.journal is None:
             return
         for key, arr, _ in items:
             try:
@@ -116,37 +132,40 @@ class Persistence:
             except TypeError as e:
                 raise InvalidArgumentType(f"put({key!r}) with persist=True: {e}") from None
 
-    def _recover(self, root: Path) -> None:
-        """Open the directory in two phases (see the module docstring) and reload protected blocks."""
-        if self._disk is None or not isinstance(self._tiers[self._disk], DiskTier):
+    def open(self, root: Path, table: KeyTable, placement: Placement) -> RecoveryReport:
+        """Open the directory in two phases (see the module docstring) and reload protected blocks: the keys
+        and blocks found go into ``table`` (and the context's tables), their copies through ``placement``."""
+        ctx = self._ctx
+        if ctx.disk is None or not isinstance(ctx.tiers[ctx.disk], DiskTier):
             raise ConfigError("persist=True needs a DiskTier among the store's tiers")
-        disk: DiskTier = self._tiers[self._disk]
+        disk: DiskTier = ctx.tiers[ctx.disk]
+        blocks, keys = ctx.blocks, ctx.keys
         # -- read phase: nothing below writes a byte
         self._lock_fd = lock_directory(root, disk.file_mode)
         marker = root / "FORMAT"
-        wanted = f"cascade-kv blocks v1 hash={self.config.hash_algorithm}\n"
+        wanted = f"cascade-kv blocks v1 hash={ctx.config.hash_algorithm}\n"
         has_format = self._check_format(marker, wanted)
-        self._journal = catalog.Journal(root / JOURNAL, file_mode=disk.file_mode)
-        replay = self._journal.read()
-        self._journal.open()  # a read-only disk fails here
+        journal = self.journal = catalog.Journal(root / JOURNAL, file_mode=disk.file_mode)
+        replay = journal.read()
+        journal.open()  # a read-only disk fails here
         lost: list[Key] = []
         damaged_files: set[BlockId] = set()
         for key, r in replay.state.items():
-            b = self._blocks.get(r.block_id)
+            b = blocks.get(r.block_id)
             if b is None and r.block_id not in damaged_files:
                 size = disk.adopt(r.block_id, r.nbytes)
                 if size == r.nbytes:
-                    b = self._blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True, space=self._space_of(key))
-                    self._add_copy(b, self._disk)
+                    b = blocks[r.block_id] = Block(r.block_id, r.nbytes, ready=True, space=ctx.space_of(key))
+                    placement.add_copy(b, ctx.disk)
                 elif size is not None:
                     damaged_files.add(r.block_id)  # truncated, grown, not a file, or unreadable
             if b is None or b.nbytes != r.nbytes:
                 lost.append(key)
                 continue
             e = Entry(r.block_id, r.dtype, r.shape, r.prefix)
-            self._keys[key] = e
-            self._attach(key, e, b)
-        orphans = [bid for bid in disk.scan() if bid not in self._blocks and bid not in damaged_files]
+            keys[key] = e
+            table.attach(key, e, b)
+        orphans = [bid for bid in disk.scan() if bid not in blocks and bid not in damaged_files]
         # -- commit phase: everything was read; from here on the open only tidies, best effort
         if not has_format:
             self._write_format(marker, wanted, disk.file_mode)
@@ -167,38 +186,39 @@ class Persistence:
                 disk.remove_untracked(bid)  # written by a put that crashed before its journal record
                 removed += 1
         tmp_removed = disk.clean_tmp()
-        for leftover in self._journal.leftovers():
+        for leftover in journal.leftovers():
             try:
                 leftover.unlink()
             except OSError as e:
                 log.warning("cannot remove %s: %s", leftover, e.strerror)
-        compacted = self._compact_at_open(self._journal, replay)
-        for c in (self._c, self._default.counters):  # files no key accounts for: the store's own
+        compacted = self._compact_at_open(journal, replay)
+        for c in (ctx.counters, ctx.default.counters):  # files no key accounts for: the store's own
             c.quarantined += len(quarantined)
-        for c in [self._c, self._default.counters] + [s.counters for s in self._spaces.values()]:
-            c.tiers[self._disk].bytes_written = 0
-        self.recovery = RecoveryReport(
-            journal_version=replay.version, records=replay.records, keys=len(self._keys), damaged=replay.damaged,
+        for c in [ctx.counters, ctx.default.counters] + [s.counters for s in ctx.spaces.values()]:
+            c.tiers[ctx.disk].bytes_written = 0
+        report = RecoveryReport(
+            journal_version=replay.version, records=replay.records, keys=len(keys), damaged=replay.damaged,
             torn_tail=replay.torn_at, lost_keys=tuple(lost), quarantined=tuple(quarantined),
             orphans_removed=removed, orphans_kept=kept, tmp_removed=tmp_removed, compacted=compacted,
             journal_lost_keys=replay.lost, journal_lost_unnamed=replay.lost_unnamed,
             unidentified=replay.unidentified, repaired=replay.repaired)
-        if not self.recovery.clean:
+        if not report.clean:
             log.warning("%s: recovery: %d journal region(s) damaged %s (%d naming no key: %s), %d repaired %s; "
                         "%d key(s) dropped for journal damage (+%d unnamed), %d for damaged block files; "
                         "%d file(s) quarantined (%d unaccounted block files kept); %d keys recovered", root,
                         len(replay.damaged), [off for off, _ in replay.damaged], len(replay.unidentified),
                         list(replay.unidentified), len(replay.repaired), list(replay.repaired), len(replay.lost),
-                        replay.lost_unnamed, len(lost), len(quarantined), kept, len(self._keys))
-        with self._lock:
-            for b in [b for b in self._blocks.values() if b.protected]:
-                if self._must_be_in_memory(True):
+                        replay.lost_unnamed, len(lost), len(quarantined), kept, len(keys))
+        with ctx.lock:
+            for b in [b for b in blocks.values() if b.protected]:
+                if ctx.must_be_in_memory(True):
                     try:
-                        self._bring_to_memory(b)
+                        placement.bring_to_memory(b)
                     except (CapacityError, IntegrityError, StorageError) as e:  # served from disk meanwhile
                         log.warning("protected block %s not reloaded into memory: %s", block_name(b.id)[:16], e)
-            for c in [self._c, self._default.counters] + [s.counters for s in self._spaces.values()]:
+            for c in [ctx.counters, ctx.default.counters] + [s.counters for s in ctx.spaces.values()]:
                 c.promotions = 0
+        return report
 
     def _check_format(self, marker: Path, wanted: str) -> bool:
         """A persistent directory records the digest its block files are named by. Reopening it with
@@ -235,12 +255,17 @@ class Persistence:
             return None
         return dst
 
+    def _live_records(self) -> Iterator[catalog.KeyRecord]:
+        """One record per live key: a compacted journal."""
+        blocks = self._ctx.blocks
+        return (catalog.KeyRecord(k, e.block_id, blocks[e.block_id].nbytes, e.dtype, e.shape, e.prefix)
+                for k, e in self._ctx.keys.items())
+
     def _compact_at_open(self, journal: catalog.Journal, replay: catalog.Replay) -> bool:
         """Rewrite the journal from the keys just opened, if there is room. Optional: without room the
         old journal stays (a torn tail is cut off, which needs no room) and compaction is retried at close."""
         try:
-            journal.compact(catalog.KeyRecord(k, e.block_id, self._blocks[e.block_id].nbytes, e.dtype,
-                                                    e.shape, e.prefix) for k, e in self._keys.items())
+            journal.compact(self._live_records())
             return True
         except StorageError as e:
             log.warning("journal not compacted at open (retried at close): %s", e)
@@ -252,7 +277,20 @@ class Persistence:
                 log.warning("torn journal tail not cut off: %s", e)
         return False
 
-    def _release_dir_lock(self) -> None:
+    def close_journal(self, compact: bool) -> None:
+        """At close: compact the journal if ``compact`` (only a store that finished opening knows every key),
+        then close it."""
+        if self.journal is None:
+            return
+        try:  # a long-lived store's journal holds every change since it opened: keep only live keys
+            if compact:
+                self.journal.compact(self._live_records())
+        except StorageError as e:  # the old journal is intact (compaction writes aside, then renames)
+            log.warning("journal not compacted at close: %s", e)
+        self.journal.close()
+
+    def release_dir_lock(self) -> None:
+        """Last at close (after the tiers), and when an open fails: another process may open the directory."""
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1

@@ -115,7 +115,7 @@ def check_consistent(store: Store) -> None:
     prefixed = {store.info(k).digest for k in keys if store.info(k).prefix}
     assert s.protected_blocks == len(prefixed) == s.protected_in_memory
     for t, tier in enumerate(s.tiers):  # the running count CapacityError's message uses
-        assert store._protected_bytes[t] == sum(i.nbytes for d, i in by_digest.items()
+        assert store._placement.protected_bytes[t] == sum(i.nbytes for d, i in by_digest.items()
                                                 if d in prefixed and tier.name in i.tiers), tier.name
 
     def align(n: int) -> int:  # the host arena's rounding

@@ -109,7 +109,7 @@ def test_concurrent_demotes_of_a_shared_block_copy_it_once(make_store, monkeypat
     store.put("a", block(seed=1))
     store.put("b", block(seed=1))  # a dedup hit: the same block
     in_copy, release, b_blocked = threading.Event(), threading.Event(), threading.Event()
-    copy = store._copy_between
+    copy = store._placement.copy_between
     b_thread: list[threading.Thread] = []
 
     def held_copy(*args):
@@ -118,15 +118,15 @@ def test_concurrent_demotes_of_a_shared_block_copy_it_once(make_store, monkeypat
             assert release.wait(30)
         return copy(*args)
 
-    wait = store._cond.wait
+    wait = store._ctx.cond.wait
 
     def noticed_wait(timeout=None):
         if b_thread and threading.current_thread() is b_thread[0]:
             b_blocked.set()  # B waits for A: exactly the interleaving under test
         return wait(timeout)
 
-    monkeypatch.setattr(store, "_copy_between", held_copy)
-    monkeypatch.setattr(store._cond, "wait", noticed_wait)
+    monkeypatch.setattr(store._placement, "copy_between", held_copy)
+    monkeypatch.setattr(store._ctx.cond, "wait", noticed_wait)
     errors: list[BaseException] = []
 
     def run(key):

@@ -160,8 +160,8 @@ class StoreModel(RuleBasedStateMachine):
     def _largest_hole_left(self, batch: list[tuple[object, Entry]]) -> int:
         """The host arena's largest hole once every block that may be evicted is gone (read from the arena)."""
         host = self.store.tiers[0]
-        ids = {self.store._hasher.digest(byte_view(np.ascontiguousarray(e.value.array()))) for _, e in batch}
-        stay = sorted(host._slots[b.id] for b in self.store._blocks.values()
+        ids = {self.store._ctx.hasher.digest(byte_view(np.ascontiguousarray(e.value.array()))) for _, e in batch}
+        stay = sorted(host._slots[b.id] for b in self.store._ctx.blocks.values()
                       if b.where & 1 and (b.protected or (self.dedup and b.id in ids)))
         edge, largest = 0, 0
         for offset, nbytes in stay:

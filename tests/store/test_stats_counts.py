@@ -87,17 +87,17 @@ class CountsMatchTheWalk(RuleBasedStateMachine):
     def a_copy_fails_its_check(self, key, tier):
         """What a read does on a copy that fails its digest check (the block is lost without another copy)."""
         s = self.store
-        with s._lock:
-            e = s._keys.get(key)
-            if e is not None and s._blocks[e.block_id].where >> tier & 1:
-                s._bad_copy(s._blocks[e.block_id], tier)
+        with s._ctx.lock:
+            e = s._ctx.keys.get(key)
+            if e is not None and s._ctx.blocks[e.block_id].where >> tier & 1:
+                s._placement.bad_copy(s._ctx.blocks[e.block_id], tier)
 
     @invariant()
     def counts_equal_the_walk(self):
         s = self.store
         assert s._stats(None) == s._walk_stats(None)
         for name in SPACES:
-            space = s._default if name is None else s._spaces[name]
+            space = s._default if name is None else s._ctx.spaces[name]
             assert s._stats(space) == s._walk_stats(space), name
 
 

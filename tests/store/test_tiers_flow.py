@@ -265,13 +265,13 @@ def test_a_queued_promotion_of_a_deleted_key_brings_nothing_back(make_store):
 
     store = make_store(promotion_threshold=1)
     _put_range(store, SLOTS + 1)
-    with store._lock:  # a read in flight holds the promoter back: the delete lands while the promotion waits
-        store._reads_in_flight += 1
+    with store._ctx.lock:  # a read in flight holds the promoter back: the delete lands while the promotion waits
+        store._promoter.reads_in_flight += 1
     store.get("k0")
     store.delete("k0")
-    with store._lock:
-        store._reads_in_flight -= 1
-        store._cond.notify_all()
+    with store._ctx.lock:
+        store._promoter.reads_in_flight -= 1
+        store._ctx.cond.notify_all()
     check_consistent(store)
     assert store.stats().promotions == 0 and "k0" not in store
     assert store.stats().tier("host").blocks == SLOTS

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..arrays import byte_view, check_fits, key_list
-from ..blocks import Block, Plan, fastest
+from ..blocks import Block, fastest
 from ..config import format_size
 from ..errors import CapacityError, IntegrityError, InvalidArgument
 from ..ids import BlockId, Digest, Key, StoreKey
@@ -132,55 +132,55 @@ class ServedStore(Store):
         arena stay pinned (returned: pass them to :meth:`unpin` after the client copied); the others are
         read now into ``staging(total_bytes)``, a uint8 array, at the offsets answered."""
         keys = key_list(keys, "get_many")
-        host = self._tiers[0]
+        ctx, reads = self._ctx, self._reads
+        host = ctx.tiers[0]
         placed: list[Placed | None] = []
         pinned: list[Block] = []
         slow: list[tuple[int, Block, int]] = []
         total = 0
-        with self._lock:
-            self._check_open()
-            entries = self._entries([space.internal(k) for k in keys], count_misses=space)
+        with ctx.lock:
+            ctx.check_open()
+            entries = self._table.entries([space.internal(k) for k in keys], count_misses=space)
             if expect is not None:  # as a get checks its outs: before a lost block is reported
                 if len(expect) != len(keys):
                     raise InvalidArgument(f"get_many: {len(keys)} keys but {len(expect)} out buffers")
                 for k, e, ex in zip(keys, entries, expect):
                     check_expected(k, e.dtype, e.shape, ex)
-            blocks = self._start_reads(space, keys, entries)
+            blocks = reads.start(space, keys, entries)
             for i, (e, b) in enumerate(zip(entries, blocks)):
                 b.pins += 1
                 if fastest(b.where) == 0:
-                    self._account_read(b, 0, space)
+                    reads.account(b, 0, space)
                     pinned.append(b)
                     placed.append(Placed(False, host.offset_of(b.id), b.nbytes, e.dtype, e.shape))  # type: ignore[attr-defined]
                 else:
                     slow.append((i, b, total))
                     placed.append(Placed(True, total, b.nbytes, e.dtype, e.shape))
                     total = align_up(total + b.nbytes)
-            self._reads_in_flight += bool(slow)
+            if slow:
+                self._promoter.reads_started()
         if slow:
             try:
                 area = staging(total)
                 jobs = [(i, b, area[off:off + b.nbytes]) for i, b, off in slow]
-                self._read_pinned(jobs, space)  # unpins them; queues promotions as a get would
+                reads.read_pinned(jobs, space)  # unpins them; queues promotions as a get would
             except BaseException:
                 self.unpin(pinned)
                 raise
             finally:
-                self._end_reads()
+                self._promoter.reads_ended()
         return placed, pinned  # type: ignore[return-value]
 
     def unpin(self, blocks: Sequence[Block]) -> None:
         if not blocks:
             return
-        with self._lock:
+        with self._ctx.lock:
             for b in blocks:
-                self._unpin(b)
+                self._placement.unpin(b)
 
     # ------------------------------------------------------------------ puts
     def block_id_of(self, digest: Digest, space: Space) -> BlockId:
-        if self.config.dedup_enabled:
-            return BlockId(digest + space.tag)
-        return BlockId(digest + next(self._serial).to_bytes(8, "big"))
+        return self._puts.block_id(digest, space)
 
     def put_described(self, space: Space, keys: Sequence[Key], values: Sequence[np.ndarray | BlockMeta],
                       prefixes: Sequence[bool], digests: Sequence[Digest]) -> None:
@@ -192,34 +192,34 @@ class ServedStore(Store):
         for (k, v, _), d in zip(items, digests):
             bid = self.block_id_of(d, space)
             if isinstance(v, np.ndarray):
-                got = self._hasher.digest(byte_view(v))
+                got = self._ctx.hasher.digest(byte_view(v))
                 if got != d:
                     raise IntegrityError(f"put({k!r}): the client's digest {d.hex()[:16]} does not match the "
                                          f"bytes it wrote ({got.hex()[:16]}); nothing was stored")
             ids.append(bid)
-        self._refuse_unpersistable(items)  # type: ignore[arg-type]
-        self._put_prepared(space, items, ids)  # type: ignore[arg-type]
+        self._persistence.refuse_unpersistable(items)  # type: ignore[arg-type]
+        self._puts.put(space, items, ids, check=self._check_described)  # type: ignore[arg-type]
 
-    def _plan_put(self, items: list[tuple[StoreKey, np.ndarray, bool]], ids: list[BlockId], space: Space) -> Plan:
-        # a described item (no bytes) must find its block stored, ready, trusted and already where it must
-        # be: every path that would need its bytes (a fresh block, a prefix to bring into memory, a copy to
-        # rewrite) sends the client back for them instead
+    def _check_described(self, items: list[tuple[StoreKey, np.ndarray | BlockMeta, bool]], ids: list[BlockId]) -> None:
+        """Under the lock, before the put is planned: NeedBytes unless every described item (no bytes) finds its
+        block stored, ready, trusted and already where it must be; every path that would need its bytes (a
+        fresh block, a prefix to bring into memory, a copy to rewrite) sends the client back for them instead."""
+        ctx = self._ctx
         described = [i for i, (_, v, _) in enumerate(items) if isinstance(v, BlockMeta)]
         need: list[int] = []
         for i in described:
             _, meta, prefix = items[i]
-            b = self._blocks.get(ids[i])
+            b = ctx.blocks.get(ids[i])
             if b is None or not b.ready or b.lost or not b.where:
                 need.append(i)
                 continue
             if b.nbytes != meta.nbytes:
                 raise InvalidArgument(f"put({items[i][0]!r}): {meta.nbytes} B described, but the block with "
                                       f"its digest holds {b.nbytes} B")
-            if self._must_be_in_memory(prefix) and not b.where & self._memory_mask:
+            if ctx.must_be_in_memory(prefix) and not b.where & ctx.memory_mask:
                 need.append(i)
-            elif any(b.where >> t & 1 and not self._tiers[t].trusted(b.id) and not b.where & ~(1 << t)
-                     for t in range(len(self._tiers))):
+            elif any(b.where >> t & 1 and not ctx.tiers[t].trusted(b.id) and not b.where & ~(1 << t)
+                     for t in range(len(ctx.tiers))):
                 need.append(i)
         if need:
             raise NeedBytes(need)
-        return super()._plan_put(items, ids, space)
