@@ -82,10 +82,10 @@ def _sleeping_barrier(comm: MPI.Comm) -> None:
         time.sleep(1e-3)
 
 
-def _sleeping_recv(comm: MPI.Comm, buf: np.ndarray, source: int, tag: int) -> None:
+def _sleeping_recv(comm: MPI.Comm, buf: np.ndarray, source: int, tag: int, poll_s: float = 50e-6) -> None:
     request = comm.Irecv(buf, source=source, tag=tag)
     while not request.Test():
-        time.sleep(50e-6)
+        time.sleep(poll_s)
 
 
 def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
@@ -114,7 +114,9 @@ def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
             if not service.asleep.wait(_WAIT_S):
                 raise RuntimeError("the service thread never went to sleep")
             comm.Send(token, dest=_READER, tag=_TAG)
-            _sleeping_recv(comm, token, _READER, _TAG)  # the call is over: the next sleep is a new one
+            # the call is over: the next sleep is a new one. Polled rarely: a rank that wakes every few tens
+            # of microseconds keeps its CPU out of deep idle, and the call would be timed against a warm CPU
+            _sleeping_recv(comm, token, _READER, _TAG, poll_s=5e-3)
         elif rank == _READER:
             _sleeping_recv(comm, token, _PEER, _TAG)
             samples.append(_timed(call))

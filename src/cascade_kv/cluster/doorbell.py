@@ -135,17 +135,10 @@ class Doorbells:
             rung = True
 
     def wait(self) -> None:
-        """Block in the kernel until a ring arrives, and take one ring (others stay for :meth:`drain`).
-
-        One ``recv`` and no loop: every system call gives up the GIL, and on a rank whose main thread is busy
-        in Python each one costs up to a switch interval to get it back."""
-        while True:
-            select.select([self._sock], [], [])
-            try:
-                self._sock.recv(_DRAIN)
-                return
-            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-                continue  # not a ring (an ICMP error of an earlier send), or taken meanwhile: wait again
+        """Block in the kernel until a ring is waiting; it stays there for :meth:`drain` (the service drains
+        before it sleeps again). No ``recv`` here: every system call gives up the GIL, and on a rank whose main
+        thread is busy in Python each one costs up to a switch interval to get it back."""
+        select.select([self._sock], [], [])
 
     def close(self) -> None:
         self._sock.close()

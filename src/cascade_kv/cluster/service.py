@@ -46,12 +46,13 @@ service thread therefore waits in ``Mprobe`` only while requests come: after
 :data:`HOT_S` without one, an *idle timer* (a second thread, asleep on a condition
 variable) sends it :data:`_OP_SLEEP`, and it sleeps in ``select`` on its
 :mod:`doorbell <.doorbell>`, a UDP socket, until a caller rings. A caller rings
-after sending its request, unless that rank answered it within ``HOT_S / 2`` (then
-it is still polling), and rings again every :data:`RING_AGAIN_S` (doubling) while
-it waits, so a lost datagram or a wrong belief costs milliseconds, never a hang.
-Before sleeping the thread drains the doorbell and probes once more: a ring or a
-request that came meanwhile keeps it hot, so a request sent before its ring is never
-left behind a sleeping thread. One-sided reads do not need the owner: osc/sm reads
+just before sending its request (the wake-up overlaps the send), unless that rank
+answered it within ``HOT_S / 2`` (then it is still polling), and rings again every
+:data:`RING_AGAIN_S` (doubling) while it waits, so a lost datagram or a wrong
+belief costs milliseconds, never a hang.
+Before sleeping the thread drains the doorbell (rings that came while it polled are
+stale) and probes once more: a request that came meanwhile keeps it hot. A request
+still in flight whose ring was drained waits for its caller's next ring (2 ms). One-sided reads do not need the owner: osc/sm reads
 the window directly, and Open MPI's TCP transport progresses ``Get`` on its own
 (checked: 192 MiB read over ``--mca btl tcp,self --mca osc rdma`` from a rank whose
 threads all slept). Replies still being sent keep the thread in MPI until they
@@ -140,6 +141,10 @@ a lost datagram or a ring skipped on a stale belief that the owner was hot costs
 
 SPIN_S = 100e-6
 """Poll without sleeping this long before backing off (several idle round trips)."""
+RUNG_SPIN_S = 1e-3
+"""A caller that rang a sleeping owner spins this long instead: the owner's wake-up takes 150-250 us here, and a
+caller that went to sleep meanwhile adds its own wake-up from a halted CPU (measured: a call to a rank asleep
+for 30 ms took ~1,000 us with SPIN_S, of which the owner spent 137 us from its wake to the handler)."""
 FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 2e-3
 """Backoff bounds: the cap keeps a stalled wait to ~500 polls/s and a late reply's extra latency to ~2 ms."""
@@ -157,17 +162,44 @@ application's own threads. An interval the application set itself is left alone.
 _DEFAULT_SWITCH_INTERVAL = 0.005
 
 
+HANDLING_SWITCH_INTERVAL = 50e-6
+"""GIL switch interval while a service thread handles a request (from the moment it has the GIL back until it
+blocks again), if the interpreter's is longer.
+
+Every MPI or socket call on the service's path gives up the GIL; on a rank whose main thread runs pure Python,
+each one then waits up to a switch interval to get it back: about six such waits to answer a request after a
+sleep, 2.4 ms median at 0.5 ms. Lowering the interval for the few hundred microseconds of handling bounds each
+wait after the first to ~50 us. Lowering it for good was rejected: every CPU-bound thread of the application
+would then switch every 50 us, not only while a request is being answered."""
+
+
 # --------------------------------------------------------------- GIL switch interval
+# The interval "outside handling" is the base that _lower/_restore manage; while any service thread handles a
+# request (_handling > 0) the live interval is HANDLING_SWITCH_INTERVAL and the base waits in _base_interval.
 _switch_lock = threading.Lock()
 _switch_users = 0
 _switch_lowered = False
+_handling = 0
+_base_interval = 0.0
+
+
+def _get_base() -> float:
+    return _base_interval if _handling else sys.getswitchinterval()
+
+
+def _set_base(value: float) -> None:
+    global _base_interval
+    if _handling:
+        _base_interval = value
+    else:
+        sys.setswitchinterval(value)
 
 
 def _lower_switch_interval() -> None:
     global _switch_users, _switch_lowered
     with _switch_lock:
-        if _switch_users == 0 and sys.getswitchinterval() == _DEFAULT_SWITCH_INTERVAL:
-            sys.setswitchinterval(SERVICE_SWITCH_INTERVAL)
+        if _switch_users == 0 and _get_base() == _DEFAULT_SWITCH_INTERVAL:
+            _set_base(SERVICE_SWITCH_INTERVAL)
             _switch_lowered = True
         _switch_users += 1
 
@@ -177,20 +209,39 @@ def _restore_switch_interval() -> None:
     with _switch_lock:
         _switch_users -= 1
         if _switch_users == 0 and _switch_lowered:
-            if sys.getswitchinterval() == SERVICE_SWITCH_INTERVAL:  # unless someone changed it since
-                sys.setswitchinterval(_DEFAULT_SWITCH_INTERVAL)
+            if _get_base() == SERVICE_SWITCH_INTERVAL:  # unless someone changed it since
+                _set_base(_DEFAULT_SWITCH_INTERVAL)
             _switch_lowered = False
 
 
-def _wait(test: Callable[[], bool], deadline: float) -> bool:
-    """Poll ``test`` until it returns True (-> True) or ``deadline`` passes (-> False); spin, then back off."""
+def _start_handling() -> None:
+    global _handling, _base_interval
+    with _switch_lock:
+        if _handling == 0:
+            _base_interval = sys.getswitchinterval()
+            if _base_interval > HANDLING_SWITCH_INTERVAL:
+                sys.setswitchinterval(HANDLING_SWITCH_INTERVAL)
+        _handling += 1
+
+
+def _end_handling() -> None:
+    global _handling
+    with _switch_lock:
+        _handling -= 1
+        if _handling == 0:
+            sys.setswitchinterval(_base_interval)
+
+
+def _wait(test: Callable[[], bool], deadline: float, spin: float = SPIN_S) -> bool:
+    """Poll ``test`` until it returns True (-> True) or ``deadline`` passes (-> False); spin for ``spin``
+    seconds, then back off."""
     started = time.perf_counter()
     while not test():
         now = time.perf_counter()
         if now >= deadline:
             return False
         waited = now - started
-        if waited >= SPIN_S:
+        if waited >= spin:
             time.sleep(min(max(waited / 4, FIRST_SLEEP_S), MAX_SLEEP_S, deadline - now))
     return True
 
@@ -309,10 +360,19 @@ class Service:
         buf = bytearray(4096)
         sending: list[tuple[MPI.Request, bytes]] = []  # replies whose Isend has not completed
         msg: MPI.Message | None = None
+        handling = False  # the GIL switch interval is lowered (_start_handling) while a request is answered
+        woke = False
         try:
             while True:
                 if msg is None:
+                    if handling and not woke:
+                        _end_handling()
+                        handling = False
+                    woke = False  # just woke: the request that rang is taken at the lowered interval
                     msg = comm.Mprobe(MPI.ANY_SOURCE, _REQUEST_TAG, status)
+                if not handling:
+                    _start_handling()
+                    handling = True
                 n, source = status.Get_count(MPI.BYTE), status.Get_source()
                 if n > len(buf):
                     buf = bytearray(max(n, 2 * len(buf)))  # a handler may still hold a view of the old one
@@ -327,7 +387,12 @@ class Service:
                     break
                 if source == self.rank and op == _OP_SLEEP:
                     sending = [(r, b) for r, b in sending if not r.Test()]
+                    if handling:  # never asleep with the interval lowered: the application's threads would pay
+                        _end_handling()
+                        handling = False
                     msg = self._sleep(bool(sending), status)
+                    _start_handling()  # awake (or staying hot): the first request's GIL hand-offs are short
+                    handling = woke = True
                     continue
                 if length != n - HEADER.size:
                     code, reply = _BAD_REQUEST, _error_payload(
@@ -346,16 +411,22 @@ class Service:
                     self._stay_hot()
         except Exception:  # an MPI failure: peers get PeerTimeout from now on, close() still works
             log.exception("rank %d: service thread stopped", self.rank)
+        finally:
+            if handling:
+                _end_handling()
 
     def _sleep(self, sends_pending: bool, status: MPI.Status) -> MPI.Message | None:
         """The idle timer asked this thread to leave MPI: block in the kernel until a ring, unless there is a
         reason to stay hot. Returns a request found on the way (to be served), else None."""
         if (sends_pending  # a reply still needs this rank's progress to leave
-                or time.monotonic() - self._last_served < self.hot_s  # a request came after the timer looked
-                or self._doorbells.drain()):  # a ring came: its request may still be on its way
+                or time.monotonic() - self._last_served < self.hot_s):  # a request came after the timer looked
             self._stay_hot()
             return None
-        # A request sent before the ring we are about to wait for can already be here: look once more.
+        # Rings that came while the thread polled are stale: their requests were served. Staying hot for them
+        # was rejected: a caller every 20 ms kept a 10 ms window hot for ever (a ring always waiting; measured
+        # 100 % of a core). A request still in flight whose ring this drops is rung again by its caller after
+        # RING_AGAIN_S; one already here is found by the probe below.
+        self._doorbells.drain()
         msg = self._comm.Improbe(MPI.ANY_SOURCE, _REQUEST_TAG, status)
         if msg is not None:
             self._stay_hot()
@@ -442,6 +513,14 @@ class Service:
         sends: list[MPI.Request] = []
         buffers: list[bytes] = []  # kept alive until their sends complete
         local: list[int] = []
+        # Ring first, then send: the owner's wake-up (~165 us here) overlaps the sends (the first after a pause
+        # took ~170 us); an owner that wakes before its request arrives stays hot, in Mprobe, until it does.
+        spin = SPIN_S
+        fresh = started - self.hot_s / 2
+        for rank in {r for r, _, _ in requests if r != self.rank}:
+            if self._answered.get(rank, -1.0) < fresh:
+                self._doorbells.ring(rank)
+                spin = RUNG_SPIN_S
         for i, (rank, op, payload) in enumerate(requests):
             if rank == self.rank:
                 local.append(i)
@@ -451,12 +530,6 @@ class Service:
             sends.append(self._comm.Isend([out, MPI.BYTE], rank, _REQUEST_TAG))
             buffers.append(out)
             waiting[request_id] = i
-        if waiting:
-            # Ring after sending, so an owner that wakes finds the request (or finds it soon: it stays hot).
-            fresh = started - self.hot_s / 2
-            for rank in {requests[i][0] for i in waiting.values()}:
-                if self._answered.get(rank, -1.0) < fresh:
-                    self._doorbells.ring(rank)
         for i in local:
             op, payload = requests[i][1], requests[i][2]
             code, reply, exc = self._dispatch(self.rank, op, memoryview(payload))
@@ -488,7 +561,7 @@ class Service:
             # Every reply is in, so every request was received; the sends finish at once.
             return MPI.Request.Testall(sends)
 
-        if not _wait(progress, started + timeout):
+        if not _wait(progress, started + timeout, spin):
             self._abandon(tag, len(waiting), sends, buffers)
             return replies, errors, sorted(waiting.values()), time.perf_counter() - started
         return replies, errors, [], time.perf_counter() - started
