@@ -128,6 +128,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
+def hasher():
+    """The store's default digest (BLAKE3): what the tier suites and the slot tests write blocks under."""
+    from cascade_kv.hashing import Hasher
+
+    return Hasher("blake3")
+
+
+@pytest.fixture
+def rng():
+    """A seeded numpy generator: the same bytes every run."""
+    import numpy as np
+
+    return np.random.default_rng(0xCA5CADE)
+
+
+@pytest.fixture
 def leftovers_of(tmp_path_factory: pytest.TempPathFactory):
     """``leftovers_of(cmd, env=None, timeout=120)``: run ``cmd`` (it must exit 0) with a TMPDIR and an Open MPI
     segment folder of its own, and return what it left in either (Open MPI's file-less session folders aside).

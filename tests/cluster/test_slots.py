@@ -25,16 +25,6 @@ from tests.tiers.conformance import TierConformance, load, store
 from tests.tiers.test_host import offset_of
 
 
-@pytest.fixture
-def hasher() -> Hasher:
-    return Hasher("blake3")
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(0xCA5CADE)
-
-
 class TestSlotArena(TierConformance):
     def make_tier(self, capacity: int) -> SlotArena:
         return SlotArena(capacity)

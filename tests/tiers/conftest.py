@@ -4,21 +4,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cascade_kv.hashing import Hasher
 from cascade_kv.tiers import DiskTier
-
-
-@pytest.fixture
-def hasher() -> Hasher:
-    return Hasher("blake3")
-
-
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(0xCA5CADE)
 
 
 @pytest.fixture
