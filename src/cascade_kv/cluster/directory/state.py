@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -121,8 +122,9 @@ class DirectoryState:
         self._digests: dict[bytes, _DigestEntry] = {}
         self._keys: dict[Key, KeyRecord] = {}
         self._all = _Tally()  # every namespace
-        self._by_space: dict[str | None, _Tally] = {}  # keys, by namespace name (None: the default one)
-        self._by_tag: dict[bytes, _Tally] = {}  # digests, by the namespace tag their id carries
+        # made on first use by the tallies; readers use .get, so a lookup never adds an empty one
+        self._by_space: defaultdict[str | None, _Tally] = defaultdict(_Tally)  # keys, by namespace (None: default)
+        self._by_tag: defaultdict[bytes, _Tally] = defaultdict(_Tally)  # digests, by their id's namespace tag
 
     def __len__(self) -> int:
         """Digests known here (for tests and stats)."""
@@ -132,22 +134,14 @@ class DirectoryState:
     def _tally(self, digest: bytes, entry: _DigestEntry, sign: int = 1) -> None:
         if entry.refs or entry.protected > 0:
             self._all.add_digest(entry, sign)
-            tag = space_tag(digest)
-            tally = self._by_tag.get(tag)
-            if tally is None:
-                tally = self._by_tag[tag] = _Tally()
-            tally.add_digest(entry, sign)
+            self._by_tag[space_tag(digest)].add_digest(entry, sign)
 
     def _untally(self, digest: bytes, entry: _DigestEntry) -> None:
         self._tally(digest, entry, -1)
 
     def _tally_key(self, key: Key, record: KeyRecord, sign: int) -> None:
         self._all.add_key(record, sign)
-        space = _space_of(key)
-        tally = self._by_space.get(space)
-        if tally is None:
-            tally = self._by_space[space] = _Tally()
-        tally.add_key(record, sign)
+        self._by_space[_space_of(key)].add_key(record, sign)
 
     def restore_entries(self, keys: dict[Key, KeyRecord],
                         digests: Iterable[tuple[bytes, int, int, int, list[Location]]]) -> None:
