@@ -138,27 +138,11 @@ class Directory:
         return b"".join([_optional_record(rec) for rec in self.state.lookup_many(keys)])
 
     def _keys_of(self, payload: memoryview) -> list[Key]:
-        """The keys of a batch request that is only keys (``u32 count``, then ``u32 length`` + key each),
-        each checked to be homed here; ValueError for a malformed payload."""
-        buf, end = bytes(payload), len(payload)
-        if end < 4:
-            raise ValueError(f"payload of {end} B ends inside a record (at 0 + 4)")
-        count, pos = _U32.unpack_from(buf)[0], 4
-        keys, size, rank, unpack = [], self.size, self.rank, _U32.unpack_from
-        for _ in range(count):
-            if pos + 4 > end:
-                raise ValueError(f"payload of {end} B ends inside a record (at {pos} + 4)")
-            n = unpack(buf, pos)[0]
-            pos += 4
-            if pos + n > end:
-                raise ValueError(f"payload of {end} B ends inside a record (at {pos} + {n})")
-            key, home = _key_at_home(buf[pos:pos + n], size)
-            if home != rank:
-                raise ValueError(f"key {key!r:.80} is homed at rank {home}, not {rank}")
-            keys.append(key)
-            pos += n
-        if pos != end:
-            raise ValueError(f"payload has {end - pos} B after its last record")
+        """The keys of a batch request that is only keys, each checked to be homed here; ValueError for a
+        malformed payload (the codec's :class:`_Reader` says where it ends short or runs long)."""
+        r = _Reader(payload)
+        keys = [self._my_key(r) for _ in range(r.u32())]
+        r.done()
         return keys
 
     def _bound(self, source: int, payload: memoryview) -> bytes:
