@@ -51,6 +51,7 @@ from ..cluster.slots import SLOT_HEADER
 from .ceilings import Contents, Spread, buffers, drop_page_cache, interleaved_rates, readinto_pass, touch
 from .report import run_header, write_json
 from . import idle, small_remote
+from .waits import idle_barrier
 from .single import BenchError
 from .suite.core import describe_error as _describe
 
@@ -123,14 +124,6 @@ class ClusterSizes:
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__} | {
             "remote_blocks": self.remote_blocks, "prefix_count": self.prefix_count}
-
-
-def idle_barrier(comm: MPI.Comm, poll_s: float = 1e-3) -> None:
-    """A barrier that sleeps between tests. Open MPI's blocking ``Barrier`` polls, and a rank waiting in it
-    would take a core from the ranks still being measured (half this two-core machine)."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(poll_s)
 
 
 def _latency_us(samples: Sequence[float]) -> dict[str, float | int]:

@@ -27,6 +27,7 @@ import numpy as np
 from mpi4py import MPI
 
 from ..cluster.service import Service
+from .waits import idle_barrier, wait_sleeping
 
 IDLE_TARGET_PCT = 5.0
 ASLEEP_TARGET_US = 100.0
@@ -74,18 +75,8 @@ def idle_cpu(comm: MPI.Comm, seconds: float) -> dict[str, object] | None:
             "passed": max(per_rank) < IDLE_TARGET_PCT}
 
 
-def _sleeping_barrier(comm: MPI.Comm) -> None:
-    """A barrier that sleeps between tests: Open MPI's ``Barrier`` polls, and a peer polling in it would take
-    the core its own service thread needs (the figures would measure that, not the service)."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(1e-3)
-
-
 def _sleeping_recv(comm: MPI.Comm, buf: np.ndarray, source: int, tag: int, poll_s: float = 50e-6) -> None:
-    request = comm.Irecv(buf, source=source, tag=tag)
-    while not request.Test():
-        time.sleep(poll_s)
+    wait_sleeping(comm.Irecv(buf, source=source, tag=tag), poll_s)
 
 
 def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
@@ -99,13 +90,13 @@ def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
     done = threading.Event()
     service.register(done_op, lambda source, payload: (done.set(), b"")[1])
     # hot: back to back
-    _sleeping_barrier(comm)
+    idle_barrier(comm)
     if rank == _READER:
         for _ in range(max(10, n // 10)):
             call()
         out["hot"] = latency_us([_timed(call) for _ in range(n)])
     # asleep: before each call, rank 1 says its service thread is asleep
-    _sleeping_barrier(comm)
+    idle_barrier(comm)
     asleep = min(n, 200)
     token = np.zeros(1, np.int8)
     samples = []
@@ -124,7 +115,7 @@ def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
     if rank == _READER:
         out["asleep"] = latency_us(samples) | {"sleeps_of_peer": asleep}
     # busy: rank 1's main thread in pure Python (no MPI call); rank 0 calls at gaps longer than the hot window
-    _sleeping_barrier(comm)
+    idle_barrier(comm)
     if rank == _PEER:
         loops = _busy(done)
         comm.send(loops, dest=_READER, tag=_TAG)
@@ -136,12 +127,12 @@ def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,
         service.call(_PEER, done_op, b"")
         out["busy"] = latency_us(samples) | {"gap_ms": gap_s * 1e3, "peer_loops": comm.recv(source=_PEER, tag=_TAG)}
     # the kernel's own floor for waking a sleeping process: a UDP ping-pong after the same gap
-    _sleeping_barrier(comm)
+    idle_barrier(comm)
     out_wake = _udp_ping_pong(comm, asleep, gap_s)
     if rank == _READER:
         out["kernel_wake"] = out_wake
     # bare MPI ping-pong, rank 1 in a blocking Recv
-    _sleeping_barrier(comm)
+    idle_barrier(comm)
     buf = bytearray(56)
     if rank == _PEER:
         for _ in range(n + max(10, n // 10)):

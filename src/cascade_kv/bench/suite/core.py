@@ -30,6 +30,7 @@ from ... import __version__
 from ..ceilings import Contents, touch
 from ..peers.base import Backend, Setup, Unavailable
 from ..report import machine
+from ..waits import idle_barrier
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -196,9 +197,7 @@ class Run:
     def barrier(self) -> None:
         if self.comm is None:
             return
-        request = self.comm.Ibarrier()  # sleeps between tests: a blocking barrier would poll a core away
-        while not request.Test():
-            time.sleep(1e-3)
+        idle_barrier(self.comm)  # sleeps between tests: a blocking barrier would poll a core away
 
     def allgather(self, value: T) -> list[T]:
         return [value] if self.comm is None else self.comm.allgather(value)

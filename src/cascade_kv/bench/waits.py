@@ -1,0 +1,24 @@
+"""Waits on MPI requests that sleep between polls, for the benchmarks' ranks that are not being measured.
+
+Open MPI's blocking calls (``Barrier``, ``Recv``) poll: a rank waiting in one would take a core from the
+ranks being measured (half this two-core machine), or keep its own CPU out of idle. Imports no MPI itself:
+it only calls the request's ``Test``.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def wait_sleeping(request: Any, poll_s: float = 1e-3) -> None:
+    """Wait for an MPI request (``Ibarrier``, ``Irecv``, ...), sleeping ``poll_s`` between tests."""
+    while not request.Test():
+        time.sleep(poll_s)
+
+
+def idle_barrier(comm: Any, poll_s: float = 1e-3) -> None:
+    """A barrier over ``comm`` that sleeps between tests."""
+    wait_sleeping(comm.Ibarrier(), poll_s)
+
+
+__all__ = ["idle_barrier", "wait_sleeping"]
