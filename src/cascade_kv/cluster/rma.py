@@ -57,14 +57,12 @@ which the store never does, could then be read torn.
 """
 from __future__ import annotations
 
-import functools
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mpi4py import MPI
 
-from .slots import DIGEST_PREFIX, HEADER_FIELDS, MAGIC, SLOT_HEADER, TOMBSTONE, expected_fields
+from .slots import HEADER_FIELDS, SLOT_HEADER, expected_fields, expected_fields_many
 from .window import ARENA_OFFSET, ArenaWindow, epoch, lock_all
 
 
@@ -130,7 +128,7 @@ def remote_read_many(win: ArenaWindow, refs: Sequence[SlotRef], outs: Sequence[m
         by_rank.setdefault(ref.rank, []).append(i)
     # headers land rank by rank, so a rank's headers are one contiguous run of the buffers
     order = [i for idx in by_rank.values() for i in idx]
-    want = _expected_batch([refs[i] for i in order])  # before any Get: a bad ref raises with nothing read
+    want = expected_fields_many([(refs[i].generation, refs[i].nbytes, refs[i].digest16) for i in order])  # before any Get: a bad ref raises with nothing read
     first, again = memoryview(bytearray(len(refs) * f)), memoryview(bytearray(len(refs) * f))
     types: list[MPI.Datatype] = []
     try:
@@ -156,24 +154,6 @@ def remote_read_many(win: ArenaWindow, refs: Sequence[SlotRef], outs: Sequence[m
         span = slice(k * f, (k + 1) * f)
         good[i] = first[span] == want[span] and again[span] == want[span]
     return good
-
-
-@functools.lru_cache(maxsize=64)
-def _fields_layout(n: int) -> struct.Struct:
-    return struct.Struct("<" + "QQQ16s" * n)
-
-
-def _expected_batch(refs: Sequence[SlotRef]) -> bytes:
-    """:func:`~.slots.expected_fields` of every ref, back to back, in one ``pack`` (the per-block calls and
-    comparisons cost ~1.5 us a block, more than a 4 KiB copy)."""
-    values: list[object] = []
-    for ref in refs:
-        if ref.generation == TOMBSTONE:
-            raise ValueError("generation 0 is the tombstone: no block is published under it")
-        if len(ref.digest16) != DIGEST_PREFIX:
-            raise ValueError(f"digest prefix must be {DIGEST_PREFIX} bytes, got {len(ref.digest16)}")
-        values += (MAGIC, ref.generation, ref.nbytes, ref.digest16)
-    return _fields_layout(len(refs)).pack(*values)
 
 
 def _plan(refs: Sequence[SlotRef], views: list[memoryview], by_rank: dict[int, list[int]],

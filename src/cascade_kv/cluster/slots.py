@@ -30,6 +30,7 @@ Layout (little endian, one cache line, so the header never straddles two)::
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 import threading
@@ -51,7 +52,8 @@ TOMBSTONE = 0
 
 DIGEST_PREFIX = 16
 
-_LAYOUT = struct.Struct("<QQQ16s24x")
+_FIELDS = "QQQ16s"  # magic, generation, size, digest prefix
+_LAYOUT = struct.Struct(f"<{_FIELDS}24x")
 HEADER_FIELDS = 40
 """Bytes of a header that carry fields (the rest is padding): all a reader needs to fetch and compare."""
 assert _LAYOUT.size == SLOT_HEADER
@@ -103,14 +105,33 @@ def unpack_header(buf: memoryview | bytes, offset: int = 0) -> SlotHeader:
     return SlotHeader(magic, generation, nbytes, digest16)
 
 
-def expected_fields(generation: int, nbytes: int, digest16: bytes) -> bytes:
-    """The field bytes a header must hold for the block a reader expects (compare with
-    :func:`fields_of`): one bytes comparison on the hot path instead of decoding."""
+def _check_expected(generation: int, digest16: bytes) -> None:
     if generation == TOMBSTONE:
         raise ValueError("generation 0 is the tombstone: no block is published under it")
     if len(digest16) != DIGEST_PREFIX:
         raise ValueError(f"digest prefix must be {DIGEST_PREFIX} bytes, got {len(digest16)}")
+
+
+def expected_fields(generation: int, nbytes: int, digest16: bytes) -> bytes:
+    """The field bytes a header must hold for the block a reader expects (compare with
+    :func:`fields_of`): one bytes comparison on the hot path instead of decoding."""
+    _check_expected(generation, digest16)
     return _LAYOUT.pack(MAGIC, generation, nbytes, digest16)[:HEADER_FIELDS]
+
+
+@functools.lru_cache(maxsize=64)
+def _fields_of_many(n: int) -> struct.Struct:
+    return struct.Struct("<" + _FIELDS * n)
+
+
+def expected_fields_many(blocks: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """:func:`expected_fields` of every ``(generation, nbytes, digest16)``, back to back, in one ``pack``
+    (a batch's per-block calls and comparisons cost ~1.5 us a block, more than a 4 KiB copy)."""
+    values: list[object] = []
+    for generation, nbytes, digest16 in blocks:
+        _check_expected(generation, digest16)
+        values += (MAGIC, generation, nbytes, digest16)
+    return _fields_of_many(len(blocks)).pack(*values)
 
 
 def fields_of(header: memoryview, offset: int = 0) -> memoryview:
@@ -256,4 +277,4 @@ class SlotArena(Tier):
 
 
 __all__ = ["SLOT_HEADER", "HEADER_FIELDS", "MAGIC", "TOMBSTONE", "SlotArena", "SlotHeader", "digest16_of",
-           "expected_fields", "fields_of", "next_generation", "pack_header", "pack_tombstone", "unpack_header"]
+           "expected_fields", "expected_fields_many", "fields_of", "next_generation", "pack_header", "pack_tombstone", "unpack_header"]
