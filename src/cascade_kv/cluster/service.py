@@ -390,9 +390,11 @@ class Service:
                     if handling:  # never asleep with the interval lowered: the application's threads would pay
                         _end_handling()
                         handling = False
+                    sleeps = self.sleeps
                     msg = self._sleep(bool(sending), status)
-                    _start_handling()  # awake (or staying hot): the first request's GIL hand-offs are short
-                    handling = woke = True
+                    if self.sleeps != sleeps:  # back from the kernel: the request that rang is near
+                        _start_handling()  # its first GIL hand-offs (Mprobe, Recv) are short too
+                        handling = woke = True
                     continue
                 if length != n - HEADER.size:
                     code, reply = _BAD_REQUEST, _error_payload(
