@@ -378,7 +378,7 @@ class ClusterBench:
                 contents = self._contents(nbytes, seed=25 + nbytes)
                 ids = contents.new_ids(64)
                 keys = [f"small-{nbytes}-{i}" for i in ids]
-                rows = [contents.fill(i, np.empty(nbytes, np.uint8)).copy() for i in ids]
+                rows = list(contents.fill_rows(ids, np.empty((len(ids), nbytes), np.uint8)))
                 self._together(lambda: st.put_many(keys, rows) if self.rank == _OWNER else None,
                                f"small remote gets: rank {_OWNER} puts {format_size(nbytes)} blocks")
                 fig = self._together(
