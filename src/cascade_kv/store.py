@@ -297,14 +297,15 @@ class Store:
         and ``capacity_bytes`` are the shared tiers' in both."""
         return self._stats(None if all_namespaces else self._default)
 
-    def _stats(self, space: Space | None) -> StoreStats:
-        """``space``'s stats; ``None``: every namespace's. O(tiers): the contents are counted as they change."""
+    def _stats(self, space: Space | None, walk: bool = False) -> StoreStats:
+        """``space``'s stats; ``None``: every namespace's. O(tiers): the contents are counted as they change
+        (``walk``: recounted from every key and block instead, the checker tests hold the counts to)."""
         ctx = self._ctx
         with ctx.lock:
             ctx.check_open()
             self._promoter.settle()
             c = ctx.counters if space is None else space.counters
-            return self._snapshot(c, c.contents)
+            return self._snapshot(c, self._walk_contents(space) if walk else c.contents)
 
     def _snapshot(self, c: Counters, h: Contents) -> StoreStats:
         """The stats of counters ``c`` and contents ``h`` (lock held)."""
@@ -320,12 +321,7 @@ class Store:
 
     def _walk_stats(self, space: Space | None) -> StoreStats:
         """:meth:`_stats` recounted from every key and block: the checker the kept counts are tested against."""
-        ctx = self._ctx
-        with ctx.lock:
-            ctx.check_open()
-            self._promoter.settle()
-            c = ctx.counters if space is None else space.counters
-            return self._snapshot(c, self._walk_contents(space))
+        return self._stats(space, walk=True)
 
     def _walk_contents(self, space: Space | None) -> Contents:
         """What ``space`` (``None``: every namespace) holds, counted by walking the tables (lock held)."""
