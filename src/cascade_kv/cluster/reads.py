@@ -166,7 +166,6 @@ class Reads:
                 for j, loc, _ in remote]
         failed = []
         hits = nbytes = 0
-        replicate = ctx.config.locality_aware
         for (j, loc, protected), good in zip(remote, remote_read_many(ctx.window, refs, [outs[j] for j, _, _ in remote])):
             if not good:
                 failed.append(j)
@@ -174,8 +173,7 @@ class Reads:
             hits += 1
             nbytes += loc.nbytes
             self._remember(digests[j], loc, protected)
-            if replicate:
-                self.replication.note_remote_read(digests[j], outs[j], protected)
+            self.replication.note_remote_read(digests[j], outs[j], protected)
         with ctx.arena.lock:  # once per batch, not per block
             c.remote.hits += hits
             c.remote.bytes_read += nbytes
