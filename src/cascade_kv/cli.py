@@ -130,6 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "bench":
         parser.print_help()
         return 2
+    if args.plot is not None:  # before any run: an hour of `bench all` should not end in an ImportError
+        from .bench.suite.render import plot_unavailable
+        missing = plot_unavailable()
+        if missing is not None:
+            args.subparser.error(missing)
     if args.experiment == "all":
         return _bench_all(args)
     code = _bench_ranks(args, argv)

