@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 
@@ -128,6 +128,25 @@ class Policy:
             self._ranked[tier].put(block_id, reads, self._clock)
         elif block_id in self._protected_lru[tier]:
             self._protected_lru[tier].move_to_end(block_id)
+
+    def accessed_many(self, tier: int, uses: Iterable[tuple[BlockId, int, int]]) -> None:
+        """:meth:`accessed` for each ``(block_id, nbytes, reads)`` in order: a batch's reads in one call. The
+        same steps, with the lookups hoisted out of the loop: at ~1 us a block, :meth:`accessed` per block was
+        a third of a 4 KiB ``get_many``."""
+        ranked, protected = self._ranked[tier], self._protected_lru[tier]
+        lists, steps, last = ranked.lists, ranked.steps, len(ranked.lists) - 1
+        clock = self._clock
+        for block_id, nbytes, reads in uses:
+            clock += nbytes
+            for lst in lists:
+                if lst.pop(block_id, None) is not None:
+                    cls = reads if reads < last else last
+                    lists[cls][block_id] = clock + steps[cls]
+                    break
+            else:
+                if block_id in protected:
+                    protected.move_to_end(block_id)
+        self._clock = clock
 
     def removed(self, tier: int, block_id: BlockId) -> None:
         self._ranked[tier].pop(block_id)

@@ -107,12 +107,13 @@ class Reads:
 
     def _account_top_reads(self, blocks: list[Block], space: Space) -> None:
         """:meth:`account` for a batch of reads served by the top tier: the counters once, the policy per block."""
-        accessed = self._ctx.policy.accessed
         nbytes = 0
+        uses = []
         for b in blocks:
             b.reads += 1
             nbytes += b.nbytes
-            accessed(0, b.id, b.nbytes, b.reads)
+            uses.append((b.id, b.nbytes, b.reads))
+        self._ctx.policy.accessed_many(0, uses)
         for c in (self._ctx.counters, space.counters):
             tc = c.tiers[0]
             tc.hits += len(blocks)
