@@ -71,6 +71,10 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
         f = data["figures"][key]
         assert 0 < f["min"] <= f["median"] <= f["max"], key
         assert f["ceiling"]["median"] > 0 and f["ratio"] > 0, key
+        assert f["ratio_min"] <= f["ratio"] <= f["ratio_max"], key
+        # a store above its ceiling is reported as a broken ceiling, never as a pass
+        assert f["verdict"] == "broken ceiling" if f["ratio"] > 1.05 else f["verdict"] in (
+            None, "pass", "within noise", "miss"), key
     assert data["figures"]["host_get"]["target"] == {"kind": "ratio", "value": 0.8}
     assert data["figures"]["batch_get_4k"]["target"] == {"kind": "value", "value": 500_000}  # issue 12's small ops
     assert data["figures"]["batch_put_64k"]["target"] == {"kind": "value", "value": 100_000}
@@ -80,6 +84,7 @@ def test_bench_quick_writes_json(tmp_path: Path) -> None:
         assert mixed[key] > 0, key
     assert mixed["stored_bytes"] > mixed["host_capacity"]  # more data than the host tier holds
     assert mixed["prefix_retention"] == 1.0
+    assert mixed["promoter_cpu_seconds"] >= 0 and mixed["request_ms"]["n"] == mixed["requests"] * mixed["read_rounds"]
     assert mixed["dedup_hits"] == (mixed["requests"] - 1) * mixed["prefix_blocks"]
 
 

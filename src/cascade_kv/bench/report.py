@@ -2,14 +2,23 @@
 
 A :class:`Figure` holds only measured numbers; the target is the one thing written
 down in advance (it is the goal, not a result), and the verdict compares the two.
+
+A verdict is taken from the spread of the repetitions, not from their median alone
+(:func:`verdict`): on a shared machine one run decides nothing, so a target is passed
+only when every repetition clears it, missed when none does, and "within noise" in
+between. A store faster than its ceiling by more than :data:`BROKEN_CEILING` means
+the ceiling is not the best this machine does: that is reported as a broken ceiling,
+never as a pass. The suite's targets (:mod:`.suite.core`) use the same rule.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +30,44 @@ from rich.table import Table
 
 from ..config import format_size
 from .ceilings import Spread
+
+Verdict = Literal["pass", "within noise", "miss", "broken ceiling"]
+"""What a figure's spread says of its target; the JSON's ``verdict`` field holds one of these (or null: no target)."""
+BROKEN_CEILING = 1.05
+"""A median ratio to a ceiling above this is a ceiling that is not one (5 %: more than the rep-to-rep noise of a
+ceiling measured beside its figure, less than any gain a store could claim over the machine)."""
+VERDICT_STYLE: dict[str | None, str] = {"pass": "[green]pass[/green]", "within noise": "[yellow]within noise[/yellow]",
+                                        "miss": "[red]miss[/red]", "broken ceiling": "[red]broken ceiling[/red]",
+                                        None: "-"}
+
+
+def verdict(got: Spread, target: float | None, *, of_ceiling: bool) -> Verdict | None:
+    """The verdict of ``got`` (a figure, or its ratio to a baseline, over the reps) against ``target`` (at least
+    this; ``None``: no target). ``of_ceiling``: ``got`` is a ratio to a ceiling, which it must not exceed by more
+    than :data:`BROKEN_CEILING`, target or not. A figure of 0 (or one that is not a number) measured nothing:
+    a miss, whatever its target."""
+    if of_ceiling and not got.median <= BROKEN_CEILING:  # nan or inf too: a ceiling of 0 bounds nothing
+        return "broken ceiling"
+    if target is None:
+        return None
+    if not got.median > 0:
+        return "miss"
+    if got.low >= target:
+        return "pass"
+    return "within noise" if got.high >= target else "miss"
+
+
+def ratio_spread(values: Sequence[float], bases: Sequence[float]) -> Spread:
+    """``values / bases`` over the reps. Taken in turns (as every figure and its ceiling are), rep ``i`` of each met
+    the same machine, so the ratios are taken pair by pair; with unequal counts, the widest the ranges allow.
+    The median is the ratio of the medians (what the tables have always printed)."""
+    median = _div(Spread.of(values).median, Spread.of(bases).median)
+    if len(values) == len(bases):
+        pairs = [_div(v, b) for v, b in zip(values, bases)]
+        low, high = min(pairs), max(pairs)
+    else:
+        low, high = _div(min(values), max(bases)), _div(max(values), min(bases))
+    return Spread(median, min(low, median), max(high, median), min(len(values), len(bases)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,24 +95,44 @@ class Figure:
     ceiling_label: str = ""
     target: Target | None = None
     note: str = ""
+    ratios: Spread | None = None
+    """value / ceiling over the reps (:func:`ratio_spread`); without it, the widest the two ranges allow."""
 
     @property
     def ratio(self) -> float | None:
-        return None if self.ceiling is None else self.value.median / self.ceiling.median
+        return None if self.ceiling is None else self.ratio_range.median  # type: ignore[union-attr]
+
+    @property
+    def ratio_range(self) -> Spread | None:
+        if self.ceiling is None:
+            return None
+        if self.ratios is not None:
+            return self.ratios
+        v, c = self.value, self.ceiling
+        return Spread(_div(v.median, c.median), _div(v.low, c.high), _div(v.high, c.low), min(v.reps, c.reps))
+
+    @property
+    def verdict(self) -> Verdict | None:
+        ratio = self.ratio_range
+        if self.target is not None and self.target.kind == "ratio":
+            return None if ratio is None else verdict(ratio, self.target.value, of_ceiling=True)
+        broken = None if ratio is None else verdict(ratio, None, of_ceiling=True)
+        if broken is not None or self.target is None:
+            return broken
+        return verdict(self.value, self.target.value, of_ceiling=False)
 
     @property
     def passed(self) -> bool | None:
-        if self.target is None:
-            return None
-        got = self.ratio if self.target.kind == "ratio" else self.value.median
-        return got is not None and got >= self.target.value
+        """The verdict as a yes or no (within noise is no pass); None with no verdict."""
+        return None if self.verdict is None else self.verdict == "pass"
 
     def as_dict(self) -> dict[str, object]:
+        r = self.ratio_range
         return {"label": self.label, "unit": self.unit, **self.value.as_dict(),
                 "ceiling": None if self.ceiling is None else {"what": self.ceiling_label, **self.ceiling.as_dict()},
-                "ratio": self.ratio,
+                "ratio": self.ratio, "ratio_min": None if r is None else r.low, "ratio_max": None if r is None else r.high,
                 "target": None if self.target is None else {"kind": self.target.kind, "value": self.target.value},
-                "passed": self.passed, "note": self.note}
+                "verdict": self.verdict, "passed": self.passed, "note": self.note}
 
 
 @dataclass(slots=True)
@@ -151,6 +218,11 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def _div(a: float, b: float) -> float:
+    """``a / b``, infinite for ``b == 0``: a ceiling of 0 is exceeded by anything (and reported as broken)."""
+    return a / b if b else math.inf
+
+
 def _num(x: float, unit: str) -> str:
     if unit == "GB/s":
         return f"{x:.2f} GB/s"
@@ -164,16 +236,18 @@ def _spread(s: Spread, unit: str) -> str:
 
 def render(report: Report, console: Console) -> None:
     """Print the figures table, the mixed-workload table and the notes."""
-    table = Table(title="cascade bench: single node (median of reps; range below)", show_lines=True)
+    table = Table(title="cascade bench: single node (median of reps; range below; a verdict passes only when the "
+                        "whole range clears its target)", show_lines=True)
     for col, just in (("measurement", "left"), ("cascade-kv", "right"), ("ceiling (same run)", "right"),
                       ("ratio", "right"), ("target", "right"), ("verdict", "center")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for f in report.figures:
         ceiling = "-" if f.ceiling is None else f"{_spread(f.ceiling, f.unit)}\n[dim]{f.ceiling_label}[/dim]"
-        verdict = {None: "-", True: "[green]pass[/green]", False: "[red]below[/red]"}[f.passed]
         label = f.label + (f"\n[dim]{f.note}[/dim]" if f.note else "")
-        table.add_row(label, _spread(f.value, f.unit), ceiling, "-" if f.ratio is None else f"{f.ratio:.2f}x",
-                      "-" if f.target is None else f.target.text(f.unit), verdict)
+        r = f.ratio_range
+        ratio = "-" if r is None else f"{r.median:.2f}x\n[dim]{r.low:.2f} - {r.high:.2f}[/dim]"
+        table.add_row(label, _spread(f.value, f.unit), ceiling, ratio,
+                      "-" if f.target is None else f.target.text(f.unit), VERDICT_STYLE[f.verdict])
     console.print(table)
     if report.mixed:
         console.print(_mixed_table(report.mixed))
@@ -198,16 +272,19 @@ def _mixed_table(m: dict) -> Table:  # type: ignore[type-arg]
         t.add_column(col, justify=just)  # type: ignore[arg-type]
     t.add_row("put throughput", f"{m['put_gbps']:.2f} GB/s",
               f"{format_size(m['put_bytes'])} put with put_many (dedup hits included), {m['put_seconds']:.2f} s")
+    rq = m["request_ms"]
     t.add_row("get throughput", f"{m['get_gbps']:.2f} GB/s",
-              f"{m['reads']} gets, {m['read_rounds']} rounds over the requests, {m['get_seconds']:.2f} s")
-    ceilings = m["ceilings_gbps"]
-    for tier, gbps in m["get_gbps_by_tier"].items():
-        ceiling = ceilings.get(tier)
-        ratio = f"; {gbps / ceiling:.2f}x of the {'np.copyto' if tier == 'host' else 'warm readinto'} ceiling " \
-                f"({ceiling:.2f} GB/s)" if ceiling else ""
-        t.add_row(f"  get served by {tier}", f"{gbps:.2f} GB/s", f"{m['reads_by_tier'][tier]} gets{ratio}"
-                  + ("" if tier == "host" else f"; {m['disk_reads_hashed']} hashed (verify=auto: first read of a "
-                                               f"file); the promotions they trigger run in the background, between gets"))
+              f"{m['reads']} gets in {rq['n']} requests of one get_many each ({m['read_rounds']} rounds over the "
+              f"requests), one after another, nothing settled between them; {m['get_seconds']:.2f} s in all")
+    t.add_row("  time per request", f"{rq['median']:.1f} ms", f"median; range {rq['min']:.1f} - {rq['max']:.1f} ms")
+    t.add_row("  against the ceilings", f"{m['ratio']:.2f}x",
+              f"the same reads at the ceilings take {m['ceiling_seconds']:.2f} s: "
+              + ", ".join(f"{m['reads_by_tier'].get(tier, 0)} served by {tier} at {gbps:.2f} GB/s"
+                          for tier, gbps in m["ceilings_gbps"].items())
+              + " (the copy ceiling, and the warm-page-cache read ceiling)")
+    t.add_row("  CPU beside the clock", f"{m['promoter_cpu_seconds']:.2f} s",
+              f"the promoter thread's CPU time over the read phase (the reader's own: {m['reader_cpu_seconds']:.2f} s); "
+              f"{m['disk_reads_hashed']} disk reads hashed (verify=auto: first read of a file)")
     t.add_row("hits per tier", ", ".join(f"{k} {v}" for k, v in m["hits_by_tier"].items()),
               "evictions: " + ", ".join(f"{k} {v}" for k, v in m["evictions_by_tier"].items()))
     t.add_row("dedup hits", str(m["dedup_hits"]), f"{format_size(m['dedup_bytes_saved'])} not stored again")

@@ -9,6 +9,11 @@ and the reason goes into the report. A step that fails on one rank fails on ever
 The :class:`Result` of an experiment holds, per system, named measurements (a median and range over
 repetitions, or single values), the ceilings measured in the same run, the targets the issue states, and
 notes; it renders as a rich table, as JSON (with the machine and the command) and, with ``--plot``, as PNGs.
+
+Verdicts survive a rerun: an experiment opens its systems together (:meth:`Run.systems_open`) and takes its
+repetitions in turns across them (:func:`turns`), so a noisy minute of a shared machine lands on every system
+alike; a target is judged on the spread of those repetitions, not on a median alone
+(:func:`~cascade_kv.bench.report.verdict`: pass, within noise, miss, or broken ceiling).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,9 +32,9 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ... import __version__
-from ..ceilings import Contents, touch
+from ..ceilings import Contents, Spread, touch
 from ..peers.base import Backend, Setup, Unavailable
-from ..report import machine
+from ..report import Verdict, machine, ratio_spread, verdict
 from ..waits import idle_barrier
 
 T = TypeVar("T")
@@ -97,9 +102,28 @@ class Target:
     than: str = ""
     text: str = ""
     got: float | None = None
-    passed: bool | None = None
+    """The median (of the figure, or of its ratio to ``than``)."""
+    low: float | None = None
+    high: float | None = None
+    """The spread of ``got`` over the repetitions (ratios taken rep by rep: the systems took them in turns)."""
+    verdict: Verdict | None = None
     """None: could not be judged (a system was skipped, or the run is not the one the target is for)."""
     why: str = ""
+
+    @property
+    def passed(self) -> bool | None:
+        """The verdict as a yes or no (within noise is no pass); None when not judged."""
+        return None if self.verdict is None else self.verdict == "pass"
+
+    @passed.setter
+    def passed(self, ok: bool | None) -> None:
+        # for experiments that judge a target by a rule of their own (a latency that must stay under a figure)
+        self.verdict = None if ok is None else "pass" if ok else "miss"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"system": self.system, "key": self.key, "factor": self.factor, "than": self.than, "text": self.text,
+                "got": self.got, "min": self.low, "max": self.high, "verdict": self.verdict, "passed": self.passed,
+                "why": self.why}
 
 
 @dataclass
@@ -124,28 +148,32 @@ class Result:
     """The file system of the run's files (:func:`~cascade_kv.bench.report.disk`), for the JSON's machine."""
 
     def judge(self) -> None:
+        """Each target's verdict from the spread of its repetitions (see :func:`~cascade_kv.bench.report.verdict`):
+        against a ceiling (``than`` in :attr:`ceilings`) a median ratio above 1.05 is a broken ceiling."""
         for t in self.targets:
+            t.verdict = None
             mine = self.systems.get(t.system)
-            if mine is None or t.key not in mine.measures:
-                t.passed, t.why = None, f"{t.system} did not run" + (f" ({self.skipped[t.system]})"
-                                                                     if t.system in self.skipped else "")
+            if mine is None or not mine.measures.get(t.key, Measure("")).samples:
+                t.why = f"{t.system} did not run" + (f" ({self.skipped[t.system]})" if t.system in self.skipped else "")
                 continue
-            value = mine.measures[t.key].median
+            values = mine.measures[t.key].samples
             if not t.than:
-                t.got, t.passed = value, value >= t.factor
+                got = Spread.of(values)
+                t.got, t.low, t.high, t.verdict = got.median, got.low, got.high, verdict(got, t.factor, of_ceiling=False)
                 continue
             other = self.systems.get(t.than)
-            base = (other.measures[t.key].median if other is not None and t.key in other.measures
-                    else self.ceilings[t.than].median if t.than in self.ceilings else None)
-            if base is None:
-                t.passed, t.why = None, f"{t.than} did not run" + (f" ({self.skipped[t.than]})"
-                                                                   if t.than in self.skipped else "")
+            base = (other.measures.get(t.key) if other is not None and t.key in other.measures
+                    else self.ceilings.get(t.than))
+            if base is None or not base.samples:
+                t.why = f"{t.than} did not run" + (f" ({self.skipped[t.than]})" if t.than in self.skipped else "")
                 continue
-            if base == 0:  # e.g. a short replay where the baseline hit nothing: a ratio would be meaningless
-                t.passed, t.why = None, f"{t.than} measured 0 for {t.key}: no ratio"
+            of_ceiling = base is self.ceilings.get(t.than)
+            if base.median == 0 and not of_ceiling:  # e.g. a short replay where the baseline hit nothing
+                t.why = f"{t.than} measured 0 for {t.key}: no ratio"
                 continue
-            t.got = value / base
-            t.passed = t.got >= t.factor
+            got = ratio_spread(values, base.samples)
+            t.got, t.low, t.high = got.median, got.low, got.high
+            t.verdict = verdict(got, t.factor, of_ceiling=of_ceiling)
 
     def as_dict(self, argv: Sequence[str]) -> dict[str, Any]:
         return {
@@ -154,7 +182,7 @@ class Result:
             "ranks": self.ranks,
             "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
             "skipped": self.skipped, "failed": self.failed, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
-            "targets": [t.__dict__ for t in self.targets], "notes": self.notes,
+            "targets": [t.as_dict() for t in self.targets], "notes": self.notes,
             "reads_checked": self.reads_checked, "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
 
     def write_json(self, path: Path, argv: Sequence[str]) -> None:
@@ -271,6 +299,35 @@ class Run:
             except SuiteError as e:
                 result.failed.setdefault(name, str(e))
 
+    @contextmanager
+    def systems_open(self, result: Result, memory_bytes: int, block_size: int, *, shared: bool = True,
+                     **options: Any) -> Iterator[dict[str, Backend]]:
+        """Every system of the run open at once (those that cannot run here skipped, as :meth:`system` skips
+        them), so that an experiment takes its repetitions in turns across them (:func:`turns`): a noisy minute
+        of a shared machine then lands on every system alike, not on the one whose turn it was. Opening them one
+        after another, each for all its repetitions, was rejected for that reason; opening one afresh for every
+        repetition too: a fresh store reads each block file once with its digest checked, which is a first read,
+        not the steady state the experiments measure. Steps go through :meth:`step`, which takes a system that
+        fails out of the turns (recorded in ``result.failed``) and lets the others go on."""
+        with ExitStack() as stack:
+            open_ = {}
+            for name in self.systems:
+                backend = stack.enter_context(self.system(name, result, memory_bytes, block_size, shared=shared,
+                                                          **options))
+                if backend is not None:
+                    open_[name] = backend
+            yield open_
+
+    def step(self, result: Result, open_: dict[str, Backend], name: str, fn: Callable[[], T], what: str) -> T | None:
+        """:meth:`together` for one of :meth:`systems_open`'s systems: on a failure (on any rank) the system is
+        recorded as failed and leaves ``open_`` (it is closed with the others); ``None`` then."""
+        try:
+            return self.together(fn, f"{name}: {what}")
+        except SuiteError as e:
+            result.failed[name] = str(e)
+            open_.pop(name, None)
+            return None
+
     # ------------------------------------------------------------------ data
     def new_contents(self, nbytes: int, seed: int) -> Contents:
         c = Contents(nbytes, seed=seed)
@@ -314,6 +371,14 @@ class Run:
         return sum(c for c, _ in every), sum(w for _, w in every)
 
 
+def turns(names: Sequence[str], rep: int) -> list[str]:
+    """The order the systems take their turns in repetition ``rep``: rotated one place each repetition, so none
+    always goes first (after a quiet spell, or after the page cache was filled by someone else) or last."""
+    names = list(names)
+    k = rep % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def device_read_bytes() -> int | None:
     """Bytes this process has caused to be read from storage devices (``read_bytes`` of ``/proc/self/io``):
     page-cache hits do not count. ``None`` where the kernel does not say."""
@@ -332,7 +397,7 @@ def buffers_for(n: int, nbytes: int) -> list[np.ndarray]:
 
 
 __all__ = ["GB", "MiB", "Measure", "Result", "Run", "SuiteError", "SystemResult", "Target", "buffers_for",
-           "device_read_bytes"]
+           "device_read_bytes", "turns"]
 
 
 if os.environ.get("CASCADE_SUITE_DEBUG"):  # pragma: no cover - a switch for whoever debugs a hang

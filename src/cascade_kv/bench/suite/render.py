@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..peers.base import BENCH_EXTRA
-from .core import Measure, Result, SuiteError
+from ..report import VERDICT_STYLE
+from .core import Measure, Result, SuiteError, Target
 
 
 def _cell(m: Measure | None) -> str:
@@ -30,8 +31,18 @@ def _cell(m: Measure | None) -> str:
     return text + (f"\n[dim]{spread}[/dim]" if spread else "")
 
 
+def _got(t: Target) -> str:
+    """What a target got, with its spread over the repetitions (the verdict is taken from the spread)."""
+    if t.got is None:
+        return ""
+    fmt = (lambda x: f"{x:.2f}x") if t.than else (lambda x: f"{x:,.3g}")
+    spread = f" (range {fmt(t.low)} - {fmt(t.high)})" if t.low is not None and t.high is not None else ""
+    return f" — got {fmt(t.got)}{spread}"
+
+
 def render(res: Result, console: Console) -> None:
-    table = Table(title=f"cascade bench {res.experiment}: {escape(res.title)} (median; range below)", show_lines=True)
+    table = Table(title=f"cascade bench {res.experiment}: {escape(res.title)} (median; range below; a target "
+                        f"passes only when its whole range clears it)", show_lines=True)
     table.add_column("system")
     for _, title in res.columns:
         table.add_column(escape(title), justify="right")
@@ -57,10 +68,9 @@ def render(res: Result, console: Console) -> None:
         for key, m in res.ceilings.items():
             console.print(f"ceiling {escape(key)}: {_cell(m).splitlines()[0]}", markup=True)
     for t in res.targets:
-        verdict = ("[green]pass[/green]" if t.passed else "[red]below[/red]" if t.passed is False
+        verdict = (VERDICT_STYLE[t.verdict] if t.verdict is not None
                    else f"[yellow]not judged[/yellow] ({escape(t.why)})")
-        got = "" if t.got is None else (f" — got {t.got:.2f}x" if t.than else f" — got {t.got:,.3g}")
-        console.print(f"target: {escape(t.system)} {escape(t.text or t.key)}{got}: {verdict}")
+        console.print(f"target: {escape(t.system)} {escape(t.text or t.key)}{_got(t)}: {verdict}")
     for note in res.notes:
         console.print(f"[dim]{escape(note)}[/dim]")
     style = "green" if res.reads_wrong == 0 else "red"
