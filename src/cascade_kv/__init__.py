@@ -9,10 +9,9 @@ Across the ranks of an MPI job (``mpiexec -n 4 python app.py``), ``DistributedSt
 memory into one cache with the same API (imported lazily: ``import cascade_kv`` does not initialise MPI).
 """
 from .config import CascadeConfig, format_size, parse_size
-from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, InvalidArgument,
-                     InvalidArgumentType, LaunchError, LaunchTimeout, PeerTimeout, RemoteError, ServiceClosed,
-                     ServiceUnavailable, VersionMismatch,
-                     StorageError, StoreClosed, TierNotFound)
+from .errors import (BlockNotFound, CapacityError, CascadeError, ConfigError, IntegrityError, InternalError,
+                     InvalidArgument, InvalidArgumentType, LaunchError, LaunchTimeout, PeerTimeout, RemoteError,
+                     ServiceClosed, ServiceUnavailable, VersionMismatch, StorageError, StoreClosed, TierNotFound)
 from .ids import BlockId, Digest, Key
 from .persistence import RecoveryReport
 from .stats import StoreStats, TierStats
@@ -37,5 +36,5 @@ def __getattr__(name: str) -> object:
 __all__ = [
     "CascadeConfig", "Store", "DistributedStore", "connect", "StoreStats", "TierStats", "KeyInfo", "RecoveryReport",
     "CascadeError", "ConfigError", "InvalidArgument", "InvalidArgumentType", "BlockNotFound", "TierNotFound", "CapacityError", "IntegrityError", "StorageError",
-    "StoreClosed", "PeerTimeout", "RemoteError", "ServiceClosed", "ServiceUnavailable", "VersionMismatch", "LaunchError", "LaunchTimeout", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
+    "StoreClosed", "InternalError", "PeerTimeout", "RemoteError", "ServiceClosed", "ServiceUnavailable", "VersionMismatch", "LaunchError", "LaunchTimeout", "BlockId", "Digest", "Key", "parse_size", "format_size", "__version__",
 ]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from .blocks import Block, Entry
 from .config import CascadeConfig
-from .errors import StoreClosed
+from .errors import ConfigError, StoreClosed
 from .hashing import Hasher
 from .ids import BlockId, SpacedKey, StoreKey
 from .namespace import Space
@@ -32,8 +32,8 @@ class StoreContext:
     """The single-node store's shared state. Every field but ``closed`` is set once, here; the tables
     and counters change, always under ``lock``."""
 
-    __slots__ = ("config", "hasher", "tiers", "disk", "memory", "memory_mask", "policy", "lock", "cond", "closed",
-                 "keys", "blocks", "counters", "default", "spaces", "write_order")
+    __slots__ = ("config", "hasher", "tiers", "disk", "durable", "memory", "memory_mask", "policy", "lock", "cond",
+                 "closed", "keys", "blocks", "counters", "default", "spaces", "write_order")
 
     def __init__(self, config: CascadeConfig, hasher: Hasher, tiers: list[Tier]) -> None:
         self.config = config
@@ -42,6 +42,10 @@ class StoreContext:
         """Fastest first. The parts see only their order and traits."""
         self.disk: int | None = next((i for i, t in enumerate(tiers) if t.traits.persistent), None)
         """Index of the persistent tier (None without ``disk_path``)."""
+        if config.persist and self.disk is None:
+            raise ConfigError("persist=True needs a disk tier (disk_path) to journal and keep the blocks in")
+        self.durable: int | None = self.disk if config.persist else None
+        """persist: the disk tier's index, whose copies the journal relies on (None without persist)."""
         self.memory = [i for i, t in enumerate(tiers) if t.traits.memory]
         self.memory_mask = sum(1 << i for i in self.memory)
         # credits rank copies in memory; the last tier (disk) stays LRU, where a victim is dropped
@@ -77,7 +81,7 @@ class StoreContext:
     def durable_copy(self, t: int) -> bool:
         """Whether tier ``t`` holds the copies a persistent store's journal relies on (they cannot
         go while the block lives: a reopened store would lose the key)."""
-        return self.config.persist and t == self.disk
+        return t == self.durable
 
     def must_be_in_memory(self, prefix: bool) -> bool:
         """Whether a block of a key put with ``is_prefix=prefix`` must have a copy in a memory tier."""

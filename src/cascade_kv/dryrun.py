@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from .blocks import Block
+from .errors import InternalError
 from .ids import BlockId
 from .tiers.base import RoomModel
 
@@ -107,8 +108,9 @@ class DryRun:
         A tier is tried only if it can make room: the store then never empties a tier for nothing."""
         for t in allowed:
             if self._tiers[t].fits(b.nbytes) and self.could_make_room(t, b.nbytes):
-                placed = self.make_room(t, b)
-                assert placed, "could_make_room frees a subset of what make_room frees"
+                if not self.make_room(t, b):  # the plan would place a block where no room was made
+                    raise InternalError(f"dry run: tier {t} could make room for {b.nbytes} B, then did not "
+                                        f"(could_make_room must free a subset of what make_room frees)")
                 return t
         return None
 

@@ -52,6 +52,11 @@ class StorageError(CascadeError, OSError):
     """A tier's backing storage failed (disk full, read-only, I/O error)."""
 
 
+class InternalError(CascadeError, RuntimeError):
+    """An invariant of cascade-kv itself broke: a bug in cascade-kv, please report it (with the message). Raised
+    instead of going on with state that would hand back wrong bytes or corrupt the store."""
+
+
 class StoreClosed(CascadeError, RuntimeError):
     """The store was used after :meth:`Store.close`."""
 

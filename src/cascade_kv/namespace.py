@@ -42,7 +42,7 @@ import blake3
 import numpy as np
 
 from .config import parse_size
-from .errors import ConfigError, InvalidArgument, InvalidArgumentType
+from .errors import ConfigError, InternalError, InvalidArgument, InvalidArgumentType
 from .ids import TAG_SIZE, Key, SpacedKey, StoreKey
 from .stats import Counters, StoreStats
 
@@ -125,16 +125,18 @@ class Namespace:
     Every call goes through the store's own code path with this namespace's state, so it takes the
     store's lock, checks and errors alike; once the store is closed every call raises StoreClosed."""
 
-    __slots__ = ("_store", "_space")
+    __slots__ = ("_store", "_space", "_name")
 
     def __init__(self, store: Store, space: Space) -> None:
+        if space.name is None:  # the default namespace is the store's own API, never a view
+            raise InternalError("a Namespace view was made of the store's default namespace")
         self._store = store
         self._space = space
+        self._name: str = space.name
 
     @property
     def name(self) -> str:
-        assert self._space.name is not None  # views are only made for named namespaces
-        return self._space.name
+        return self._name
 
     @property
     def protected_quota(self) -> int | None:

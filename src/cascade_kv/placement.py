@@ -191,11 +191,9 @@ class Placement:
             ctx.cond.notify_all()
         self.maybe_release(b)
 
-    def precheck_demote(self, blocks: dict[BlockId, Block], keys: list[Key]) -> None:
-        """Refuse a demotion the disk tier cannot take before any block moves (a dry run)."""
+    def precheck_demote(self, blocks: dict[BlockId, Block], keys: list[Key], disk: int) -> None:
+        """Refuse a demotion the disk tier (index ``disk``) cannot take before any block moves (a dry run)."""
         ctx = self._ctx
-        disk = ctx.disk
-        assert disk is not None
         run = DryRun(ctx)
         for i, b in enumerate(blocks.values()):
             if not run.where(b) & ctx.memory_mask or b.id in run.dropped:
@@ -211,11 +209,9 @@ class Placement:
                     run.free_copy(b, t)
             run.held.discard(b.id)
 
-    def demote_block(self, b: Block) -> None:
-        """Move ``b``'s memory copies to the disk tier (lock held; released around the copy)."""
+    def demote_block(self, b: Block, disk: int) -> None:
+        """Move ``b``'s memory copies to the disk tier (index ``disk``; lock held, released around the copy)."""
         ctx = self._ctx
-        disk = ctx.disk
-        assert disk is not None
         # Another demote (of a key sharing the block) or an eviction may be moving it now: wait for that
         # first, else both would allocate it in the disk tier. Waiting unpinned: the mover waits for
         # readers' pins to go before it frees the memory copy, and would wait for ours forever.

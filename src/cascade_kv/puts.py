@@ -205,6 +205,7 @@ class Puts:
         key_of = {bid: key for (key, _, _), bid in zip(items, ids)}
         placed = 0
         no_room = self._placement.no_room
+        durable = ctx.durable
         for b in rising + sorted(plan.fresh, key=lambda b: b.id not in needs_memory):
             allowed = ctx.memory if b.id in rising_ids else self._allowed_tiers(b.id in needs_memory)
             t = run.allocate(b, allowed)
@@ -212,12 +213,11 @@ class Puts:
                 raise no_room(f"put({key_of[b.id]!r})", b, allowed, placed, len(rising) + len(plan.fresh))
             run.add(b, t)
             plan.tiers[b.id] = t
-            if ctx.config.persist and t != ctx.disk and b.id not in rising_ids:
-                assert ctx.disk is not None
-                if not run.make_room(ctx.disk, b):
-                    raise no_room(f"put({key_of[b.id]!r}) (a durable copy)", b, [ctx.disk], placed,
+            if durable is not None and t != durable and b.id not in rising_ids:
+                if not run.make_room(durable, b):
+                    raise no_room(f"put({key_of[b.id]!r}) (a durable copy)", b, [durable], placed,
                                   len(rising) + len(plan.fresh))
-                run.add(b, ctx.disk)
+                run.add(b, durable)
             placed += 1
 
     def _fits_without_eviction(self, plan: Plan, needs_memory: set[BlockId]) -> bool:
@@ -228,7 +228,7 @@ class Puts:
         by_tier: dict[int, list[int]] = {}
         chosen: dict[BlockId, int] = {}
         first: dict[tuple[bool, int], int | None] = {}  # (must be in memory, size) -> the tier: a batch has few
-        durable = self._ctx.disk if self._ctx.config.persist else None
+        durable = self._ctx.durable
         for b in plan.fresh:
             kind = (b.id in needs_memory, b.nbytes) if needs_memory else (False, b.nbytes)
             t = first.get(kind, -1)
@@ -271,9 +271,8 @@ class Puts:
         # pinned until the commit, so it could not make room for them
         order = sorted(plan.fresh, key=lambda b: b.id not in needs_memory) if needs_memory else plan.fresh
         placed = self._write_fresh(plan, order, src, needs_memory)
-        if ctx.config.persist:
-            disk = ctx.disk
-            assert disk is not None
+        disk = ctx.durable
+        if disk is not None:
             for b, t in placed:
                 if t == disk:
                     continue

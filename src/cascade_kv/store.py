@@ -169,7 +169,8 @@ class Store:
         with ctx.write_order:
             with ctx.lock:
                 ctx.check_open()
-                if ctx.disk is None:
+                disk = ctx.disk
+                if disk is None:
                     raise ConfigError("demote: the store has no disk tier (set disk_path)")
                 self._promoter.settle()  # a queued promotion must not bring a block back after this demotion
                 blocks = {e.block_id: ctx.blocks[e.block_id] for e in self._table.entries(keys)}
@@ -178,9 +179,9 @@ class Store:
                         raise InvalidArgument(f"demote: the block of {k!r} is protected (is_prefix); "
                                               f"unprotect it first")
                 with self._promoter.placing():
-                    placement.precheck_demote(blocks, keys)
+                    placement.precheck_demote(blocks, keys, disk)
                     for b in blocks.values():
-                        placement.demote_block(b)
+                        placement.demote_block(b, disk)
 
     # ------------------------------------------------------------------ public API: reads
     def get(self, key: Key, out: np.ndarray | None = None) -> np.ndarray:

@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..config import EvictionOrder
+from ..errors import InternalError
 from ..ids import BlockId
 from ..policy import ArenaPolicy
 from .directory import TIER_MEMORY, Location
@@ -274,7 +275,9 @@ class Arena:
 
     def _list(self, c: Copy, *, use: bool = True) -> None:
         """Offer a sealed, live copy as a victim of its class (the most recently used)."""
-        assert c.listed < 0 and c.generation and not c.doomed and self._copies.get(c.digest) is c, c
+        if c.listed >= 0 or not c.generation or c.doomed or self._copies.get(c.digest) is not c:
+            # listed twice, or a copy that is unsealed, going or replaced: evicting it would free live bytes
+            raise InternalError(f"rank {self.rank}: arena: {c} cannot be listed as a victim")
         c.listed = self._class(c)
         self.policy.added(c.listed, c.digest, c.nbytes, c.reads, use=use)
         self._evictable += c.nbytes if c.listed in ArenaPolicy.EVICTABLE else 0

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..arrays import byte_view, check_out, finish_outs, needs_staging
-from ..errors import BlockNotFound, PeerTimeout
+from ..errors import BlockNotFound, InternalError, PeerTimeout
 from ..ids import BlockId, Key, StoreKey, block_name
 from ..namespace import Space
 from .context import RankContext
@@ -209,7 +209,9 @@ class Reads:
             if lease.status is LoadStatus.MISSING and (self.disk is None or not self.disk.exists(digest)):
                 raise BlockNotFound(f"block {block_name(digest)[:16]} has no copy left (dropped, or deleted "
                                     f"while being read)")
-            assert self.disk is not None  # a block listed on disk, or whose file exists, means a disk tier
+            if self.disk is None:  # the home listed a disk copy, which only a store with a disk tier writes
+                raise InternalError(f"rank {ctx.rank}: block {block_name(digest)[:16]} has a disk lease "
+                                    f"({lease.status.name}) but this store has no disk tier")
             try:
                 try:
                     self.disk.read(digest, out)

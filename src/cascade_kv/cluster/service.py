@@ -91,7 +91,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from ..errors import ConfigError, PeerTimeout, RemoteError, ServiceClosed
+from ..errors import ConfigError, InternalError, PeerTimeout, RemoteError, ServiceClosed
 from .doorbell import Doorbells
 
 log = logging.getLogger(__name__)
@@ -555,9 +555,12 @@ class Service:
                 buf = bytearray(status.Get_count(MPI.BYTE))
                 msg.Recv([buf, MPI.BYTE])
                 op, _flags, length, request_id, code, _tag = HEADER.unpack_from(buf)
-                i = waiting.pop(request_id)
-                assert requests[i][1] == op and length == len(buf) - HEADER.size, (op, length, len(buf))
+                i = waiting.pop(request_id, -1)
                 source = status.Get_source()
+                if i < 0 or requests[i][1] != op or length != len(buf) - HEADER.size:  # settling it would misfile bytes
+                    raise InternalError(f"rank {self.rank}: a reply from rank {source} (op {op}, request {request_id}, "
+                                        f"{length} B announced, {len(buf) - HEADER.size} B came) matches no request "
+                                        f"of this call")
                 self._answered[source] = time.perf_counter()
                 self._settle(i, op, source, code, memoryview(buf)[HEADER.size:], replies, errors)
             # Every reply is in, so every request was received; the sends finish at once.

@@ -37,6 +37,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ..errors import InternalError
 from ..ids import BlockId
 from ..memcopy import copy_bytes
 from ..tiers import HostTier, Tier, TierTraits
@@ -56,7 +57,9 @@ _FIELDS = "QQQ16s"  # magic, generation, size, digest prefix
 _LAYOUT = struct.Struct(f"<{_FIELDS}24x")
 HEADER_FIELDS = 40
 """Bytes of a header that carry fields (the rest is padding): all a reader needs to fetch and compare."""
-assert _LAYOUT.size == SLOT_HEADER
+if _LAYOUT.size != SLOT_HEADER or struct.calcsize(f"<{_FIELDS}") != HEADER_FIELDS:  # peers read these offsets
+    raise InternalError(f"slot header layout is {_LAYOUT.size} B with {struct.calcsize(f'<{_FIELDS}')} B of fields, "
+                        f"not {SLOT_HEADER} and {HEADER_FIELDS}")
 
 # One counter for the whole process rather than one per arena: a window's memory can outlive an arena
 # (reopened on the same memory), and a generation must never name two different incarnations.

@@ -178,9 +178,14 @@ class ArenaWindow:
         self._memory: memoryview | None = self._arena_view()
         comm.Barrier()  # every header is written before any peer can describe() it
 
+    def _whole(self) -> memoryview:
+        """The window's memory, header page included (its buffer goes at :meth:`close`)."""
+        if self._buffer is None:
+            raise ValueError("arena window is closed")
+        return memoryview(self._buffer)  # type: ignore[arg-type]  # mpi4py buffer: writable bytes
+
     def _arena_view(self) -> memoryview:
-        assert self._buffer is not None
-        return memoryview(self._buffer)[ARENA_OFFSET:ARENA_OFFSET + self.capacity]  # type: ignore[arg-type]
+        return self._whole()[ARENA_OFFSET:ARENA_OFFSET + self.capacity]
 
     @property
     def memory(self) -> memoryview:
@@ -218,10 +223,9 @@ class ArenaWindow:
         """Count one more bounded collective wait entered by this rank (a barrier, :meth:`close`) and publish
         the count in the header page; the count. Every rank enters the same waits in the same order, so a
         rank that timed out names the ranks whose count is lower (:meth:`missing`): they did not arrive."""
+        with self._whole() as whole:
+            _ARRIVALS.pack_into(whole, _ARRIVALS_OFFSET, self._arrivals + 1)
         self._arrivals += 1
-        assert self._buffer is not None
-        with memoryview(self._buffer) as whole:  # type: ignore[arg-type]
-            _ARRIVALS.pack_into(whole, _ARRIVALS_OFFSET, self._arrivals)
         return self._arrivals
 
     def missing(self, count: int) -> list[int]:

@@ -45,8 +45,10 @@ class Writes:
         self.owners = owners
         self.reads = reads
         self.replication = replication
-        self.persist = persist
-        """Every block's file is written durably before any key names it (``persist=True``)."""
+        if persist and disk is None:
+            raise ConfigError("persist=True needs the shared disk tier (disk_path) to keep every block's file in")
+        self.durable_disk = disk if persist else None
+        """``persist=True``: the disk where every block's file is written durably before any key names it."""
         self._hasher = hasher
         self._serial = itertools.count(time.time_ns())
 
@@ -162,11 +164,11 @@ class Writes:
         rank's memory, are appended to ``pinned`` for the caller to unpin once published)."""
         data = byte_view(arr)
         durable = []  # persist: the block's file is durable before any key names it
-        if self.persist and (claim.status is ClaimStatus.GRANTED
-                             or not any(loc.tier == TIER_DISK for loc in claim.locations)):
-            assert self.disk is not None  # CascadeConfig: persist needs disk_path
-            self.disk.write(digest, data)
-            durable = [(digest, self.disk.location(data.nbytes))]
+        disk = self.durable_disk
+        if disk is not None and (claim.status is ClaimStatus.GRANTED
+                                 or not any(loc.tier == TIER_DISK for loc in claim.locations)):
+            disk.write(digest, data)
+            durable = [(digest, disk.location(data.nbytes))]
         if claim.status is ClaimStatus.GRANTED:
             return durable + [(digest, self._store_new(digest, data, prefix, pinned))]
         in_memory = [loc for loc in claim.locations if loc.tier == TIER_MEMORY]

@@ -202,8 +202,10 @@ class _Connection:
         return view, keys
 
     def _grow(self, need: int) -> np.ndarray:
-        assert self.staging is not None  # set by _hello before any request
-        return self.staging.grow(need)
+        staging = self.staging  # set by _hello before any request, gone once the connection is released
+        if staging is None:
+            raise ServiceClosed(f"client pid {self.pid}: the connection's staging area is released")
+        return staging.grow(need)
 
 
 # ---------------------------------------------------------------------------------------------- handlers
@@ -450,7 +452,8 @@ class Server:
             except BaseException:
                 self._unlisten()
                 raise
-        self._accepting = threading.Thread(target=self._accept_loop, name="cascade-serve-accept", daemon=True)
+        self._accepting = threading.Thread(target=self._accept_loop, args=(sock,), name="cascade-serve-accept",
+                                           daemon=True)
         self._accepting.start()
         return self
 
@@ -476,11 +479,10 @@ class Server:
             probe.close()
         raise ConfigError(f"a daemon already serves at {self.path}; stop it first or choose another --socket")
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None  # set by start() before this thread runs
+    def _accept_loop(self, listener: socket.socket) -> None:
         while True:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError:
                 return  # stop() shut the listener down
             conn = _Connection(self, sock)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import bisect
 
+from ..errors import InternalError
+
 ALIGNMENT = 64  # one cache line: copies start aligned, and 4 KiB blocks pack densely
 
 
@@ -91,7 +93,9 @@ class ArenaAllocator:
     def free(self, offset: int, nbytes: int) -> None:
         """Return a range obtained from :meth:`allocate` with the same ``nbytes``."""
         size = align_up(max(nbytes, 1))
-        assert offset % ALIGNMENT == 0 and offset + size <= self.capacity, (offset, size)
+        if offset < 0 or offset % ALIGNMENT or offset + size > self.capacity:  # would corrupt the hole lists
+            raise InternalError(f"allocator: free({offset}, {nbytes}) is not a range allocate() can have returned "
+                                f"(alignment {ALIGNMENT}, capacity {self.capacity})")
         left = self._by_end.get(offset)
         if left is not None:
             size += offset - left

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from ..config import format_size
-from ..errors import CapacityError, ConfigError
+from ..errors import CapacityError, ConfigError, InternalError
 from ..ids import BlockId
 from ..memcopy import PARALLEL_MIN, copy_bytes
 from .allocator import ALIGNMENT, ArenaAllocator, align_up
@@ -93,7 +93,9 @@ class _ArenaRoom(RoomModel):
                 self._alloc = self._tier._alloc.copy()
             for block_id, size in self._pending:
                 offset = self._alloc.allocate(size)
-                assert offset is not None, "pending allocations fit the largest hole together"
+                if offset is None:
+                    raise InternalError(f"host tier room model: a pending allocation of {size} B no longer fits "
+                                        f"(pending ones are taken only while together they fit the largest hole)")
                 self._offsets[block_id] = offset
             self._pending.clear()
         return self._alloc

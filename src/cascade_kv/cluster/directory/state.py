@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from ...errors import BlockNotFound
+from ...errors import BlockNotFound, InvalidArgument
 from ...ids import Key, SpacedKey, StoreKey
 from .records import (DEFAULT_LEASE_S, TIER_DISK, TIER_MEMORY, Claim, ClaimStatus, CopyStatus, HomeStats, KeyRecord,
                       LoadStatus, Located, Location, Released, dtype_of, space_tag)
@@ -234,7 +234,8 @@ class DirectoryState:
         back its grant (a put that failed after its claim)."""
         with self._lock:
             entry = self._entry(digest)
-            assert entry.refs > 0, (digest.hex(), entry)  # an entry at zero refs holds no locations
+            if entry.refs <= 0:  # its copies are being freed already: refused, nothing changes (as below)
+                raise InvalidArgument(f"digest {digest.hex()}: unref, but no reference is counted ({entry})")
             if prefix and entry.protected <= 0:
                 raise ValueError(f"digest {digest.hex()}: unref of a prefix reference, but none is counted")
             self._untally(digest, entry)
