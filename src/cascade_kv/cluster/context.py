@@ -14,7 +14,7 @@ from mpi4py import MPI
 from ..config import CascadeConfig
 from .arena import Arena
 from .counters import Counters
-from .directory import Directory
+from .directory.rpc import Directory
 from .service import Service
 from .window import ArenaWindow
 
