@@ -15,7 +15,9 @@
 - The store's parts, each one job: ``writes`` (put, delete, protect, demote), ``reads`` (get, and where each
   block is read from), ``eviction`` (room, victims to peers or disk), ``replication`` (replicas of blocks read
   often), ``handlers`` (the owner ops peers ask for), ``diskio`` (the shared disk's files), ``durable``
-  (persist=True), ``counters`` (stats), ``context`` (what the parts share).
+  (persist=True: the journalled directory share, the store's persistence part) with ``journals`` (the
+  manifest and per-home journal files) and ``recovery`` (the collective recovery at open), ``counters``
+  (stats), ``context`` (what the parts share).
 - ``store``: ``DistributedStore``, the public API composing the parts; see ``docs/distributed-design.md``.
 
 Importing this package imports nothing from MPI: ``mpi4py.MPI`` initialises MPI when it is imported, which a

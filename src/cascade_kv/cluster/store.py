@@ -13,7 +13,8 @@ protocol. This module is the public API only; each behaviour lives in one part:
 * :mod:`.replication`: local replicas of blocks read often from peers.
 * :mod:`.handlers`: the requests to a copy's owner (adopt, free, protection notice, make room), both ends.
 * :mod:`.diskio`: the shared disk tier's files.
-* :mod:`.durable`: ``persist=True`` (recovery at open, journalled directory share).
+* :mod:`.durable`: ``persist=True`` (the journalled directory share; recovery at open is :mod:`.recovery`'s,
+  the journal files :mod:`.journals`').
 
 Rules that keep it deadlock-free: no thread holds the arena's lock across a
 message; handlers (run on the service thread) never send a request to another
@@ -45,7 +46,8 @@ from ..tiers import DiskTier
 from .arena import Arena
 from .context import RankContext
 from .counters import Counters, rank_stats, space_stats, sum_stats
-from .directory import TIER_DISK, TIER_MEMORY, Directory, Location, dtype_of
+from .directory import TIER_DISK, TIER_MEMORY, Location, dtype_of
+from .directory.rpc import Directory
 from .diskio import SharedDisk
 from .durable import Durability, Recovery
 from .eviction import Eviction
