@@ -139,6 +139,19 @@ def test_missing_key_raises_key_error(opened: Opened) -> None:
         _get(opened, ["mk-present", "mk-absent"])
 
 
+def test_get_hits_says_per_key_what_hit_in_one_call(opened: Opened) -> None:
+    blocks = _put(opened, ["gh-a", "gh-b"])
+    outs = [_poisoned(opened.block) for _ in range(4)]
+    hits = opened.backend.get_hits(["gh-a", "gh-absent", "gh-b", "gh-other-absent"], outs)
+    assert hits == [True, False, True, False], f"{opened.backend.name}: {hits}"
+    assert np.array_equal(outs[0], blocks[0]) and np.array_equal(outs[2], blocks[1])
+    # a miss leaves its buffer as it was
+    assert np.array_equal(outs[1], _poisoned(opened.block)) and np.array_equal(outs[3], _poisoned(opened.block))
+    assert opened.backend.get_hits(["gh-absent"], outs[:1]) == [False]
+    with pytest.raises(ValueError):
+        opened.backend.get_hits(["gh-a", "gh-b"], outs[:1])
+
+
 def test_contains_many(opened: Opened) -> None:
     assert opened.backend.contains_many(["cm-x", "cm-y"]) == [False, False]
     _put(opened, ["cm-x"])
@@ -237,6 +250,45 @@ def test_redis_server_that_does_not_start_is_unavailable_and_leaves_nothing(
     assert backend.pid is None and not any(tmp_path.iterdir()), list(tmp_path.rglob("*"))
 
 
+def test_redis_holds_as_many_blocks_as_its_memory_holds(tmp_path: Path) -> None:
+    from cascade_kv.bench.peers import redis as peer
+
+    try:
+        backend = peer.Redis()
+        backend.open(Setup(tmp_path, 8 * MIB, MIB))
+    except Unavailable as e:
+        _unavailable("redis", str(e))
+    try:
+        assert backend.held_blocks == 8 and backend.maxmemory > 8 * MIB
+        for i in range(0, 24, 4):  # three times what it holds, in the suite's batches
+            backend.put_many([f"held/{i + j}" for j in range(4)], [_block(f"held/{i + j}", MIB) for j in range(4)])
+        assert backend._client.dbsize() == 8, "Redis holds another number of blocks than its memory is for"
+    finally:
+        backend.close()
+
+
+def test_posix_o_direct_reads_and_writes_any_buffer(tmp_path: Path) -> None:
+    from cascade_kv.bench.peers.posix import PosixFiles
+
+    backend = PosixFiles()
+    backend.open(Setup(tmp_path, 16 * MIB, 64 * KIB, options={"o_direct": True}))
+    try:
+        assert "O_DIRECT" in backend.version()
+        aligned = _block("od-aligned", 64 * KIB)
+        odd = _block("od-odd", 64 * KIB + 8)[8:]  # not page aligned: goes through the bounce buffer
+        short = _block("od-short", 1000)  # not a whole 4 KiB piece: padded on write, truncated back
+        keys = ["od-aligned", "od-odd", "od-short"]
+        backend.put_many(keys, [aligned, odd, short])
+        assert sorted(p.stat().st_size for p in backend.files()) == [1000, 64 * KIB, 64 * KIB]
+        outs = [np.zeros(64 * KIB, np.uint8), np.zeros(64 * KIB + 8, np.uint8)[8:], np.zeros(1000, np.uint8)]
+        assert backend.get_hits([*keys, "od-absent"], [*outs, np.zeros(8, np.uint8)]) == [True, True, True, False]
+        assert all(np.array_equal(o, want) for o, want in zip(outs, (aligned, odd, short)))
+        with pytest.raises(ValueError):  # a size mismatch is an error, not a miss
+            backend.get_hits(["od-short"], [np.zeros(4096, np.uint8)])
+    finally:
+        backend.close()
+
+
 # ------------------------------------------------------------------ two ranks
 @pytest.fixture(scope="module")
 def two_ranks() -> str:
@@ -286,6 +338,9 @@ def _two_ranks(comm, scratch: Path) -> None:
             bad = [k for k, o in zip(keys, outs) if not np.array_equal(o, _block(k, block))]
             assert not bad, f"{name}: rank 1 read wrong bytes for {bad}"
             assert backend.contains_many(keys + ["absent"]) == [True] * len(keys) + [False]
+            outs = [_poisoned(block) for _ in range(3)]
+            assert backend.get_hits([keys[0], "absent", keys[1]], outs) == [True, False, True], name
+            assert np.array_equal(outs[2], _block(keys[1], block)), name
             try:
                 backend.get_many(["absent"], [_poisoned(block)])
                 raise AssertionError(f"{name}: rank 1 read a key nobody put")

@@ -2,9 +2,9 @@
 
 One instance per rank and per experiment. The suite calls, in order: :meth:`Backend.open` (setup, timed
 apart: arenas touched, servers started, connections made), any number of :meth:`put_many` /
-:meth:`get_many` (timed), then :meth:`close`. Keys are ``str``; values are C-contiguous ``uint8`` arrays
-of one block each; ``get_many`` fills the caller's buffers (exactly a block each) and every read is
-checked by the suite against the bytes it wrote, whatever the system.
+:meth:`get_hits` / :meth:`get_many` (timed), then :meth:`close`. Keys are ``str``; values are C-contiguous
+``uint8`` arrays of one block each; a get fills the caller's buffers (exactly a block each) and every read
+is checked by the suite against the bytes it wrote, whatever the system.
 
 A system that cannot run here raises :class:`Unavailable` from ``open`` (or from its constructor) with
 the reason; the suite prints it and writes it to the JSON, never skipping silently.
@@ -83,11 +83,28 @@ class Backend(ABC):
     @abstractmethod
     def put_many(self, keys: Sequence[str], blocks: Sequence[np.ndarray], *,
                  prefix: Sequence[bool] | None = None) -> None:
-        """Store every block under its key. ``prefix`` marks shared-prefix blocks (only cascade-kv uses it)."""
+        """Store every block under its key. ``prefix`` marks shared-prefix blocks (cascade-kv keeps them in
+        memory; Mooncake soft-pins them; the other systems have no such notion)."""
 
     @abstractmethod
+    def get_hits(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> list[bool]:
+        """Fill ``outs[i]`` with the block stored under ``keys[i]`` wherever the system holds it, in one call,
+        and say which keys hit. A miss is a value, not an error: its buffer is left as it was. An experiment
+        where a memory-only system misses reads each batch once, whatever missed (reading a batch again key
+        by key after one miss would do the batch's work twice)."""
+
     def get_many(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> None:
-        """Fill ``outs[i]`` with the block stored under ``keys[i]``. A missing key raises ``KeyError``."""
+        """Fill ``outs[i]`` with the block stored under ``keys[i]``. A missing key raises ``KeyError`` (the
+        blocks that were found may have been copied by then)."""
+        hits = self.get_hits(keys, outs)
+        if not all(hits):
+            raise KeyError(keys[hits.index(False)])
+
+    @staticmethod
+    def check_batch(keys: Sequence[str], outs: Sequence[np.ndarray]) -> None:
+        """A batch read names one buffer per key (the adapters' common argument check)."""
+        if len(keys) != len(outs):
+            raise ValueError(f"get: {len(keys)} keys but {len(outs)} buffers")
 
     @abstractmethod
     def contains_many(self, keys: Sequence[str]) -> list[bool]:

@@ -60,6 +60,20 @@ class CascadeKV(Backend):
     def get_many(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> None:
         self.store.get_many(keys, outs)
 
+    def get_hits(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> list[bool]:
+        self.check_batch(keys, outs)
+        try:
+            self.store.get_many(keys, outs)
+            return [True] * len(keys)
+        except KeyError:  # the store checks every key before it copies anything: nothing was read
+            pass
+        # a tiered store misses only a key never put (or deleted): one lookup, then one read of the others
+        hits = self.contains_many(keys)
+        found = [i for i, hit in enumerate(hits) if hit]
+        if found:
+            self.store.get_many([keys[i] for i in found], [outs[i] for i in found])
+        return hits
+
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         if self._distributed:  # one request per home rank, not one round trip per key
             return [r is not None for r in self.store.directory.lookup_many(list(keys))]

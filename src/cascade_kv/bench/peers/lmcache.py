@@ -290,9 +290,9 @@ class LMCache(Backend):
                     raise RuntimeError(f"{self.name}: {len(pending)} disk writes not done after {PUT_TIMEOUT} s")
                 written.changed.wait(0.05)
 
-    def get_many(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> None:
-        if len(keys) != len(outs):
-            raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} buffers")
+    def get_hits(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> list[bool]:
+        self.check_batch(keys, outs)
+        hits = [False] * len(keys)
         for window in self._windows(len(keys)):
             names = [self._key(keys[i]) for i in window]
             if self.mode == "cpu":
@@ -308,12 +308,13 @@ class LMCache(Backend):
                     if obj is None:
                         if self._server is not None and not self._server.alive:
                             raise RuntimeError(f"lmcache_server exited (log: {self._server.log})")
-                        raise KeyError(keys[i])
+                        continue
                     out = outs[i]
                     if obj.get_size() != out.nbytes:
                         raise ValueError(f"{self.name}: {keys[i]!r} holds {obj.get_size()} B, "
                                          f"the buffer {out.nbytes} B")
                     self._lm[0].from_numpy(out.reshape(-1)).copy_(obj.tensor.view(-1))
+                    hits[i] = True
             finally:
                 for obj in objs:
                     if obj is not None:
@@ -322,6 +323,7 @@ class LMCache(Backend):
                     for key in names:
                         self._cpu.unpin(key)
                     self._cpu.touch_cache()  # the blocks just read become the most recently used
+        return hits
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         return [bool(self._backend.contains(self._key(k))) for k in keys]

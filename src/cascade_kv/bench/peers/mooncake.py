@@ -27,10 +27,22 @@ Mooncake's API asks for, ~0.1 ms each) the first time each is seen, and the regi
 warm-up pass pays for it, the timed passes reuse it. Setup touches the whole segment (fills it once with
 objects and removes them) so no timed put faults fresh memory in.
 
-Capacity: a segment holds ``memory_bytes`` (at least 16 MiB, the least Mooncake mounts). When it is full
-Mooncake evicts in the background (from 90 % full, never an object read or looked up in the last 10 s: the
-master's default lease) and refuses a put it has no room for yet (``NO_AVAILABLE_HANDLE``); such a block
-is not stored (a later get of it is a ``KeyError``, a miss) and is counted in :attr:`Mooncake.rejected_puts`.
+Settings, as Mooncake's store documentation (``mooncake-store.md``, the deployment guide) advises for a
+KV cache on one host: protocol ``tcp`` (no RDMA NIC here); ``MC_STORE_MEMCPY=1``, its switch for a plain
+``memcpy`` where source and destination are in the same client (``mooncake``'s every get and put: its
+local reads went from 1.96 to 4.39 GB/s, ``cascade bench rma --quick --block-size 16MiB``); the prefix
+blocks (``put_many``'s ``prefix``) put with soft pin (``SoftPinAction.ENABLE``), the mechanism its docs
+name for "important and frequently used objects, such as system prompts": eviction takes unpinned objects
+first; a ``local_buffer_size`` of 16 MiB, since ``put_from`` / ``get_into`` move bytes between registered
+caller buffers and the segment and never use it; the master's eviction defaults (see below).
+
+Capacity: equal memory means equal blocks held. The master starts evicting at
+:data:`EVICTION_HIGH_WATERMARK` of a segment (this release's default), so a segment of ``memory_bytes`` /
+:data:`EVICTION_HIGH_WATERMARK` (at least 16 MiB, the least Mooncake mounts) holds as many blocks as
+``memory_bytes`` holds in the other systems before it evicts. Eviction runs in the background (it evicts
+:data:`EVICTION_RATIO` of the objects, least recently used and unpinned first, never one read or looked up
+within the lease, 10 s by default) and a put it has no room for yet is refused (``NO_AVAILABLE_HANDLE``);
+such a block is not stored (a later get of it is a miss) and is counted in :attr:`Mooncake.rejected_puts`.
 
 Mooncake's own listeners: the master's HTTP metadata server, the clients' transfer-engine RPC and TCP data
 ports bind every interface in this release whatever ``MC_TCP_BIND_ADDRESS`` says; all traffic the backend
@@ -62,6 +74,9 @@ from .base import Backend, Setup, Unavailable, start_on_rank_zero, stop_process
 HOST = "127.0.0.1"
 LOCAL_BUFFER = 16 << 20  # the client's own registered buffer: put_from / get_into never use it
 MIN_SEGMENT = 16 << 20  # Mooncake refuses to mount a smaller segment
+SEGMENT_ALIGN = 1 << 20  # segments are whole MiB (whole pages, however large they are)
+EVICTION_HIGH_WATERMARK = 0.9  # the master's --eviction_high_watermark_ratio (this release's default)
+EVICTION_RATIO = 0.05  # the master's --eviction_ratio (its default)
 MAX_REGISTERED = 4096  # caller's buffers kept registered at once (each is a transfer-engine memory region)
 TOUCH_CHUNK = 64 << 20  # setup fills the segment with objects of at most this size
 START_TIMEOUT = 30.0  # seconds for the master to listen, or the helper to mount and touch its segment
@@ -122,6 +137,7 @@ def store_class() -> Any:
     # read when the library loads (its glog ignores GLOG_minloglevel): keep Mooncake's INFO and WARNING
     # lines (one per refused put) off the benchmark's output; errors still show
     os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("MC_STORE_MEMCPY", "1")  # the documented switch for copies within one client
     try:
         from mooncake.store import MooncakeDistributedStore
     except ImportError as e:
@@ -155,6 +171,12 @@ def touch(store: Any, segment_bytes: int) -> None:
         for key in keys:
             store.remove(key)  # never-read objects hold no lease; an evicted or refused one is not found
         store.unregister_buffer(filler.ctypes.data)
+
+
+def segment_bytes(memory_bytes: int) -> int:
+    """The segment that holds what ``memory_bytes`` holds before the master evicts (see the module docstring)."""
+    wanted = -(-int(memory_bytes / EVICTION_HIGH_WATERMARK) // SEGMENT_ALIGN) * SEGMENT_ALIGN
+    return max(MIN_SEGMENT, wanted)
 
 
 def _free_port() -> int:
@@ -191,7 +213,9 @@ class Master:
             args = [binary, f"--rpc_address={HOST}", f"--rpc_port={self.rpc_port}",
                     "--enable_http_metadata_server=true", f"--http_metadata_server_host={HOST}",
                     f"--http_metadata_server_port={self.http_port}", f"--metrics_host={HOST}",
-                    f"--metrics_port={metrics}", "--enable_metric_reporting=false", "--logtostderr"]
+                    f"--metrics_port={metrics}", "--enable_metric_reporting=false", "--logtostderr",
+                    f"--eviction_high_watermark_ratio={EVICTION_HIGH_WATERMARK}",
+                    f"--eviction_ratio={EVICTION_RATIO}"]
             with open(self.log, "wb") as log:
                 self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
             self._stop = weakref.finalize(self, _stop, self.proc)  # here, at close, or at exit
@@ -262,6 +286,7 @@ class Mooncake(Backend):
         """Puts Mooncake refused for want of room (the block was not stored)."""
         self._store: Any = None
         self._replicate: Any = None
+        self._pinned: Any = None  # the prefix blocks' config: soft pinned
         self._registered: dict[int, int] = {}  # address -> bytes of the caller's buffers registered so far
         self._master: Master | None = None
         self._segment: SegmentProcess | None = None
@@ -277,7 +302,7 @@ class Mooncake(Backend):
             self._directory = Path(tempfile.mkdtemp(prefix="cascade-bench-mooncake-"))
             self._master = Master(master_binary() or "mooncake_master", self._directory)
             if self.mode == "remote":
-                self._segment = SegmentProcess(self._master, max(MIN_SEGMENT, setup.memory_bytes * setup.size),
+                self._segment = SegmentProcess(self._master, segment_bytes(setup.memory_bytes * setup.size),
                                                self._directory)
             return self._master.metadata_url, self._master.address
 
@@ -287,14 +312,17 @@ class Mooncake(Backend):
             self._release()
             raise
         try:
-            segment = max(MIN_SEGMENT, setup.memory_bytes) if self.mode == "local" else 0
+            segment = segment_bytes(setup.memory_bytes) if self.mode == "local" else 0
             self._store = connect(*addresses, segment)
-            from mooncake.store import ReplicateConfig
+            from mooncake.store import ReplicateConfig, SoftPinAction
 
-            self._replicate = ReplicateConfig()
-            self._replicate.replica_num = 1
+            self._replicate, self._pinned = ReplicateConfig(), ReplicateConfig()
+            self._pinned.soft_pin_action = SoftPinAction.ENABLE
+            for config in (self._replicate, self._pinned):
+                config.replica_num = 1
+                if self.mode == "local":
+                    config.preferred_segment = self._store.get_hostname()
             if self.mode == "local":
-                self._replicate.preferred_segment = self._store.get_hostname()
                 touch(self._store, segment)
             if comm is not None:
                 comm.Barrier()  # every rank's segment is mounted before any rank puts
@@ -306,26 +334,33 @@ class Mooncake(Backend):
                  prefix: Sequence[bool] | None = None) -> None:
         if len(keys) != len(blocks):
             raise ValueError(f"put_many: {len(keys)} keys but {len(blocks)} blocks")
-        codes = self._store.batch_put_from(list(keys), [self._address(b) for b in blocks],
-                                           [b.nbytes for b in blocks], self._replicate)
+        marks = [False] * len(keys) if prefix is None else [bool(p) for p in prefix]
+        codes = [0] * len(keys)
+        for pinned, config in ((True, self._pinned), (False, self._replicate)):  # one config per call
+            part = [i for i, mark in enumerate(marks) if mark == pinned]
+            if part:
+                for i, code in zip(part, self._put(keys, blocks, part, config)):
+                    codes[i] = code
         for key, code in zip(keys, codes):
             if code == NO_AVAILABLE_HANDLE:
                 self.rejected_puts += 1
             elif code not in (0, OBJECT_ALREADY_EXISTS):  # a key already stored holds the same block
                 raise RuntimeError(f"mooncake: put {key!r} failed: {error_name(code)}")
 
-    def get_many(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> None:
-        if len(keys) != len(outs):
-            raise ValueError(f"get_many: {len(keys)} keys but {len(outs)} buffers")
+    def get_hits(self, keys: Sequence[str], outs: Sequence[np.ndarray]) -> list[bool]:
+        self.check_batch(keys, outs)
         codes = self._store.batch_get_into(list(keys), [self._address(o) for o in outs], [o.nbytes for o in outs])
         for key, out, code in zip(keys, outs, codes):
-            if code == out.nbytes:
+            if code == out.nbytes or code == OBJECT_NOT_FOUND:
                 continue
-            if code == OBJECT_NOT_FOUND:
-                raise KeyError(key)
             if code >= 0:
                 raise ValueError(f"mooncake: {key!r} gave {code} B, the buffer holds {out.nbytes} B")
             raise RuntimeError(f"mooncake: get {key!r} failed: {error_name(code)}")
+        return [code != OBJECT_NOT_FOUND for code in codes]
+
+    def _put(self, keys: Sequence[str], blocks: Sequence[np.ndarray], part: Sequence[int], config: Any) -> list[int]:
+        return self._store.batch_put_from([keys[i] for i in part], [self._address(blocks[i]) for i in part],
+                                          [blocks[i].nbytes for i in part], config)
 
     def contains_many(self, keys: Sequence[str]) -> list[bool]:
         answers = self._store.batch_is_exist(list(keys))
@@ -359,10 +394,12 @@ class Mooncake(Backend):
         return address
 
     def version(self) -> str:
+        settings = (f" (protocol tcp, MC_STORE_MEMCPY={os.environ.get('MC_STORE_MEMCPY', '0')}, eviction from "
+                    f"{EVICTION_HIGH_WATERMARK:.0%} full, prefix soft-pinned)")
         for package in _PACKAGES:
             with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-                return f"{package} {importlib.metadata.version(package)}"
-        return "?"
+                return f"{package} {importlib.metadata.version(package)}{settings}"
+        return "?" + settings
 
     def close(self) -> None:
         """Collective on several ranks: rank 0 stops the master (and the segment process) once every rank

@@ -2,13 +2,15 @@
 prefix plus its own unique blocks, with more data than memory.
 
 Rank 0 writes P prefix blocks once (``is_prefix=True``); then every rank writes U unique blocks of its own.
-Each system gets the same memory per rank (M blocks: cascade-kv's host tier, Redis's ``maxmemory`` share,
-Mooncake's segment, LMCache's CPU pool), and U = 2 M, so the unique data alone is twice the memory of all
-ranks together. A pass is R = 2 requests per rank; a request reads the whole prefix, then the next half of
-the rank's unique blocks: between two reads of the prefix a rank reads M unique blocks, as much as its
-memory holds. P = 2 M / 3 makes the prefix 40 % of a request's reads, the seed's top-tier hit rate. Plain LRU then flushes the prefix every request; cascade-kv's semantic
-eviction keeps it in memory. Part of the reads (the prefix, and what memory still holds) come from the top
-tier, the rest from disk.
+Each system holds the same number of blocks in memory per rank, M (cascade-kv's host tier, LMCache's CPU pool;
+Redis's ``maxmemory`` and Mooncake's segment are sized by their adapters to hold M blocks by each one's own
+accounting, Mooncake's prefix blocks soft-pinned as its docs advise for shared prompts), and U = 2 M, so the
+unique data alone is twice the memory of all ranks together. A pass is R = 2 requests per rank; a request
+reads the whole prefix, then the next half of the rank's unique blocks: between two reads of the prefix a rank
+reads M unique blocks, as much as its memory holds. P = 2 M / 3 makes the prefix 40 % of a request's reads,
+the seed's top-tier hit rate. Plain LRU then flushes the prefix every request; cascade-kv's semantic eviction
+keeps it in memory. Part of the reads (the prefix, and what memory still holds) come from the top tier, the
+rest from disk.
 
 Before every pass the page cache of every file a system keeps is dropped (fsync + ``POSIX_FADV_DONTNEED``):
 memory is what each system holds itself, not the page cache, which on this machine would hold the whole
@@ -16,11 +18,12 @@ data set. Within a pass the page cache fills again (file systems' second prefix 
 
 Memory-only systems (Redis, Mooncake, LMCache's CPU pool) cannot keep what does not fit: a read of a block
 they evicted or refused is a miss, counted (a server would recompute it) and not in the throughput, which
-counts bytes served. A system whose blocks stay private to one process (LMCache's local backends) is
-skipped on several ranks: they share the prefix. Figures per system: aggregate read
-throughput (bytes served by all ranks over the slowest rank's time), reads served, prefix reads served
-from memory and hits per tier where the system can tell, and the aggregate write throughput of the unique
-blocks, and the bytes read from the storage device (page-cache hits do not count).
+counts bytes served. Every batch is one timed call (:meth:`~..peers.base.Backend.get_hits`), which says per
+key what hit, whatever missed. A system whose blocks stay private to one process (LMCache's local backends) is
+skipped on several ranks: they share the prefix. Figures per system: aggregate read throughput (bytes served
+by all ranks over the slowest rank's time), reads served, prefix reads served from memory and hits per tier
+where the system can tell, and the aggregate write throughput of the unique blocks, and the bytes read from
+the storage device (page-cache hits do not count).
 """
 from __future__ import annotations
 
@@ -64,8 +67,8 @@ class Reads:
 
     def read(self, backend: Backend, keys: Sequence[str], ids: Sequence[int], contents: Contents,
              outs: Sequence[np.ndarray], may_miss: bool) -> int:
-        """Read ``keys`` in batches (only the reads timed), check every block served; how many were served.
-        A miss (``KeyError``) is counted when ``may_miss``, else it fails the run."""
+        """Read ``keys`` in batches, one call each, whatever missed (only the reads timed); check every block
+        served; how many were served. A miss is counted when ``may_miss``, else it fails the run."""
         served = 0
         for lo in range(0, len(keys), BATCH):
             chunk = range(lo, min(lo + BATCH, len(keys)))
@@ -73,14 +76,10 @@ class Reads:
             for b in bufs:
                 b.fill(POISON)
             t0 = time.perf_counter()
-            try:
-                backend.get_many([keys[j] for j in chunk], bufs)
-                hit = [True] * len(bufs)
-            except KeyError:
-                if not may_miss:
-                    raise
-                hit = [_get_one(backend, keys[j], b) for j, b in zip(chunk, bufs)]  # which ones missed
+            hit = backend.get_hits([keys[j] for j in chunk], bufs)
             self.seconds += time.perf_counter() - t0
+            if not may_miss and not all(hit):
+                raise KeyError(f"{backend.name} lost {keys[chunk[hit.index(False)]]!r}, which it keeps on disk")
             for j, b, h in zip(chunk, bufs, hit):
                 if h:
                     contents.check(ids[j], b)
@@ -89,14 +88,6 @@ class Reads:
         self.served += served
         self.bytes += served * contents.nbytes
         return served
-
-
-def _get_one(backend: Backend, key: str, out: np.ndarray) -> bool:
-    try:
-        backend.get_many([key], [out])
-        return True
-    except KeyError:
-        return False
 
 
 def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
