@@ -15,6 +15,12 @@ rank 0 puts and reads). And local reads, the data in the reading process's own m
 puts and reads its own blocks), Mooncake's ``get_into`` from its own segment, LMCache's CPU tier. The issue's
 targets: cascade-kv's remote reads at least 3x the best of the others', its local reads at least equal to
 each local peer's.
+
+Transports differ: on one node Open MPI moves cascade-kv's one-sided reads through shared memory, while
+Mooncake and LMCache reach their other process over loopback TCP (Redis over a Unix socket). So cascade-kv
+is measured twice: ``cascade-kv`` (Open MPI's default) and its twin ``cascade-kv (TCP)``, the same
+measurements in a second job with Open MPI forced onto TCP (:mod:`.rma_tcp`), each row naming its
+transport; every cascade-kv target is stated for both, and the notes put each figure beside its twin's.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ..ceilings import Contents, interleaved_rates
+from . import rma_tcp
 from .core import (
     GB,
     POISON,
@@ -36,7 +43,10 @@ from .core import (
     buffers_for,
 )
 
-DEFAULT_SYSTEMS = ("cascade-kv", "mooncake-remote", "lmcache-remote", "redis", "mooncake", "lmcache-cpu")
+DEFAULT_SYSTEMS = ("cascade-kv", rma_tcp.TWIN, "mooncake-remote", "lmcache-remote", "redis", "mooncake",
+                   "lmcache-cpu")
+VARIANTS = {rma_tcp.TWIN: "cascade-kv's rows measured again with Open MPI forced onto TCP (a second job)"}
+"""Rows of this experiment that are not registry systems."""
 REMOTE_PEERS = ("mooncake-remote", "lmcache-remote", "redis")
 """Systems that hold the data in another process: rank 0 puts and reads."""
 LOCAL_PEERS = ("mooncake", "lmcache-cpu")
@@ -91,7 +101,9 @@ def run(r: Run) -> Result:
                    *[(f"rma_GBps[{label}]", f"remote get {label}") for _, label in SIZES]]
     for name in r.systems:
         if name == "cascade-kv":
-            _cascade(r, res, s)
+            cascade_rows(r, res, s)
+        elif name == rma_tcp.TWIN:
+            rma_tcp.measure(r, res, r.options.get("block"))
         elif name in REMOTE_PEERS or name in LOCAL_PEERS:
             _peer(r, res, s, name, "remote_GBps" if name in REMOTE_PEERS else "local_GBps")
         elif name.startswith("cascade-kv"):
@@ -133,7 +145,8 @@ def _passes(r: Run, backend: Any, keys: list[str], ids: list[int], contents: Con
 
 
 # ---------------------------------------------------------------------- cascade-kv
-def _cascade(r: Run, res: Result, s: Sizes) -> None:
+def cascade_rows(r: Run, res: Result, s: Sizes) -> None:
+    """cascade-kv's figures, (a) and (b), under the row ``cascade-kv`` of ``res``."""
     scratch = Result("rma", res.title, r.size)  # opened under its registry name, reported as "cascade-kv"
     with r.system(CASCADE_REMOTE, scratch, s.cascade_memory(), s.block) as backend:
         if backend is not None:
@@ -153,6 +166,7 @@ def _cascade(r: Run, res: Result, s: Sizes) -> None:
     if "cascade-kv" in res.systems:
         res.systems["cascade-kv"].name = "cascade-kv"
         res.systems["cascade-kv"].values["promotion"] = "off"
+        res.systems["cascade-kv"].values["transport"] = rma_tcp.transport()
 
 
 def _cascade_reads(r: Run, backend: Any, s: Sizes, owner: int, seed: int) -> list[float]:
@@ -272,34 +286,53 @@ def _send_recv(r: Run, contents: Contents, ids: list[int], n: int, s: Sizes) -> 
 
 # ---------------------------------------------------------------------- targets
 def _targets(r: Run, res: Result) -> None:
-    cascade = res.systems.get("cascade-kv")
+    """Every cascade-kv target, for ``cascade-kv`` and for its twin over TCP (each against the ceilings of its
+    own transport), and a note per figure beside its twin's."""
     others = {n: res.systems[n].measures["remote_GBps"].median for n in REMOTE_PEERS
               if n in res.systems and "remote_GBps" in res.systems[n].measures}
     best = max(others, key=others.__getitem__) if others else REMOTE_PEERS[0]
-    res.targets = [
-        Target("cascade-kv", "remote_GBps", 3.0, best,
-               f"reads from another process's memory >= 3x the best of the others ({best})"),
-        Target("cascade-kv", "local_GBps", 1.0, "mooncake", "local reads >= Mooncake's get_into"),
-        Target("cascade-kv", "local_GBps", 1.0, "lmcache-cpu", "local reads >= LMCache's CPU tier"),
-    ]
-    if cascade is None:
-        return
-    for _, label in SIZES:
-        key = f"rma_GBps[{label}]"
-        if key not in cascade.measures:
+    res.targets = []
+    for row, suffix in (("cascade-kv", ""), (rma_tcp.TWIN, rma_tcp.SUFFIX)):
+        over = suffix  # " (TCP)" in the twin's target texts
+        res.targets += [
+            Target(row, "remote_GBps", 3.0, best,
+                   f"reads from another process's memory{over} >= 3x the best of the others ({best})"),
+            Target(row, "local_GBps", 1.0, "mooncake", f"local reads{over} >= Mooncake's get_into"),
+            Target(row, "local_GBps", 1.0, "lmcache-cpu", f"local reads{over} >= LMCache's CPU tier"),
+        ]
+        cascade = res.systems.get(row)
+        if cascade is None:
             continue
-        if label == SIZES[-1][1]:  # small reads are a directory round trip more than a bare Get: no target there
-            res.targets.append(Target("cascade-kv", key, 0.8, f"bare Get {label}",
-                                      f"remote get {label} >= 0.8x a bare MPI Get (bench/cluster.py's target)"))
-        value = cascade.measures[key].median
-        get, stream = res.ceilings[f"bare Get {label}"].median, res.ceilings[f"Send/Recv {label}"].median
-        res.notes.append(f"remote get {label}: {value:.2f} GB/s ({_us(value, label)}), "
-                         f"{value / get:.2f}x bare Get ({get:.2f} GB/s), {value / stream:.2f}x Send/Recv "
-                         f"({stream:.2f} GB/s)")
-    if "remote_GBps" in cascade.measures and others:
-        value = cascade.measures["remote_GBps"].median
-        res.notes.append("cascade-kv remote reads against each: " +
-                         ", ".join(f"{n} {value / v:.2f}x" for n, v in others.items()))
+        for _, label in SIZES:
+            key = f"rma_GBps[{label}]"
+            if key not in cascade.measures or f"bare Get {label}{suffix}" not in res.ceilings:
+                continue
+            if label == SIZES[-1][1]:  # small reads are a directory round trip more than a bare Get: no target there
+                res.targets.append(Target(row, key, 0.8, f"bare Get {label}{suffix}",
+                                          f"remote get {label}{over} >= 0.8x a bare MPI Get over the same "
+                                          f"transport (bench/cluster.py's target)"))
+            value = cascade.measures[key].median
+            get = res.ceilings[f"bare Get {label}{suffix}"].median
+            stream = res.ceilings[f"Send/Recv {label}{suffix}"].median
+            res.notes.append(f"{row}: remote get {label}: {value:.2f} GB/s ({_us(value, label)}), "
+                             f"{value / get:.2f}x bare Get ({get:.2f} GB/s), {value / stream:.2f}x Send/Recv "
+                             f"({stream:.2f} GB/s)")
+        if "remote_GBps" in cascade.measures and others:
+            value = cascade.measures["remote_GBps"].median
+            res.notes.append(f"{row} remote reads against each: " +
+                             ", ".join(f"{n} {value / v:.2f}x" for n, v in others.items()))
+    res.notes.extend(_twin_notes(res))
+
+
+def _twin_notes(res: Result) -> list[str]:
+    """Each cascade-kv figure beside its twin's over TCP."""
+    shm, tcp = res.systems.get("cascade-kv"), res.systems.get(rma_tcp.TWIN)
+    if shm is None or tcp is None:
+        return []
+    pairs = [f"{key} {shm.measures[key].median:.2f} vs {tcp.measures[key].median:.2f} GB/s"
+             for key in shm.measures if key in tcp.measures]
+    return [f"cascade-kv over {shm.values.get('transport', '?')} against its twin over "
+            f"{tcp.values.get('transport', '?')}: " + ", ".join(pairs)] if pairs else []
 
 
 def _us(rate_gbps: float, label: str) -> str:
