@@ -75,3 +75,77 @@ def test_rma_measures_remote_and_local_reads_beside_bare_mpi(tmp_path: Path) -> 
 
 def test_rank_counts_are_the_powers_of_two_up_to_the_job() -> None:
     assert rank_counts(1) == [1] and rank_counts(4) == [1, 2, 4] and rank_counts(6) == [1, 2, 4]
+
+
+def _result_with_reads(reads: dict[str, dict[int, float]]):
+    from cascade_kv.bench.suite.core import Result, SystemResult
+
+    res = Result("strong", "", 4)
+    for name, by_k in reads.items():
+        mine = res.systems[name] = SystemResult(name)
+        for k, rate in by_k.items():
+            mine.measure(f"read_GBps[{k}]", "GB/s").samples.extend([rate, rate])
+    return res
+
+
+def test_scaling_targets_the_best_peer_at_each_rank_count() -> None:
+    from cascade_kv.bench.suite.scaling import _targets_and_notes, best_peers
+
+    res = _result_with_reads({"cascade-kv": {1: 9.0, 2: 9.0, 4: 9.0},
+                              "cascade-kv (no dedup)": {1: 99.0, 2: 99.0, 4: 99.0},  # a variant is no peer
+                              "posix": {1: 3.0, 2: 2.0, 4: 1.0}, "hdf5": {1: 1.0, 2: 1.5, 4: 4.0},
+                              "lmcache-cpu": {1: 2.0, 2: 5.0}})  # not measured at 4 ranks
+    assert best_peers(res, [1, 2, 4]) == {1: "posix", 2: "lmcache-cpu", 4: "hdf5"}
+    _targets_and_notes(res, [1, 2, 4])
+    assert [(t.key, t.than) for t in res.targets] == [("read_GBps[1]", "posix"), ("read_GBps[2]", "lmcache-cpu"),
+                                                     ("read_GBps[4]", "hdf5")]
+    res.judge()
+    assert [round(t.got, 2) for t in res.targets] == [3.0, 1.8, 2.25]
+    alone = _result_with_reads({"cascade-kv": {1: 1.0}, "posix": {1: 2.0}})
+    _targets_and_notes(alone, [1])
+    assert alone.targets == []  # one rank: nothing to scale
+
+
+class _Misses:
+    """A backend whose every other key misses; it counts its calls."""
+
+    name, tier = "misses", "memory"
+
+    def __init__(self, contents) -> None:
+        self.contents, self.calls = contents, 0
+
+    def get_hits(self, keys, outs):
+        self.calls += 1
+        hits = [int(k) % 2 == 0 for k in keys]
+        for k, out, hit in zip(keys, outs, hits):
+            if hit:
+                self.contents.fill(int(k), out)
+        return hits
+
+
+def test_contention_reads_a_batch_once_whatever_missed() -> None:
+    import numpy as np
+
+    from cascade_kv.bench.ceilings import Contents
+    from cascade_kv.bench.suite.contention import BATCH, Reads
+
+    contents = Contents(4096, seed=1)
+    backend = _Misses(contents)
+    reads = Reads()
+    keys = [str(i) for i in range(3 * BATCH + 1)]
+    outs = [np.empty(4096, np.uint8) for _ in range(BATCH)]
+    served = reads.read(backend, keys, range(len(keys)), contents, outs, may_miss=True)
+    assert backend.calls == 4  # one call per batch, not one more per key of a batch that missed
+    assert served == reads.served == 7 and reads.asked == 13 and contents.checked == 7 and contents.wrong == 0
+    with pytest.raises(KeyError):  # a system that keeps everything on disk must not miss
+        Reads().read(backend, keys, range(len(keys)), contents, outs, may_miss=False)
+
+
+def test_rma_twin_job_runs_over_tcp_without_the_running_jobs_launcher_variables() -> None:
+    from cascade_kv.bench.suite.rma_tcp import TCP_MCA, transport, twin_environment
+
+    env = twin_environment({"PATH": "/bin", "OMPI_COMM_WORLD_RANK": "0", "PMIX_RANK": "0", "PRTE_MCA_x": "1",
+                            "OMPI_MCA_osc": "^ucx", "CASCADE_COMMAND": "cascade bench rma"})
+    assert env == {"PATH": "/bin", "CASCADE_COMMAND": "cascade bench rma", **TCP_MCA}
+    assert "btl tcp,self, osc rdma" in transport(env)
+    assert "shared memory" in transport({"OMPI_MCA_osc": "^ucx"})
