@@ -21,10 +21,10 @@ def _mpiexec() -> None:
     require_mpiexec()
 
 
-def _run(experiment: str, tmp_path: Path) -> dict:
+def _run(experiment: str, tmp_path: Path, systems: str = SYSTEMS) -> dict:
     out = tmp_path / "result.json"
-    done = subprocess.run([*CLI, experiment, "--quick", "--ranks", "2", "--systems", SYSTEMS, "--dir", str(tmp_path),
-                           "--json", str(out)], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run([*CLI, experiment, "--quick", "--ranks", "2", "--systems", systems, "--dir", str(tmp_path),
+                           "--json", str(out)], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     got = json.loads(out.read_text())
     assert got["ranks"] == 2 and got["reads_checked"] > 0 and got["reads_wrong"] == 0
@@ -63,13 +63,18 @@ def test_scaling_measures_every_power_of_two_rank_count(tmp_path: Path, experime
         assert got["settings"]["blocks_per_rank"] > 0
 
 
-def test_rma_measures_remote_and_local_reads_beside_bare_mpi(tmp_path: Path) -> None:
-    got = _run("rma", tmp_path)
-    cascade = got["systems"]["cascade-kv"]
-    assert cascade["remote_GBps"]["n"] == cascade["local_GBps"]["n"] == got["settings"]["passes"]
-    for label in ("4 KiB", "1 MiB", "16 MiB"):
-        assert cascade[f"rma_GBps[{label}]"]["n"] > 0
-        assert got["ceilings"][f"bare Get {label}"]["n"] > 0 and got["ceilings"][f"Send/Recv {label}"]["n"] > 0
+def test_rma_measures_remote_and_local_reads_beside_bare_mpi_and_again_over_tcp(tmp_path: Path) -> None:
+    got = _run("rma", tmp_path, SYSTEMS + ",cascade-kv (TCP)")
+    for row, suffix in (("cascade-kv", ""), ("cascade-kv (TCP)", " (TCP)")):
+        cascade = got["systems"][row]
+        assert cascade["remote_GBps"]["n"] == cascade["local_GBps"]["n"] == got["settings"]["passes"]
+        for label in ("4 KiB", "1 MiB", "16 MiB"):
+            assert cascade[f"rma_GBps[{label}]"]["n"] > 0
+            assert got["ceilings"][f"bare Get {label}{suffix}"]["n"] > 0
+            assert got["ceilings"][f"Send/Recv {label}{suffix}"]["n"] > 0
+        assert sum(t["system"] == row for t in got["targets"]) == 4  # every target, for each twin
+    assert "shared memory" in got["systems"]["cascade-kv"]["transport"]
+    assert "btl tcp,self, osc rdma" in got["systems"]["cascade-kv (TCP)"]["transport"]
     assert "posix" in got["skipped"]  # not a memory system: said so, not silently left out
 
 
