@@ -237,10 +237,9 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
         args.subparser.error(f"--dir {args.dir} is not a directory")
     rank = comm.Get_rank() if comm is not None else 0  # type: ignore[attr-defined]
     tty, console = _terminal()
-    root = Path(tempfile.mkdtemp(prefix=f"cascade-{args.experiment}-", dir=args.dir)) if rank == 0 else None
-    if comm is not None:
-        root = comm.bcast(root, root=0)  # type: ignore[attr-defined]
-    assert root is not None
+    made = Path(tempfile.mkdtemp(prefix=f"cascade-{args.experiment}-", dir=args.dir)) if rank == 0 else None
+    # rank 0 makes the run's folder and tells the others (with no comm, this process is rank 0)
+    root: Path = comm.bcast(made, root=0) if comm is not None else made  # type: ignore[attr-defined,assignment]
     options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct, "trace": args.trace,
                "model": args.model, "requests": args.requests}
     t0 = time.perf_counter()
