@@ -18,6 +18,7 @@ from ..arrays import byte_view, check_out, finish_outs, needs_staging
 from ..errors import BlockNotFound, InternalError, PeerTimeout
 from ..ids import BlockId, Key, StoreKey, block_name
 from ..namespace import Space
+from .bindings import Bindings
 from .context import RankContext
 from .diskio import SharedDisk, Vanished
 from .directory import KeyRecord, LoadStatus, Location, dtype_of
@@ -42,8 +43,9 @@ class Reads:
     """Reads keys' values and blocks for this rank, from wherever a copy lies."""
 
     def __init__(self, ctx: RankContext, disk: SharedDisk | None, eviction: Eviction,
-                 replication: Replication) -> None:
+                 replication: Replication, bindings: Bindings) -> None:
         self.ctx = ctx
+        self.bindings = bindings
         self.disk = disk
         self.eviction = eviction
         self.replication = replication
@@ -51,7 +53,7 @@ class Reads:
 
     def get_many(self, space: Space, keys: list[Key], outs: Sequence[np.ndarray | None] | None) -> list[np.ndarray]:
         """Read ``keys`` (checked, with ``outs``: ``arrays.key_list``, ``arrays.check_outs``) into ``outs``."""
-        records = self.records([space.internal(k) for k in keys], count_misses=space)
+        records = self.records([space.internal(k) for k in keys], count_misses=space, remembered=True)
         results = [np.empty(r.shape, dtype_of(r.dtype)) if outs is None or outs[i] is None
                    else check_out(outs[i], keys[i], dtype_of(r.dtype), r.shape) for i, r in enumerate(records)]
         staged = [np.empty(o.shape, o.dtype) if needs_staging(o) else o for o in results]
@@ -72,9 +74,13 @@ class Reads:
             space.counters.gets += len(keys)
         return results if outs is None else finish_outs(outs, results)  # torch outs: staged copies land
 
-    def records(self, keys: list[StoreKey], count_misses: Space | None = None) -> list[KeyRecord]:
-        """Each key's record; BlockNotFound for a key that is not bound (counted as a miss if asked)."""
-        records = self.ctx.directory.lookup_many(keys)
+    def records(self, keys: list[StoreKey], count_misses: Space | None = None,
+                remembered: bool = False) -> list[KeyRecord]:
+        """Each key's record; BlockNotFound for a key that is not bound (counted as a miss if asked).
+        ``remembered``: a record this rank looked up before is taken as it is while its home's binding version
+        says it still holds (:mod:`.bindings`: the read path's, where no one is asked for keys read before)."""
+        lookup = self.ctx.directory.lookup_many
+        records = self.bindings.records(keys, lookup) if remembered else lookup(keys)
         for k, r in zip(keys, records):
             if r is None:
                 if count_misses is not None:

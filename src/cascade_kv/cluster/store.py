@@ -56,6 +56,7 @@ from .reads import Reads, nbytes_of
 from .replication import Replication
 from .service import Service, _wait
 from .slots import SLOT_HEADER
+from .bindings import Bindings
 from .window import ArenaWindow
 from .writes import Writes
 
@@ -121,7 +122,9 @@ class DistributedStore:
         self.owners = OwnerOps(ctx, self.files)
         self.eviction = Eviction(ctx, self.files, self.owners)
         self.replication = Replication(ctx, self.eviction)
-        self.reads = Reads(ctx, self.files, self.eviction, self.replication)
+        self.bindings = Bindings(self.window)
+        self.directory.state.on_change = self.bindings.bump  # before any rank can bind: the barrier below
+        self.reads = Reads(ctx, self.files, self.eviction, self.replication, self.bindings)
         self.writes = Writes(ctx, self.files, self.eviction, self.owners, self.reads, self.replication, self._hasher,
                              persist=self.durability.enabled)
         self.owners.register()

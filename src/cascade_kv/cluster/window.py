@@ -11,6 +11,8 @@ Layout of every rank's window (displacement unit 1 byte)::
     0              one page: window header (magic, layout version, arena capacity); at 64 the owner's
                    room (largest free hole, evictable bytes), rewritten as it changes; at 128 the count
                    of bounded collective waits the owner has entered; rest zero
+    BINDINGS_OFFSET  the binding versions of the keys this rank is home for: BINDING_BUCKETS pairs of
+                   u64 (version, its complement), see :meth:`ArenaWindow.bump_binding`
     arena_offset   the arena: ``capacity`` bytes, rounded up to whole pages, handed to a SlotArena
 
 The header page lets a peer check what a displacement points into (:meth:`ArenaWindow.describe`);
@@ -37,19 +39,34 @@ from ..errors import PeerTimeout
 
 _PAGE = mmap.PAGESIZE
 _MAGIC = int.from_bytes(b"CKVARENA", "little")
-_VERSION = 1
+_VERSION = 2
 _WINDOW_HEADER = struct.Struct("<QQQQ")  # magic, version, arena capacity, arena offset
 _ROOM = struct.Struct("<QQ")  # largest free hole, evictable bytes: what a peer with victims to place reads
 _ROOM_OFFSET = 64  # its own cache line in the header page
 _ARRIVALS = struct.Struct("<Q")  # bounded collective waits this rank has entered (see ArenaWindow.arrive)
 _ARRIVALS_OFFSET = 128
 
-ARENA_OFFSET = _PAGE
-"""Displacement of the arena in every rank's window (the header page comes first)."""
 
 
 def _round_page(n: int) -> int:
     return (n + _PAGE - 1) // _PAGE * _PAGE
+
+
+BINDING_BUCKETS = 4096
+"""Buckets of key-binding versions a rank publishes for the keys it is home for. A key's bucket is a hash of
+the key (:func:`~.bindings.route`); its version moves whenever a key of that bucket is bound, rebound or
+unbound there. A reader that remembers a key's record with the version it read before asking for it knows,
+by reading the version again one-sidedly, that no key of the bucket changed since: the record still holds,
+and the home need not be asked (:mod:`.bindings`). More buckets make a change to one key invalidate fewer
+others' records, at 16 B each in every rank's window (64 KiB here)."""
+BINDING = struct.Struct("<QQ")
+"""One bucket: its version, then the version's complement. A Get is a plain copy, not an atomic read: a read
+torn by the owner's update shows a pair that does not complement, and is not taken for a version."""
+BINDINGS_OFFSET = _PAGE
+"""Displacement of the binding versions in every rank's window."""
+ARENA_OFFSET = _PAGE + _round_page(BINDING_BUCKETS * BINDING.size)
+"""Displacement of the arena in every rank's window (the header page and the binding versions come first)."""
+_U64_MASK = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +191,8 @@ class ArenaWindow:
         _WINDOW_HEADER.pack_into(whole, 0, _MAGIC, _VERSION, capacity, ARENA_OFFSET)
         whole.release()
         self._room: memoryview | None = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
+        self._bindings: memoryview | None = self._bindings_view()
+        self._bindings[1::2] = memoryview(bytes(b"\xff" * 8 * BINDING_BUCKETS)).cast("Q")  # version 0, complemented
         self._arrivals = 0
         self._memory: memoryview | None = self._arena_view()
         comm.Barrier()  # every header is written before any peer can describe() it
@@ -183,6 +202,34 @@ class ArenaWindow:
         if self._buffer is None:
             raise ValueError("arena window is closed")
         return memoryview(self._buffer)  # type: ignore[arg-type]  # mpi4py buffer: writable bytes
+
+    def _bindings_view(self) -> memoryview:
+        return self._whole()[BINDINGS_OFFSET:BINDINGS_OFFSET + BINDING_BUCKETS * BINDING.size].cast("Q")
+
+    def bump_binding(self, bucket: int) -> None:
+        """A key of ``bucket`` homed here was bound, rebound or unbound: move the bucket's version. Called by
+        the directory under its lock, so bumps of one bucket never interleave, and *before* the lookup that
+        could see the change is answered. The version is written before its complement: a reader between the
+        two stores sees a pair that does not complement."""
+        b = self._bindings
+        if b is None:
+            return  # closing: no reader is left to tell
+        version = (b[2 * bucket] + 1) & _U64_MASK
+        b[2 * bucket] = version
+        b[2 * bucket + 1] = version ^ _U64_MASK
+
+    def binding(self, bucket: int) -> int | None:
+        """This rank's version of ``bucket`` (a local read; None while an update is half written)."""
+        if self._bindings is None:
+            raise ValueError("arena window is closed")
+        version, check = self._bindings[2 * bucket], self._bindings[2 * bucket + 1]
+        return version if version ^ check == _U64_MASK else None
+
+    def _reopen_views(self) -> None:
+        """After a close that did not free the window: its views again, so it stays usable."""
+        self._memory = self._arena_view()
+        self._room = self._whole()[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]
+        self._bindings = self._bindings_view()
 
     def _arena_view(self) -> memoryview:
         return self._whole()[ARENA_OFFSET:ARENA_OFFSET + self.capacity]
@@ -269,6 +316,9 @@ class ArenaWindow:
             if self._room is not None:
                 self._room.release()
                 self._room = None
+            if self._bindings is not None:
+                self._bindings.release()
+                self._bindings = None
             self._memory.release()
             held = sys.getrefcount(self._buffer) > 2  # the attribute, and getrefcount's argument
         except BufferError:  # something holds a buffer taken from our view itself
@@ -281,14 +331,13 @@ class ArenaWindow:
         deadline = None if timeout is None else time.monotonic() + timeout
         while not request.Test():
             if deadline is not None and time.monotonic() > deadline:
-                self._memory = self._arena_view()
+                self._reopen_views()
                 raise PeerTimeout(f"arena window: rank {self.rank} waited {timeout:g} s in close(); rank(s) "
                                   f"{self.missing(arrival)} did not arrive; the window stays allocated")
             time.sleep(1e-3)
         holders = every.tolist()
         if any(holders):
-            self._memory = self._arena_view()  # the window stays open and usable
-            self._room = memoryview(self._buffer)[_ROOM_OFFSET:_ROOM_OFFSET + _ROOM.size]  # type: ignore[arg-type]
+            self._reopen_views()  # the window stays open and usable
             raise BufferError(f"arena window: ranks {[r for r, h in enumerate(holders) if h]} still hold views "
                               "of their arena; close the slot arena and drop its views before the window")
         self._memory = None

@@ -24,7 +24,7 @@ import functools
 import math
 import threading
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ...errors import BlockNotFound, InvalidArgument
@@ -125,6 +125,9 @@ class DirectoryState:
         # made on first use by the tallies; readers use .get, so a lookup never adds an empty one
         self._by_space: defaultdict[str | None, _Tally] = defaultdict(_Tally)  # keys, by namespace (None: default)
         self._by_tag: defaultdict[bytes, _Tally] = defaultdict(_Tally)  # digests, by their id's namespace tag
+        self.on_change: Callable[[Key], None] | None = None
+        """Called under the lock whenever a key's binding changes (bound, rebound, unbound), before any lookup
+        can see the change: the store moves the key's binding version (:mod:`..bindings`)."""
 
     def __len__(self) -> int:
         """Digests known here (for tests and stats)."""
@@ -153,6 +156,7 @@ class DirectoryState:
                     self._tally_key(k, old, -1)
                 self._keys[k] = r
                 self._tally_key(k, r, 1)
+                self._changed(k)
             for d, nbytes, refs, protected, locations in digests:
                 old_entry = self._digests.get(d)
                 if old_entry is not None:
@@ -322,7 +326,12 @@ class DirectoryState:
                 self._tally_key(key, old, -1)
             self._keys[key] = record
             self._tally_key(key, record, 1)
+            self._changed(key)
             return old
+
+    def _changed(self, key: Key) -> None:
+        if self.on_change is not None:
+            self.on_change(key)
 
     def lookup(self, key: Key) -> KeyRecord | None:
         with self._lock:
@@ -340,6 +349,7 @@ class DirectoryState:
             old = self._keys.pop(key, None)
             if old is not None:
                 self._tally_key(key, old, -1)
+                self._changed(key)
             return old
 
     def set_prefix(self, key: Key, prefix: bool, digest: bytes | None = None) -> KeyRecord | None:
@@ -349,6 +359,7 @@ class DirectoryState:
             old = self._keys.get(key)
             if old is not None and old.prefix != prefix and (digest is None or old.digest == digest):
                 self._keys[key] = KeyRecord(old.digest, old.dtype, old.shape, prefix)
+                self._changed(key)
             return old
 
     def bound(self, keys: Iterable[Key]) -> bytes:
