@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cascade_kv.config import SEED_RULES, CascadeConfig
 from cascade_kv.policy import ArenaPolicy, Policy, ReuseCredit
 
 CAP = 4 * 100  # a tier of four 100-byte blocks
@@ -27,8 +28,8 @@ def test_lru_offers_the_least_recently_used_first() -> None:
 
 
 def test_a_read_block_outranks_newer_blocks_never_read() -> None:
-    p = Policy([CAP], order="reuse")  # read once: credit of 4 capacities of traffic
-    a, *rest = ids(6)
+    p = Policy([CAP], order="reuse")  # read once: the default credit, one capacity of traffic
+    a, *rest = ids(4)
     p.added(0, a, 100)
     p.accessed(0, a, 100, reads=1)
     fill(p, rest)  # 5 newer blocks, never read
@@ -103,6 +104,21 @@ def test_an_unbounded_tier_is_plain_lru() -> None:
     assert list(p.victims(0)) == [b, a]
 
 
+def test_the_store_defaults_are_the_fitted_credit_and_the_seed_rules_stay_available() -> None:
+    """The defaults: reuse order with the fitted credit (one capacity of traffic for a block read once or more,
+    docs/policy.md) and promotion at the first read from disk; the seed's rules are one replace away."""
+    cfg = CascadeConfig()
+    assert (cfg.eviction_order, cfg.promotion_threshold) == ("reuse", 1)
+    assert ReuseCredit().by_reads() == (0.0, 1.0, 1.0)
+    seed = cfg.replace(**SEED_RULES)
+    assert (seed.eviction_order, seed.promotion_threshold) == ("lru", 3)
+    a, b, *rest = ids(5)
+    p = Policy([CAP], order=seed.eviction_order, promotion_threshold=seed.promotion_threshold)
+    fill(p, [a, b, *rest])
+    p.accessed(0, a, 100, reads=1)
+    assert list(p.victims(0))[0] == b and not p.should_promote(2) and p.should_promote(3)
+
+
 def test_promotion_threshold_and_switch() -> None:
     assert not Policy([CAP], promotion_threshold=3).should_promote(2)
     assert Policy([CAP], promotion_threshold=3).should_promote(3)
@@ -147,7 +163,7 @@ def test_arena_lru_a_read_or_a_kept_victim_goes_last_in_its_class() -> None:
 def test_arena_reuse_order_credits_a_read_copy_as_the_single_store_does() -> None:
     """The same events give the same victims in both policies: eviction_order means one thing."""
     single, arena = Policy([CAP], order="reuse"), ArenaPolicy(CAP, order="reuse")
-    a, *rest = ids(6)
+    a, *rest = ids(4)
     single.added(0, a, 100)
     arena.added(U, a, 100)
     single.accessed(0, a, 100, reads=1)

@@ -90,19 +90,22 @@ class CascadeConfig:
     """Honour ``is_prefix=True``: protected blocks stay in memory while unprotected data can go instead.
     ``False`` makes eviction plain LRU (the prefix flag is recorded but ignored)."""
 
-    eviction_order: EvictionOrder = "lru"
-    """Which unprotected copy leaves memory first. ``"lru"``: the least recently used (the seed's rule).
-    ``"reuse"``: least recently used, but a block read since it was stored ranks as if used a few
-    tier-capacities of traffic later (a reused KV block is likely to be reused again; see
-    :class:`~cascade_kv.policy.ReuseCredit`): on the Mooncake trace it hits 0.482 of block reads where
-    LRU hits 0.444 (README, "trace"). Serving workloads want it, with ``promotion_threshold=1``.
-    Single-node store; the distributed store's arenas evict replicas, then unprotected copies, by recency."""
+    eviction_order: EvictionOrder = "reuse"
+    """Which unprotected copy leaves memory first. ``"reuse"`` (the default): least recently used, but a block
+    read since it was stored ranks as if used a fraction of a tier's capacity of traffic later (a reused KV
+    block is likely to be reused again): :class:`~cascade_kv.policy.ReuseCredit`, its constants fitted on other
+    data than they are judged on; above plain LRU on the shipped Mooncake trace at 1/8, 1/4 and 1/2 of its
+    distinct blocks (``docs/policy.md`` has every figure, misses included). ``"lru"``: the least recently used
+    (the seed's rule, :data:`SEED_RULES`)."""
 
     locality_aware: bool = True
     """Promote blocks read often from a lower tier to the fastest tier with room."""
 
-    promotion_threshold: int = 3
-    """Reads from a lower tier after which a block is promoted (the seed's hot threshold)."""
+    promotion_threshold: int = 1
+    """Reads from a lower tier after which a block is promoted. 1 (the default): a block read from disk comes
+    back to memory at once, in the background, as a cache's miss would insert it (a KV prefix read once is
+    likely read again; with 3, the seed's hot threshold, its next reads come from disk: 0.383 of the shipped
+    trace's reads from memory against plain LRU's 0.444)."""
 
     hash_algorithm: HashAlgorithm = "blake3"
     """Digest of a block's bytes: ``"blake3"`` (fast, multithreaded) or ``"sha256"`` (hashlib)."""
@@ -179,4 +182,8 @@ class CascadeConfig:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-__all__ = ["CascadeConfig", "parse_size", "format_size", "HashAlgorithm", "VerifyMode", "EvictionOrder"]
+SEED_RULES: dict[str, object] = {"eviction_order": "lru", "promotion_threshold": 3}
+"""The seed's placement rules (LRU victims; promotion after 3 reads from a lower tier, its hot threshold), the
+defaults before issue 13: ``CascadeConfig(**SEED_RULES)`` or ``cfg.replace(**SEED_RULES)``."""
+
+__all__ = ["CascadeConfig", "SEED_RULES", "parse_size", "format_size", "HashAlgorithm", "VerifyMode", "EvictionOrder"]

@@ -5,8 +5,8 @@ protection changed) and asks it for victims. Per tier it keeps protected copies 
 own, out of the victims' way, so finding a victim never walks past a tier full of system prompts
 (a skip-list scan would make eviction O(protected blocks) on exactly the workloads cascade-kv is for).
 
-Unprotected copies are ranked by recency (``order="lru"``, the default: the seed's rule) or, with
-``order="reuse"``, by recency credited by how often the block has been read since it was stored
+Unprotected copies are ranked by recency (``order="lru"``: the seed's rule) or, with ``order="reuse"``
+(the store's default), by recency credited by whether the block has been read since it was stored
 (:class:`ReuseCredit`). In KV-cache traces a block that has been reused once is far more likely to
 be reused again than a block just computed (on the Mooncake FAST'25 trace 84 % against 45 %, see
 ``python -m cascade_kv.bench.tracesim``), but plain LRU ranks a block computed a moment ago above a
@@ -39,15 +39,19 @@ class ReuseCredit:
     worth of traffic later. Within a class rank follows recency: each class is one LRU list and a
     victim is the least of the list heads, O(classes) per eviction.
 
-    The defaults were chosen on the Mooncake synthetic trace at memory = 1/4 of its distinct blocks
-    (read once 3 to 5 with read twice or more 1.5 to 2 all hit 0.477-0.483 against LRU's 0.443) and
-    are never below LRU at 1/8 and 1/2 of them. Blocks read twice or more get less credit than blocks
-    read once: the trace reuses them sooner, so recency alone keeps them.
+    The defaults (0, 1, 1) are fitted, not chosen by hand: ``python -m cascade_kv.bench.tracefit fit``
+    (:func:`~cascade_kv.bench.tracefit.fit`) over :data:`~cascade_kv.bench.tracefit.FIT_PARTS`, the first half
+    of the shipped Mooncake trace (requests 1-1,997 in arrival order) and two generated conversation traces
+    (``tracegen`` seeds 1 and 3), at 1/8, 1/4 and 1/2 of each one's distinct blocks: of the credits 0 to 4,
+    those never below LRU there, the one closing the largest mean share of the LRU-to-Belady gap. Judged on
+    what they were not fitted on (the second half, other seeds and shapes: ``tracefit heldout``,
+    ``docs/policy.md``). The constants before issue 13 (4, 2) were chosen on the whole trace they were
+    scored on, and fall below LRU on conversation traces.
     """
 
     never_read: float = 0.0
-    read_once: float = 4.0
-    read_twice_or_more: float = 2.0
+    read_once: float = 1.0
+    read_twice_or_more: float = 1.0
 
     def by_reads(self) -> tuple[float, float, float]:
         return (self.never_read, self.read_once, self.read_twice_or_more)

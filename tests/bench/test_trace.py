@@ -10,10 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cascade_kv.bench import tracefit, tracegen
 from cascade_kv.bench.trace import (BLOCK_TOKENS, DEFAULT_TRACE, MODELS, FlopModel, ModelShape, Request, Trace,
                                     block_bytes, fill_block, load_trace, prefix_lengths, reused_tokens)
 from cascade_kv.bench.tracesim import (CANDIDATES, HINTED, LRU, ProtectedLRU, ReuseCredit, belady, compare,
                                        format_table, reads_of, simulate)
+from cascade_kv.errors import CascadeError, InvalidArgument
+from cascade_kv.policy import ReuseCredit as StoreCredit
 
 
 def make_trace(*requests: list[int]) -> Trace:
@@ -64,7 +67,7 @@ def test_sorted_by_timestamp_ties_keep_file_order(tmp_path: Path) -> None:
     (line(timestamp="noon"), r":2: timestamp is 'noon'"),
 ])
 def test_malformed_line_names_the_line(tmp_path: Path, bad: str, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InvalidArgument, match=match):  # the error family's, and a ValueError
         load_trace(write(tmp_path, line(), bad))
 
 
@@ -72,8 +75,16 @@ def test_empty_trace_is_an_error(tmp_path: Path) -> None:
     for content in ("", "\n  \n"):
         p = tmp_path / "empty.jsonl"
         p.write_text(content)
-        with pytest.raises(ValueError, match="no requests"):
+        with pytest.raises(InvalidArgument, match="no requests"):
             load_trace(p)
+
+
+def test_a_trace_that_cannot_be_read_is_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe{}\n")
+    for path, match in ((tmp_path / "nosuch.jsonl", "No such file"), (tmp_path, "cannot read"),
+                        (tmp_path / "binary.jsonl", "not UTF-8")):
+        with pytest.raises(InvalidArgument, match=match):
+            load_trace(path)
 
 
 # ---------------------------------------------------------------------------------- the prefix rule
@@ -210,13 +221,108 @@ def test_belady_by_hand() -> None:
 
 def test_the_issue_figures_on_the_shipped_trace() -> None:
     """Issue 4: at a quarter of the distinct blocks LRU hits about 0.44 and Belady about 0.63; the
-    candidate policies never fall below LRU at 1/8, 1/4, 1/2."""
+    candidate policies, the store's default among them, never fall below LRU at 1/8, 1/4, 1/2."""
     rs = reads_of(load_trace())
-    rows = compare(rs, policies={"lru": LRU, "protected-lru": ProtectedLRU, "credit-3": ReuseCredit})
+    rows = compare(rs, policies={"lru": LRU, "protected-lru": ProtectedLRU, "reuse-credit": ReuseCredit})
     by = {(r.policy, r.fraction): r.result.hit_rate for r in rows}
     assert by[("lru", 0.25)] == pytest.approx(0.4434, abs=5e-4)
     assert by[("belady", 0.25)] == pytest.approx(0.6260, abs=5e-4)
     for f in (1 / 8, 1 / 4, 1 / 2):
-        for name in ("protected-lru", "credit-3"):
+        for name in ("protected-lru", "reuse-credit"):
             assert by[("lru", f)] <= by[(name, f)] <= by[("belady", f)], (name, f)
-    assert "credit-3" in format_table(rows)
+    assert "reuse-credit" in format_table(rows)
+
+
+# ---------------------------------------------------------------------------------- fitting and judging
+def test_the_halves_are_disjoint_and_make_the_whole() -> None:
+    t = load_trace()
+    first, second = tracefit.halves(t)
+    assert first.requests + second.requests == t.requests  # in order: the first half arrived first
+    assert len(first.requests) - len(second.requests) in (0, 1)
+    assert first.requests[-1].timestamp <= second.requests[0].timestamp
+    # disjoint as requests: no position of the trace is in both (equal requests may exist at two positions)
+    n = len(first.requests)
+    assert set(range(n)).isdisjoint(range(n, len(t.requests)))
+    assert load_part("shipped@first").requests == first.requests
+    assert load_part("shipped@second").requests == second.requests
+    assert load_part("shipped").requests == t.requests
+
+
+def test_the_fit_sees_only_the_parts_it_is_given() -> None:
+    """The held-out half cannot leak into the fit: two traces with the same first half and different second
+    halves fit to the same credit and cells."""
+    head = [[i, i + 1, i + 2] for i in range(0, 40, 2)]
+    a = make_trace(*head, *([i, i + 1] for i in range(0, 40, 2)))
+    b = make_trace(*head, *([100 + i] for i in range(20)))
+    assert tracefit.halves(a)[0].requests == tracefit.halves(b)[0].requests
+    assert tracefit.halves(a)[1].requests != tracefit.halves(b)[1].requests
+    grid = (0.0, 0.5, 2.0)
+    assert tracefit.fit([tracefit.halves(a)[0]], grid=grid) == tracefit.fit([tracefit.halves(b)[0]], grid=grid)
+
+
+def test_the_documented_fit_and_judge_parts_are_disjoint() -> None:
+    """What the defaults were fitted on (tracefit.FIT_PARTS) shares no request with what they are judged on
+    (JUDGE_PARTS): halves of one file are complementary, generated traces differ in seed."""
+    fit, judge = set(tracefit.FIT_PARTS), set(tracefit.JUDGE_PARTS)
+    assert fit.isdisjoint(judge)
+    for spec in fit | judge:
+        path, _, half = spec.partition("@")
+        if half:  # the other half of the same file may be on the other side, never the same half or the whole
+            assert path not in fit | judge
+            assert f"{path}@{half}" not in (judge if spec in fit else fit)
+    seeds = {side: {s.split("seed=")[1].split(",")[0] for s in parts if s.startswith("conversation:")}
+             for side, parts in (("fit", fit), ("judge", judge))}
+    assert seeds["fit"].isdisjoint(seeds["judge"])
+
+
+def test_the_fit_never_picks_a_credit_below_lru_where_one_exists() -> None:
+    parts = [load_part("conversation:seed=5,sessions=120,duration_s=300")]
+    got = tracefit.fit(parts, grid=(0.0, 1.0, 4.0))
+    assert got.never_below_lru and all(c.hit >= c.lru for c in got.cells)
+    assert {c.fraction for c in got.cells} == set(tracefit.FRACTIONS)
+    for c in got.cells:
+        assert c.lru <= c.belady and c.hit <= c.belady
+
+
+def test_judge_scores_the_store_default_against_lru_and_belady() -> None:
+    cells = tracefit.judge([make_trace([1, 2, 3], [1, 2], [4, 5], [1, 2, 4])], StoreCredit())
+    assert [c.capacity for c in cells] == [0, 1, 2]  # 5 distinct blocks at 1/8, 1/4, 1/2
+    assert all(c.lru <= c.hit <= c.belady for c in cells[1:])
+    assert "1/4" in tracefit.format_cells(cells)
+
+
+@pytest.mark.parametrize("spec, match", [("shipped@third", "'first' or 'second'"),
+                                         ("conversation:turns=2", "needs seed"),
+                                         ("conversation:seed=1,colour=red", "unknown field 'colour'"),
+                                         ("conversation:seed=x", "seed='x'"),
+                                         ("conversation:seed=1,turns=0.5", "turns")])
+def test_bad_part_specs_are_refused(spec: str, match: str) -> None:
+    with pytest.raises(CascadeError, match=match):
+        load_part(spec)
+
+
+def load_part(spec: str) -> Trace:
+    return tracefit.load_part(spec)
+
+
+# ---------------------------------------------------------------------------------- the generator
+def test_the_generator_is_a_function_of_its_seed(tmp_path: Path) -> None:
+    shape = tracegen.ConversationShape(sessions=60, duration_s=120)
+    a, b = tracegen.conversations(shape, seed=3), tracegen.conversations(shape, seed=3)
+    assert a == b and a != tracegen.conversations(shape, seed=4)
+    tracegen.write(tmp_path / "c.jsonl", a)
+    t = load_trace(tmp_path / "c.jsonl")  # the Mooncake format: the loader's checks pass
+    assert len(t.requests) == len(a) and all(x.timestamp <= y.timestamp for x, y in zip(t.requests, t.requests[1:]))
+    for r in t.requests:
+        assert len(r.hash_ids) == -(-r.input_length // BLOCK_TOKENS)  # one id per 512-token block, as Mooncake
+
+
+def test_a_turn_extends_its_conversation() -> None:
+    """Each turn's full blocks are the previous turn's full blocks and more: its reusable prefix is at least
+    the previous prompt's full blocks (the partial tail is new at every turn)."""
+    t = Trace(tuple(Request(r["timestamp"], r["input_length"], r["output_length"], tuple(r["hash_ids"]))
+                    for r in tracegen.conversations(tracegen.ConversationShape(sessions=30, system_prompts=1), 1)),
+              "gen")
+    assert sum(prefix_lengths(t)) > 0
+    tails = [r.hash_ids[-1] for r in t.requests if r.input_length % BLOCK_TOKENS]
+    assert len(set(tails)) == len(tails)  # a partial tail block is never shared

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 BLOCK_TOKENS = 512
 """Tokens per block in the Mooncake traces (one ``hash_id`` each)."""
 
@@ -67,39 +69,45 @@ def _parse(line: str, where: str) -> Request:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        raise InvalidArgument(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise InvalidArgument(f"{where}: expected a JSON object, got {type(obj).__name__}")
     missing = [f for f in _FIELDS if f not in obj]
     if missing:
-        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        raise InvalidArgument(f"{where}: missing field(s) {', '.join(missing)}")
     ts = obj["timestamp"]
     if not (_is_int(ts) or isinstance(ts, float)) or not math.isfinite(ts):
-        raise ValueError(f"{where}: timestamp is {ts!r}, not a finite number of milliseconds")
+        raise InvalidArgument(f"{where}: timestamp is {ts!r}, not a finite number of milliseconds")
     for name in ("input_length", "output_length"):
         v = obj[name]
         if not _is_int(v) or v < 0:
-            raise ValueError(f"{where}: {name} is {v!r}, not a non-negative integer")
+            raise InvalidArgument(f"{where}: {name} is {v!r}, not a non-negative integer")
     ids = obj["hash_ids"]
     if not isinstance(ids, list):
-        raise ValueError(f"{where}: hash_ids is {type(ids).__name__}, not a list")
+        raise InvalidArgument(f"{where}: hash_ids is {type(ids).__name__}, not a list")
     for j, h in enumerate(ids):
         if not _is_int(h) or not 0 <= h < _MAX_ID:
-            raise ValueError(f"{where}: hash_ids[{j}] is {h!r}, not an integer in [0, 2**64)")
+            raise InvalidArgument(f"{where}: hash_ids[{j}] is {h!r}, not an integer in [0, 2**64)")
     return Request(ts, obj["input_length"], obj["output_length"], tuple(ids))
 
 
 def load_trace(path: str | os.PathLike[str] = DEFAULT_TRACE) -> Trace:
-    """Read a JSON-lines trace. Blank lines are skipped; anything else malformed raises ``ValueError``
-    naming the file and line. Requests come back sorted by timestamp, ties in file order."""
+    """Read a JSON-lines trace in the Mooncake format (any such file, not only the shipped one). Blank lines are
+    skipped; a file that cannot be read, or anything else malformed, raises
+    :class:`~cascade_kv.errors.InvalidArgument` (a ``ValueError``) naming the file and line. Requests come back
+    sorted by timestamp, ties in file order."""
     path = Path(path)
     requests = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                requests.append(_parse(line, f"{path}:{lineno}"))
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    requests.append(_parse(line, f"{path}:{lineno}"))
+    except (OSError, UnicodeDecodeError) as e:  # a trace the user named: bad input, not a failing store
+        why = e.strerror if isinstance(e, OSError) else f"not UTF-8 text: {e.reason}"
+        raise InvalidArgument(f"{path}: cannot read the trace ({why})") from None
     if not requests:
-        raise ValueError(f"{path}: no requests in the trace")
+        raise InvalidArgument(f"{path}: no requests in the trace")
     requests.sort(key=lambda r: r.timestamp)  # list.sort is stable
     return Trace(tuple(requests), str(path))
 

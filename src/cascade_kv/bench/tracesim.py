@@ -9,7 +9,8 @@ Each online policy sees, per read, only what a serving engine knows at that mome
 the block, how many earlier requests read it, whether the trace's prefix rule marks it ``is_prefix``,
 and whether it is its request's last (partial) block. :func:`belady` alone sees the future.
 
-Run ``python -m cascade_kv.bench.tracesim [--trace PATH]`` for the table.
+Run ``python -m cascade_kv.bench.tracesim [--trace PATH]`` for the table (any trace in the Mooncake format).
+The store's reuse credit is fitted on some traces and judged on others by :mod:`~cascade_kv.bench.tracefit`.
 """
 from __future__ import annotations
 
@@ -363,8 +364,8 @@ class ReuseCredit:
     - ``later``: read by two or more;
     - ``hinted``: if given, a first-use block of a request the caller hinted as likely to be continued.
 
-    The defaults are the store's (:class:`~cascade_kv.policy.ReuseCredit`: 0, 4, 2), fitted on the Mooncake synthetic trace at a quarter of its distinct
-    blocks, where ``second`` 3 to 5 with ``later`` 1.5 to 2 all hit 0.477 to 0.483 (LRU: 0.443).
+    The defaults are the store's (:class:`~cascade_kv.policy.ReuseCredit`), fitted by
+    :func:`~cascade_kv.bench.tracefit.fit` on other data than the scores that judge them.
 
     Within a class priority follows recency, so each class is one LRU list and a victim is the least
     of the list heads: O(classes) per eviction, no heap. With ``second == later`` it needs only the
@@ -422,15 +423,17 @@ CANDIDATES: dict[str, Callable[[int], Policy]] = {
     "slru-90": partial(SegmentedLRU, protected_fraction=0.9),
     "s3-fifo": S3FIFO,
     "arc": ARC,
-    "credit-2": partial(ReuseCredit, second=3.0, later=3.0),
-    "credit-3": ReuseCredit,
+    "credit-4-2": partial(ReuseCredit, second=4.0, later=2.0),
+    "reuse-credit": ReuseCredit,
 }
-"""Online policies compared by :func:`compare`. On the Mooncake synthetic trace ``protected-lru`` (the
-store's two lists, protected copies yielding only when memory holds nothing else) and ``credit-3`` gain
-the most over LRU; ``marked-prefix`` (the store with every reused block put ``is_prefix=True``: protected copies never yield)
-falls far below it. ``credit-3`` is the store's default order (:class:`~cascade_kv.policy.ReuseCredit`)."""
+"""Online policies compared by :func:`compare`. ``reuse-credit`` is the store's default order
+(:class:`~cascade_kv.policy.ReuseCredit`); ``credit-4-2`` its constants before issue 13, chosen on the whole
+shipped trace (in-sample: better there, below LRU on conversation traces, see ``docs/policy.md``).
+``protected-lru`` is the store's two lists, protected copies yielding only when memory holds nothing else;
+``marked-prefix`` (the store with every reused block put ``is_prefix=True``: protected copies never yield)
+falls far below LRU."""
 
-HINTED: dict[str, Callable[[int], Policy]] = {"credit-3+hint": partial(ReuseCredit, hinted=2.0)}
+HINTED: dict[str, Callable[[int], Policy]] = {"reuse-credit+hint": partial(ReuseCredit, hinted=2.0)}
 """Policies that use the caller's per-request hint (only meaningful with ``reads_of(..., hint=...)``)."""
 
 
