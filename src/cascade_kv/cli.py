@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "see the README for names such as cascade-kv, posix, hdf5, redis, mooncake, lmcache-cpu)")
     bench.add_argument("--plot", metavar="DIR", type=Path, help="write PNG charts of an experiment to DIR")
     bench.add_argument("--scale", metavar="X", type=float, help="models, trace: divide every block size by X")
-    bench.add_argument("--trace", metavar="PATH", type=Path, help="trace: the request trace to replay (Mooncake "
-                       "JSON-lines format; default the shipped Mooncake FAST'25 synthetic trace)")
+    bench.add_argument("--trace", metavar="FILE", type=Path, help="trace: the request trace to replay: any "
+                       "JSON-lines file in the Mooncake format (timestamp, input_length, output_length, hash_ids "
+                       "per line); default the shipped Mooncake FAST'25 synthetic trace")
     bench.add_argument("--model", metavar="NAME", help="trace: the model whose KV block size a hash id stands for "
                        "(Qwen2.5-7B, Qwen2.5-32B, Qwen2.5-72B, Llama-3-8B, Llama-3-70B; default Qwen2.5-7B)")
     bench.add_argument("--requests", metavar="N", type=int, help="trace: replay only the first N requests "

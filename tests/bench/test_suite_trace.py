@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ import pytest
 from cascade_kv.bench import trace as tr
 from cascade_kv.bench import tracesim
 from cascade_kv.bench.suite import trace_replay
+from cascade_kv.bench.peers.cascade import CascadeKV
 from cascade_kv.bench.suite.core import Run, SuiteError
+from cascade_kv.config import CascadeConfig
+from cascade_kv.errors import CascadeError
 from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench", "trace"]
@@ -39,9 +43,10 @@ def trace_file(tmp_path: Path) -> Path:
     return path
 
 
-def _replay(tmp_path: Path, trace_file: Path, systems: list[str]):
+def _replay(tmp_path: Path, trace_file: Path, systems: list[str], settle: bool = True):
+    """``settle``: promotions land after each request's loads, so hit rates are exact (the CLI does not)."""
     run = Run(None, quick=True, root=tmp_path, systems=systems, tick=lambda what: None,
-              options={"trace": trace_file, "scale": SCALE})
+              options={"trace": trace_file, "scale": SCALE, "settle": settle})
     return run, trace_replay.run(run)
 
 
@@ -75,8 +80,7 @@ def test_every_reusable_block_is_loaded_checked_and_put_once(tmp_path: Path, tra
 
 def test_the_plain_lru_store_hits_exactly_what_offline_lru_hits(tmp_path: Path, trace_file: Path) -> None:
     _, res = _replay(tmp_path, trace_file, ["cascade-kv (plain LRU)"])
-    # a failure, not a skip: the row is skipped only when peers/cascade.py stops passing the variant's
-    # options["promotion_threshold"] on, which is the regression this test is for
+    # the row fails when peers/cascade.py stops passing the variant's options on (a mislabelled row)
     assert not res.skipped and not res.failed, (res.skipped, res.failed)
     reads = tracesim.reads_of(tr.load_trace(trace_file))
     lru = tracesim.simulate(reads, tracesim.LRU(res.settings["capacity_blocks"]))
@@ -91,6 +95,62 @@ def test_the_prefix_marked_row_protects_reused_blocks(tmp_path: Path, trace_file
     assert marked["puts"] == res.settings["distinct_blocks"]
     assert marked["prefix_marks_refused"] > 0  # 3 blocks of memory fill with protected blocks, then marks are refused
     assert run.counted_reads() == (res.settings["reusable_blocks"], 0)
+
+
+def test_a_mislabelled_variant_fails(tmp_path: Path, trace_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row whose store runs with other settings than the row's name says is a failure, never a skip."""
+    wrong = trace_replay.Variant("cascade-kv", {"eviction_order": "lru"}, check=(("eviction_order", "reuse"),))
+    monkeypatch.setitem(trace_replay.VARIANTS, "cascade-kv (mislabelled)", wrong)
+    _, res = _replay(tmp_path, trace_file, ["cascade-kv (mislabelled)", "cascade-kv (seed rules)"])
+    assert not res.skipped
+    assert "mislabelled" in res.failed["cascade-kv (mislabelled)"]
+    assert "eviction_order='lru' (wants 'reuse')" in res.failed["cascade-kv (mislabelled)"]
+    assert list(res.systems) == ["cascade-kv (seed rules)"]  # the other rows still run
+    seed = res.systems["cascade-kv (seed rules)"].values
+    assert (seed["eviction_order"], seed["promotion_threshold"]) == ("lru", 3)
+
+
+def test_a_memory_hit_rate_of_zero_fails(tmp_path: Path, trace_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline LRU hits blocks at this capacity; a row that counts none measured nothing: a failure."""
+    monkeypatch.setattr(CascadeKV, "tier_hits", lambda self: {"host": 0, "disk": 0})
+    _, res = _replay(tmp_path, trace_file, ["cascade-kv"])
+    assert res.settings["offline"]["lru"]["hit_rate"] > 0
+    assert "memory hit rate 0" in res.failed["cascade-kv"]
+
+
+def test_the_default_row_runs_the_default_config_on_the_callers_schedule(tmp_path: Path, trace_file: Path) -> None:
+    """Without settling between requests (the CLI's replay), the row reports the promoter's CPU time beside the
+    timings, and runs with the shipped defaults."""
+    run, res = _replay(tmp_path, trace_file, ["cascade-kv"], settle=False)
+    assert not res.failed and not res.skipped
+    mine = res.systems["cascade-kv"]
+    assert mine.measures["promoter_cpu_s"].median >= 0 and "promoter_cpu_s" in dict(res.columns)
+    defaults = CascadeConfig()
+    assert (mine.values["eviction_order"], mine.values["promotion_threshold"]) == (defaults.eviction_order,
+                                                                                   defaults.promotion_threshold)
+    assert mine.values["loaded"] + mine.values["gone_before_read"] <= res.settings["reusable_blocks"]
+    assert run.counted_reads()[1] == 0  # every byte read is still checked
+    assert any("any JSON-lines trace in the Mooncake format" in n for n in res.notes)
+    assert not any("settled" in n for n in res.notes)
+
+
+def test_the_promoter_cpu_is_read_for_threads_of_that_name() -> None:
+    cpu = trace_replay.ThreadCpu("test-busy-thread")
+    done = threading.Event()
+
+    def spin() -> None:
+        x = 0
+        for i in range(200_000):
+            x += i
+        cpu.sample()  # from inside: the thread is alive and has used some CPU
+        done.set()
+
+    t = threading.Thread(target=spin, name="test-busy-thread")
+    t.start()
+    t.join()
+    assert done.is_set() and cpu.seen and cpu.seconds > 0
+    cpu.sample()  # the thread has exited: its last sample stays
+    assert cpu.seconds > 0
 
 
 @pytest.mark.parametrize("ranks", [1, 2])
@@ -113,13 +173,16 @@ def test_the_cli_replays_the_shipped_trace(tmp_path: Path, ranks: int) -> None:
 
 @pytest.mark.parametrize(("option", "value", "message"), [("model", "GPT-9", "unknown model"),
                                                          ("trace", "nosuch.jsonl", "No such file"),
+                                                         ("trace", "bad.jsonl", "bad.jsonl:1: not JSON"),
                                                          ("requests", -3, "at least 1")])
 def test_bad_options_are_refused_before_any_system_opens(tmp_path: Path, trace_file: Path, option: str, value: object,
                                                          message: str) -> None:
+    (tmp_path / "bad.jsonl").write_text("{timestamp: 0}\n")
     run = Run(None, quick=True, root=tmp_path, systems=["posix"], tick=lambda what: None,
               options={"trace": trace_file, option: tmp_path / value if option == "trace" else value})
-    with pytest.raises(SuiteError, match=message):
+    with pytest.raises(SuiteError, match=message) as e:  # printed by the CLI without a traceback
         trace_replay.run(run)
+    assert isinstance(e.value, CascadeError) and isinstance(e.value, ValueError)  # and one of the error family
 
 
 def test_a_replay_leaves_nothing_behind(leftovers_of, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""``cascade bench trace``: replay of a request trace (the Mooncake FAST'25 synthetic trace by default).
+"""``cascade bench trace``: replay of a request trace: any trace in the Mooncake format (``--trace FILE``, see
+``bench/traces/README.md``), by default the shipped Mooncake FAST'25 synthetic trace. The report names the file.
 
 What is replayed (the same for every system):
 
@@ -14,8 +15,12 @@ What is replayed (the same for every system):
   trace's order), and no read ever races a write of the same block.
 - **A request.** Ask the system which of its blocks it holds (``contains_many``); the reusable prefix is the
   leading run of held blocks (a block's KV depends on every token before it); get them (timed: the request's
-  prefix-load time) and check every byte. A block held at the lookup but gone at the read (another rank's
-  promotion or a background eviction) ends the prefix there. Then the request computes the rest and puts
+  prefix-load time) and check every byte. Requests follow each other as a caller's would: nothing waits for
+  the system's background work between them (cascade-kv's promoter copies blocks up while later requests
+  read and write; its thread's CPU time is reported beside the timings). Only tests ask the replay to
+  settle promotions after each load (``options["settle"]``), which makes hit rates exactly repeatable. A
+  block held at the lookup but gone at the read (another rank's promotion or a background eviction) ends
+  the prefix there. Then the request computes the rest and puts
   the blocks the system did not hold (a held block behind the first missing one is recomputed but not
   stored again; on the Mooncake trace there are none behind a block the system kept).
 - **The prefix flag.** New blocks are put with ``is_prefix=False``. Marking every reused block protects it
@@ -38,28 +43,35 @@ tracesim`); found (blocks held at the lookup, any tier / block reads);
 prefix hit rate (prefix blocks loaded / prefix blocks an earlier request read, the reuse the trace allows);
 hits per tier and bytes read from disk where the system tells; p50/p99 prefix-load time over the requests
 that loaded a block; the prefill compute saved (:class:`~cascade_kv.bench.trace.FlopModel` over the full,
-unscaled model); the replay's wall time. One replay per system: its thousands of requests are the
-repetitions, and on one rank the hit rates are deterministic.
+unscaled model); the replay's wall time; cascade-kv's promoter thread's CPU time. One replay per system: its
+thousands of requests are the repetitions. Promotions land when the promoter gets to them, so a tiered row's
+hit rates can move a little between runs.
+
+A figure that cannot be right fails its row rather than print: a variant whose store does not show the
+settings it asks for (an adapter that does not pass ``options`` on) and a memory hit rate of 0 where the
+offline LRU hits blocks (nothing was counted) are recorded under ``failed``.
 
 The cascade-kv rows (each the same store with one setting changed, so each setting's effect is measured):
 
-- ``cascade-kv``: the serving settings (:data:`SERVING`): ``eviction_order="reuse"`` (a block read since it was
-  stored outlives newer blocks nobody read) and ``promotion_threshold=1`` (a block read from disk comes back to
-  memory at its first read, in the background, off the read path). The defaults, LRU and 3, are the seed's
-  rules (issue 2); on this trace a block read once is read again (84 %).
+- ``cascade-kv``: the default configuration: ``eviction_order="reuse"`` (a block read since it was stored
+  outlives newer blocks nobody read, :class:`~cascade_kv.policy.ReuseCredit`, fitted on other data than it
+  is scored on: ``docs/policy.md``) and ``promotion_threshold=1`` (a block read from disk comes back to memory
+  at its first read, in the background, off the read path).
 - ``cascade-kv (plain LRU)``: semantic eviction off, ``eviction_order="lru"``, threshold 1: plain LRU over
-  memory, the issue's baseline; on one rank its memory hit rate is the offline LRU's exactly.
-- ``cascade-kv (default config)``: the config as shipped (LRU, promotion after 3 disk reads).
+  memory, the issue's baseline; on one rank, settled, its memory hit rate is the offline LRU's exactly.
+- ``cascade-kv (seed rules)``: the seed's settings (:data:`~cascade_kv.config.SEED_RULES`: LRU, promotion
+  after 3 disk reads; the defaults before issue 13).
 - ``cascade-kv (prefix-marked)``: ``cascade-kv`` with the prefix-marking rule above.
 
 On several ranks the threshold also makes a block read from a peer's memory get a local replica at once, so
-the pooled memory is no longer plain LRU. A row whose store does not show the settings it asks for (an adapter
-that does not pass ``options`` on) is skipped with that reason.
+the pooled memory is no longer plain LRU.
 """
 from __future__ import annotations
 
 import math
+import os
 import statistics
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -69,13 +81,14 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import CapacityError
+from ...config import SEED_RULES
+from ...errors import CapacityError, InvalidArgument
 from .. import trace as tr
 from .. import tracesim
 from ..peers.base import Backend
 from .core import GB, POISON, Measure, MiB, Result, Run, SuiteError, Target, buffers_for
 
-DEFAULT_SYSTEMS = ("cascade-kv", "cascade-kv (plain LRU)", "cascade-kv (default config)",
+DEFAULT_SYSTEMS = ("cascade-kv", "cascade-kv (plain LRU)", "cascade-kv (seed rules)",
                    "cascade-kv (prefix-marked)", "posix", "hdf5", "redis", "lmcache-cpu", "mooncake")
 
 DEFAULT_MODEL = "Qwen2.5-7B"
@@ -102,21 +115,13 @@ class Variant:
     check: tuple[tuple[str, Any], ...] = ()  # config fields the opened store must show (else the row is skipped)
 
 
-SERVING = {"eviction_order": "reuse", "promotion_threshold": 1}
-"""The serving settings of the ``cascade-kv`` row: the reuse-credited eviction order, and a block read from disk
-comes back to memory at its first read (the defaults, LRU and 3, are the seed's rules; on this trace a block
-read once is read again 84 % of the time)."""
-_SERVING_CHECK = (("eviction_order", "reuse"), ("promotion_threshold", 1))
-
 VARIANTS: dict[str, Variant] = {
-    "cascade-kv": Variant("cascade-kv", SERVING, check=_SERVING_CHECK),
     "cascade-kv (plain LRU)": Variant("cascade-kv (no semantic eviction)",
                                       {"eviction_order": "lru", "promotion_threshold": 1},
                                       check=(("semantic_eviction", False), ("eviction_order", "lru"),
                                              ("promotion_threshold", 1))),
-    "cascade-kv (default config)": Variant("cascade-kv", {"eviction_order": "lru", "promotion_threshold": 3},
-                                           check=(("eviction_order", "lru"), ("promotion_threshold", 3))),
-    "cascade-kv (prefix-marked)": Variant("cascade-kv", SERVING, mark_prefix=True, check=_SERVING_CHECK),
+    "cascade-kv (seed rules)": Variant("cascade-kv", dict(SEED_RULES), check=tuple(SEED_RULES.items())),
+    "cascade-kv (prefix-marked)": Variant("cascade-kv", mark_prefix=True),
 }
 """Rows this experiment adds to the registry's systems (``--systems`` accepts them too)."""
 
@@ -165,6 +170,7 @@ class Tally:
     remarked: int = 0  # prefix-marked row: loaded blocks put again with is_prefix=True
     marks_refused: int = 0  # prefix-marked row: is_prefix puts the store refused (memory all protected)
     saved_seconds: float = 0.0  # prefill compute the loaded prefixes spare (FLOP model)
+    promoter_cpu_s: float = 0.0  # CPU time of the store's promoter thread(s) during the replay
     load_ms: list[float] = field(default_factory=list)  # per request that loaded at least one block
 
     def add(self, other: Tally) -> None:
@@ -172,16 +178,67 @@ class Tally:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
+PROMOTER_THREAD = "cascade-kv-promoter"
+"""The name of the store's promotion thread (:mod:`cascade_kv.promoter`), whose CPU time a replay reports."""
+
+
+class ThreadCpu:
+    """CPU seconds used by this process's threads named ``name``, read from ``/proc`` at each :meth:`sample`.
+
+    The promoter thread exits when idle and a later promotion starts another, so each thread is remembered
+    with the CPU time of its last sample; a thread's work after its last sample is missed (sample after the
+    work, e.g. after a settle). ``/proc/<pid>/task/<tid>/schedstat`` counts nanoseconds; ``stat``'s clock ticks
+    (10 ms) are the fallback. ``time.pthread_getcpuclockid`` was rejected: on a thread that has just exited it
+    is undefined behaviour."""
+
+    def __init__(self, name: str = PROMOTER_THREAD) -> None:
+        self.name = name
+        self._seen: dict[threading.Thread, float] = {}
+        self._tick = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> None:
+        for t in threading.enumerate():
+            if t.name == self.name and t.native_id is not None:
+                seconds = self._cpu(t.native_id)
+                if seconds is not None:
+                    self._seen[t] = seconds
+
+    def _cpu(self, tid: int) -> float | None:
+        task = f"/proc/{os.getpid()}/task/{tid}"
+        try:
+            with open(f"{task}/schedstat") as f:
+                return int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+        try:
+            with open(f"{task}/stat") as f:
+                utime, stime = f.read().rsplit(")", 1)[1].split()[11:13]  # fields 14 and 15 of proc(5)
+            return (int(utime) + int(stime)) / self._tick
+        except (OSError, ValueError, IndexError):
+            return None  # the thread exited, or no /proc: its time stays at its last sample
+
+    @property
+    def seconds(self) -> float:
+        return sum(self._seen.values())
+
+    @property
+    def seen(self) -> bool:
+        return bool(self._seen)
+
+
 class Replayer:
-    """Replays ``requests`` through one opened system on this rank."""
+    """Replays ``requests`` through one opened system on this rank. ``settle``: wait for the system's background
+    work after each request's loads (repeatable hit rates, for tests; a caller does not wait)."""
 
     def __init__(self, r: Run, backend: Backend, requests: Sequence[tr.Request], reusable: Sequence[int],
-                 contents: TraceContents, flops: tr.FlopModel, mark_prefix: bool, batch: int) -> None:
+                 contents: TraceContents, flops: tr.FlopModel, mark_prefix: bool, batch: int,
+                 settle: bool = False) -> None:
         self.r, self.backend, self.requests, self.reusable = r, backend, requests, reusable
         self.contents, self.flops, self.mark_prefix = contents, flops, mark_prefix
-        self.batch = batch
+        self.batch, self.settle = batch, settle
         self.bufs = buffers_for(batch, contents.nbytes)
         self.tally = Tally()
+        self.promoter = ThreadCpu()
 
     def replay(self) -> Tally:
         """Every round on every rank (a failure stops this rank's work, not its barriers; raised at the end)."""
@@ -194,7 +251,9 @@ class Replayer:
             if mine and error is None:
                 try:
                     state = self._look_up_and_load(i)
-                    self.backend.settle()  # background promotions land before the stores, as offline
+                    if self.settle:
+                        self.backend.settle()
+                    self.promoter.sample()  # outside the timed loads; cheap (a /proc read)
                 except Exception as e:  # noqa: BLE001 - raised after the last round, on every rank (together)
                     error = e
             r.barrier()
@@ -206,6 +265,13 @@ class Replayer:
             r.barrier()
         if error is not None:
             raise error
+        return self.tally
+
+    def finish(self) -> Tally:
+        """After the timed replay: let background work end and count the promoter's CPU time."""
+        self.backend.settle()
+        self.promoter.sample()
+        self.tally.promoter_cpu_s = self.promoter.seconds
         return self.tally
 
     def _look_up_and_load(self, i: int) -> tuple[list[bool], int]:
@@ -308,14 +374,14 @@ def _open(r: Run, res: Result, row: str, memory: int, block: int) -> Iterator[Ba
             return
         mine = res.systems[row] = scratch.systems[variant.backend]
         mine.name = row
-        # a variant that needs a store setting the adapter does not honour would be mislabelled: skip it
+        # a variant that runs with other settings than its name says would print a mislabelled figure: a failure
         config = getattr(getattr(backend, "store", None), "config", None)
         wrong = [f"{k}={getattr(config, k, None)!r} (wants {v!r})" for k, v in variant.check
                  if getattr(config, k, None) != v]
         if wrong:
             del res.systems[row]
-            res.skipped[row] = (f"{variant.backend} opened with {', '.join(wrong)}: the adapter does not "
-                                f"honour options {variant.options}")
+            res.failed[row] = (f"mislabelled: {variant.backend} opened with {', '.join(wrong)}; the adapter does "
+                               f"not honour options {variant.options}")
             yield None
             return
         yield backend
@@ -328,25 +394,31 @@ def _offline(requests: Sequence[tr.Request], capacity: int) -> dict[str, tracesi
     return {"belady": tracesim.belady(reads, capacity), "lru": tracesim.simulate(reads, tracesim.LRU(capacity))}
 
 
+class TraceInputError(SuiteError, InvalidArgument):
+    """A bad ``--trace`` (or option): a :class:`SuiteError` the CLI prints without a traceback, and one of the
+    error family (:class:`~cascade_kv.errors.InvalidArgument`, a ``ValueError``)."""
+
+
 def run(r: Run) -> Result:
     opts = r.options
     path = Path(opts.get("trace") or tr.DEFAULT_TRACE)
     model_name = opts.get("model") or DEFAULT_MODEL
     # bad options are a SuiteError: every rank raises the same, and the CLI prints it without a traceback
     if model_name not in tr.MODELS:
-        raise SuiteError(f"--model: unknown model {model_name!r}; known: {', '.join(tr.MODELS)}")
+        raise TraceInputError(f"--model: unknown model {model_name!r}; known: {', '.join(tr.MODELS)}")
     model = tr.MODELS[model_name]
     scale = float(opts.get("scale") or max(1, round(model.kv_block_bytes() / (QUICK_BLOCK if r.quick else FULL_BLOCK))))
     if not scale > 0:
-        raise SuiteError(f"--scale must be positive, got {scale:g}")
+        raise TraceInputError(f"--scale must be positive, got {scale:g}")
     block = scaled_block(model, scale)
     try:
         trace = tr.load_trace(path)
-    except (OSError, ValueError) as e:
-        raise SuiteError(f"--trace: {e}") from None
+    except InvalidArgument as e:
+        raise TraceInputError(f"--trace: {e} (a JSON-lines trace in the Mooncake format is expected: "
+                              f"one object a line with timestamp, input_length, output_length, hash_ids)") from None
     limit = opts.get("requests") or (QUICK_REQUESTS if r.quick else None)
     if limit is not None and limit < 1:
-        raise SuiteError(f"--requests must be at least 1, got {limit}")
+        raise TraceInputError(f"--requests must be at least 1, got {limit}")
     requests = trace.requests[:limit] if limit else trace.requests
     replayed = tr.Trace(tuple(requests), trace.source)
     reusable = tr.prefix_lengths(replayed)
@@ -356,7 +428,7 @@ def run(r: Run) -> Result:
     per_rank = capacity // r.size
     memory = per_rank * block
     if per_rank < 1:
-        raise SuiteError(f"memory would hold no block per rank ({capacity} blocks over {r.size} ranks): replay "
+        raise TraceInputError(f"memory would hold no block per rank ({capacity} blocks over {r.size} ranks): replay "
                          f"more requests or use fewer ranks")
     flops = tr.FlopModel(model)
     offline = _offline(requests, per_rank * r.size)
@@ -380,7 +452,13 @@ def run(r: Run) -> Result:
                    ("prefix_hit_rate", "prefix hit rate"), ("tier_hits", "hits per tier"),
                    ("disk_read_GB", "read from disk"), ("prefix_load_p50_ms", "prefix load p50"),
                    ("prefix_load_p99_ms", "prefix load p99"), ("prefill_saved_s", "prefill saved"),
-                   ("replay_s", "replay")]
+                   ("replay_s", "replay"), ("promoter_cpu_s", "promoter CPU")]
+    which = "the shipped Mooncake FAST'25 synthetic trace" if path == tr.DEFAULT_TRACE else "given with --trace"
+    res.notes.append(f"Trace: {path} ({which}); any JSON-lines trace in the Mooncake format can be replayed with "
+                     f"--trace FILE.")
+    if opts.get("settle"):
+        res.notes.append("Promotions were settled after each request's loads (options['settle']): hit rates are "
+                         "repeatable, timings are not what a caller would see.")
     for row in r.systems:
         mark = VARIANTS.get(row, Variant(row)).mark_prefix
         with _open(r, res, row, memory, block) as backend:
@@ -388,14 +466,17 @@ def run(r: Run) -> Result:
                 continue
             contents = TraceContents(block)
             r.contents.append(contents)  # type: ignore[arg-type] - duck-typed: checked / wrong
-            replayer = Replayer(r, backend, requests, reusable, contents, flops, mark, min(BATCH, per_rank))
+            replayer = Replayer(r, backend, requests, reusable, contents, flops, mark, min(BATCH, per_rank),
+                                settle=bool(opts.get("settle")))
             before = backend.tier_hits()
             r.barrier()
             t0 = time.perf_counter()
-            tally = r.together(replayer.replay, f"{row}: replay")
+            r.together(replayer.replay, f"{row}: replay")
             wall = max(r.allgather(time.perf_counter() - t0))
+            tally = r.together(replayer.finish, f"{row}: settle")
             after = backend.tier_hits()
             _record(res, row, backend, r.allgather(tally), _delta(r, before, after), block, wall)
+            _refuse_zero(res, row, offline["lru"].hit_rate)
     _offline_and_targets(res, offline, reads)
     return res
 
@@ -406,6 +487,17 @@ def _delta(r: Run, before: dict[str, int], after: dict[str, int]) -> dict[str, i
         for k, v in mine.items():
             total[k] = total.get(k, 0) + v
     return total
+
+
+def _refuse_zero(res: Result, row: str, lru: float) -> None:
+    """A memory hit rate of 0 where offline LRU hits blocks means nothing was counted (tier counters not read,
+    a memory that never held a block): the row fails instead of printing the 0."""
+    mine = res.systems.get(row)
+    if mine is None or "memory_hit_rate" not in mine.measures or lru <= 0:
+        return
+    if mine.measures["memory_hit_rate"].median == 0:
+        res.failed.setdefault(row, f"memory hit rate 0 where offline LRU hits {lru:.4f} of the reads at the same "
+                                   f"capacity: no hit was counted ({mine.values.get('tier_hits', 'no tier counts')})")
 
 
 def _record(res: Result, row: str, backend: Backend, tallies: list[Tally], tiers: dict[str, int], block: int,
@@ -436,6 +528,8 @@ def _record(res: Result, row: str, backend: Backend, tallies: list[Tally], tiers
         mine.values["prefix_load_ms"] = [round(x, 4) for x in loads]  # every request's, sorted: the --plot CDF
     mine.measure("prefill_saved_s", "s").samples.append(t.saved_seconds)
     mine.measure("replay_s", "s").samples.append(wall)
+    if getattr(backend, "store", None) is not None:  # cascade-kv: the promoter's work beside the timings
+        mine.measure("promoter_cpu_s", "s").samples.append(t.promoter_cpu_s)
     mine.values.update({"requests": t.requests, "block_reads": t.reads, "reusable": t.reusable, "held": t.held,
                         "held_behind_a_miss": t.held_behind, "loaded": t.loaded, "gone_before_read": t.gone,
                         "puts": t.puts, "requests_that_loaded": len(loads)})
@@ -478,8 +572,7 @@ def _offline_and_targets(res: Result, offline: dict[str, tracesim.SimResult], re
                          "in the JSON; with a promotion threshold above 1 the reads before a promotion are served "
                          "from disk.")
     if got < third:
-        res.notes.append("Below LRU + a third of the gap: about half of the blocks a request computes are never read "
-                         "again, and on this trace nothing known when they are stored tells which (measured: a "
-                         "request's new blocks are reused all together or not at all, and only its output length, "
-                         "known after decoding, predicts it); the reuse credit (policy.ReuseCredit) is the best "
-                         "online policy found offline (tracesim).")
+        res.notes.append("Below LRU + a third of the gap: most of Belady's lead comes from never keeping blocks that "
+                         "are not read again, and nothing the store knows when a block is stored tells which; the "
+                         "reuse credit's constants are fitted on other data than this (docs/policy.md, "
+                         "python -m cascade_kv.bench.tracefit).")
