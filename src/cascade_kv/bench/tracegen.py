@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -96,20 +96,20 @@ def write(path: str | os.PathLike[str], requests: Sequence[dict[str, object]]) -
         f.writelines(json.dumps(r) + "\n" for r in requests)
 
 
-def _args(argv: Sequence[str] | None) -> Iterator[tuple[str, object]]:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m cascade_kv.bench.tracegen", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="JSON-lines file to write")
     p.add_argument("--seed", type=int, default=0)
-    for name, default in ((f.name, getattr(ConversationShape(), f.name))
-                          for f in ConversationShape.__dataclass_fields__.values()):
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
-    yield from vars(p.parse_args(argv)).items()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = dict(_args(argv))
+    defaults = ConversationShape()
+    for f in fields(ConversationShape):
+        default = getattr(defaults, f.name)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default, dest=f.name)
+    args = vars(p.parse_args(argv))
     out, seed = args.pop("out"), args.pop("seed")
-    requests = conversations(ConversationShape(**args), seed)  # type: ignore[arg-type]
+    try:
+        requests = conversations(ConversationShape(**args), seed)
+    except ValueError as e:
+        p.error(str(e))
     write(out, requests)
     print(f"{out}: {len(requests)} requests, seed {seed}")
 
