@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cascade_kv.config import CascadeConfig, format_size, parse_size
+from cascade_kv.config import SEED_RULES, CascadeConfig, format_size, parse_size
 from cascade_kv.errors import CascadeError, ConfigError
 
 GiB = 1 << 30
@@ -72,8 +72,10 @@ def test_defaults():
     cfg = CascadeConfig()
     assert cfg.host_capacity == GiB
     assert cfg.disk_path is None and cfg.disk_capacity is None and cfg.persist is False
-    assert cfg.hash_algorithm == "blake3" and cfg.verify_reads == "auto" and cfg.promotion_threshold == 3
-    assert cfg.eviction_order == "lru"
+    assert cfg.hash_algorithm == "blake3" and cfg.verify_reads == "auto" and cfg.promotion_threshold == 1
+    assert cfg.eviction_order == "reuse"  # issue 13: fitted on other traces, never below LRU (docs/policy.md)
+    seed = cfg.replace(**SEED_RULES)
+    assert seed.eviction_order == "lru" and seed.promotion_threshold == 3  # the seed's rules stay one call away
 
 
 def test_sizes_and_paths_are_normalised(tmp_path: Path):

@@ -65,8 +65,8 @@ def test_hits_and_misses_are_counted_per_tier(store):
     assert s.misses == 2 and s.gets == 2
 
 
-def test_a_block_read_from_disk_threshold_times_is_promoted(store):
-    assert store.config.promotion_threshold == 3
+def test_a_block_read_from_disk_threshold_times_is_promoted(make_store):
+    store = make_store(promotion_threshold=3)  # the seed's threshold: reads below it leave the block on disk
     _put_range(store, SLOTS + 1)
     assert store.info("k0").tiers == ("disk",)
     for _ in range(2):
@@ -237,7 +237,7 @@ def test_a_block_read_since_it_was_stored_outlives_newer_unread_blocks(make_stor
 
 
 def test_plain_lru_order_demotes_it_with_the_others(make_store):
-    store = make_store(locality_aware=False)  # eviction_order="lru", the default (issue 2: LRU victims)
+    store = make_store(locality_aware=False, eviction_order="lru")  # the seed's rule (issue 2: LRU victims)
     _put_range(store, SLOTS)
     store.get("k0")
     _put_range(store, SLOTS, start=100)

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..ceilings import Contents, drop_page_cache
 from ..peers.base import Backend
+from ...config import CascadeConfig
 from .core import (
     GB,
     POISON,
@@ -218,8 +219,9 @@ def _notes(res: Result) -> None:
     plain = res.systems.get("cascade-kv (no promotion)")
     if plain is not None and "tier_hits" in cascade.values and cascade.values["tier_hits"] == plain.values.get("tier_hits"):
         res.notes.append("cascade-kv and cascade-kv (no promotion) served the same reads from the same tiers: no "
-                         "local replica of the prefix was made (a rank keeps one after promotion_threshold = 3 "
-                         "reads of a block from peers; fewer passes than that read each prefix block fewer times).")
+                         f"local replica of the prefix was made (a rank keeps one after promotion_threshold = "
+                         f"{CascadeConfig().promotion_threshold} read(s) of a block from peers; fewer passes than "
+                         f"that read each prefix block fewer times).")
     res.notes.append("cascade-kv (no dedup) has nothing to merge here (the prefix is written once, unique blocks "
                      "differ): it is run to show dedup costs nothing on this workload. Misses are reads of blocks "
                      "a memory-only system evicted or refused; they count as reads asked, not served.")
