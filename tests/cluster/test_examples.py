@@ -5,6 +5,8 @@ import re
 import sys
 from pathlib import Path
 
+from cascade_kv.config import CascadeConfig
+
 from .conftest import run_ranks
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -12,9 +14,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_shared_prefix_example_on_four_ranks() -> None:
     out = run_ranks(4, [sys.executable, str(EXAMPLES / "shared_prefix.py")], timeout=90)
-    # rank 0 wrote the prefix; every other rank read it remotely, then from the replica it made
+    # rank 0 wrote the prefix; every other rank read it remotely once (promotion_threshold, 1 by default), then
+    # from the replica that read made
+    threshold = CascadeConfig().promotion_threshold
     assert re.search(r"rank 0: reads from host 4, remote 0; replicas made 0", out), out
-    assert len(re.findall(r"rank [123]: reads from host 1, remote 3; replicas made 1", out)) == 3, out
+    expected = f"reads from host {4 - threshold}, remote {threshold}; replicas made 1"
+    assert len(re.findall(rf"rank [123]: {expected}", out)) == 3, out
     # four ranks put the same request block: one copy, three dedup hits
     assert "cluster: 4 ranks, 2 distinct blocks for 5 keys, 3 dedup hits" in out, out
 
