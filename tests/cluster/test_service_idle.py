@@ -63,6 +63,12 @@ def test_a_lost_ring_is_rung_again():
     run_scenario(__file__, 2, "lost_ring", timeout=90)
 
 
+def test_a_wake_up_that_brings_no_request_sleeps_again():
+    from .conftest import run_scenario
+
+    run_scenario(__file__, 2, "stray_ring", timeout=90)
+
+
 def test_a_hot_peer_is_not_rung():
     from .conftest import run_scenario
 
@@ -107,6 +113,28 @@ def _wake(comm) -> None:
         if rank == 1:
             assert served == [0] * (2 * (round_ + 1)), served
             assert svc.sleeps >= round_ + 1, svc.sleeps
+    svc.close()
+    print(f"rank {rank}: ok", flush=True)
+
+
+def _stray_ring(comm) -> None:
+    """A ring with no request behind it (a stray datagram, or one that came after its request was served) wakes
+    the service thread; it must go back to sleep, not poll MPI until some request comes."""
+    import time
+
+    from cascade_kv.cluster.service import Service
+
+    rank = comm.Get_rank()
+    svc = Service(comm, hot_s=0.005, handlers={_ECHO: lambda source, p: bytes(p)})
+    _asleep(svc, comm, 1)
+    if rank == 0:
+        svc._doorbells.ring(1)
+    elif rank == 1:
+        deadline = time.monotonic() + WAIT_S  # a bound, not a synchronisation: the count decides
+        while svc.sleeps < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert svc.sleeps >= 2, f"woken by a ring with no request, the service never slept again ({svc.sleeps})"
+    comm.Barrier()
     svc.close()
     print(f"rank {rank}: ok", flush=True)
 
@@ -183,4 +211,5 @@ def _sleeping_owner(comm) -> None:
 if __name__ == "__main__":
     from mpi4py import MPI
 
-    {"wake": _wake, "lost_ring": _lost_ring, "hot": _hot, "sleeping_owner": _sleeping_owner}[sys.argv[1]](MPI.COMM_WORLD)
+    {"wake": _wake, "lost_ring": _lost_ring, "hot": _hot, "sleeping_owner": _sleeping_owner,
+     "stray_ring": _stray_ring}[sys.argv[1]](MPI.COMM_WORLD)

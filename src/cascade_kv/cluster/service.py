@@ -149,6 +149,15 @@ FIRST_SLEEP_S = 20e-6
 MAX_SLEEP_S = 2e-3
 """Backoff bounds: the cap keeps a stalled wait to ~500 polls/s and a late reply's extra latency to ~2 ms."""
 
+TIMER_CHECK_S = 1.0
+"""How often the idle timer looks again while the service thread is not hot by its account. Two states escape
+its notifications: a wake-up that brought no request (a stray datagram, or a ring that arrived after its
+request was served: the thread goes back to MPI and tells the timer only after a reply, so that the request
+that rang is not delayed), and an ``_OP_SLEEP`` the thread has not taken (seen once here under heavy load: the
+thread polled in ``Mprobe`` for the rest of the run, which its rank's benchmark read as a service that never
+slept). Either way the thread would poll until the next request; the timer finds it within this long and
+asks again. Its cost: one wake-up a second on a sleeping rank."""
+
 SERVICE_SWITCH_INTERVAL = 0.0005
 """GIL switch interval set while a service is open, if the interpreter's is still CPython's default (5 ms).
 
@@ -454,19 +463,25 @@ class Service:
 
     def _idle_timer(self) -> None:
         """Sends the service thread :data:`_OP_SLEEP` once no request has come for :data:`HOT_S`. Blocks in the
-        kernel throughout: on a timed wait while the service is hot, on a condition while it sleeps."""
+        kernel throughout: on a timed wait while the service is hot, on a condition while it sleeps, which it
+        leaves every :data:`TIMER_CHECK_S` to look again (see there)."""
         sleep_request = HEADER.pack(_OP_SLEEP, 0, 0, 0, 0, 0)
+        asked = 0.0  # when the last _OP_SLEEP went
         try:
             while True:
                 with self._hot_changed:
-                    self._hot_changed.wait_for(lambda: self._hot or self._stopping)
+                    self._hot_changed.wait_for(lambda: self._hot or self._stopping, TIMER_CHECK_S)
                     if self._stopping:
                         return
-                    left = self._last_served + self.hot_s - time.monotonic()
-                    if left > 0:
+                    now = time.monotonic()
+                    if not self._hot and (self.asleep.is_set() or now - asked < TIMER_CHECK_S):
+                        continue  # asleep, or on its way there
+                    left = self._last_served + self.hot_s - now
+                    if self._hot and left > 0:
                         self._hot_changed.wait(left)  # woken early only by close()
                         continue
                     self._hot = False  # the service thread sets it back if it stays in MPI
+                    asked = now
                 self._comm.Send([sleep_request, MPI.BYTE], self.rank, _REQUEST_TAG)
         except Exception:  # an MPI failure: the service thread stays hot (as it always did before)
             log.exception("rank %d: idle timer stopped", self.rank)
