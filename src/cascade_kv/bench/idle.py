@@ -76,7 +76,9 @@ def idle_cpu(comm: MPI.Comm, seconds: float) -> dict[str, object] | None:
 
 
 def _sleeping_recv(comm: MPI.Comm, buf: np.ndarray, source: int, tag: int, poll_s: float = 50e-6) -> None:
-    wait_sleeping(comm.Irecv(buf, source=source, tag=tag), poll_s)
+    # bounded: if the other rank fails half-way through the exchange (its service never slept), this one
+    # raises too, and both reach the benchmark's step barrier with their errors (a hang otherwise)
+    wait_sleeping(comm.Irecv(buf, source=source, tag=tag), poll_s, timeout=2 * _WAIT_S)
 
 
 def round_trips(comm: MPI.Comm, service: Service, op: int, n: int, gap_s: float,

@@ -10,9 +10,16 @@ import time
 from typing import Any
 
 
-def wait_sleeping(request: Any, poll_s: float = 1e-3) -> None:
-    """Wait for an MPI request (``Ibarrier``, ``Irecv``, ...), sleeping ``poll_s`` between tests."""
+def wait_sleeping(request: Any, poll_s: float = 1e-3, timeout: float | None = None) -> None:
+    """Wait for an MPI request (``Ibarrier``, ``Irecv``, ...), sleeping ``poll_s`` between tests. With
+    ``timeout`` (seconds; for a request that can be cancelled, a receive), ``TimeoutError`` past it, the request
+    cancelled: a rank whose peer failed half-way through an exchange reports it instead of waiting forever."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while not request.Test():
+        if deadline is not None and time.monotonic() > deadline:
+            request.Cancel()
+            request.Wait()  # a cancelled receive completes at once
+            raise TimeoutError(f"no message after {timeout:g} s (the peer failed or is stuck)")
         time.sleep(poll_s)
 
 
