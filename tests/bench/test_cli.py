@@ -12,6 +12,7 @@ import pytest
 
 from cascade_kv import __version__, cli
 from cascade_kv.store import Store
+from tests.procs import run_bounded
 
 CLI = [sys.executable, "-m", "cascade_kv.cli"]
 FIGURES = ("host_get", "put_blake3", "put_sha256", "small_get", "small_put", "batch_get_4k", "batch_put_4k",
@@ -19,7 +20,7 @@ FIGURES = ("host_get", "put_blake3", "put_sha256", "small_get", "small_put", "ba
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], check=False, capture_output=True, text=True, timeout=timeout)
+    return run_bounded([*CLI, *args], timeout=timeout)
 
 
 def test_version() -> None:

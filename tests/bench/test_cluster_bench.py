@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from cascade_kv.bench.cluster import ClusterSizes
 from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
+from tests.procs import run_bounded
 
 EXPERIMENTS = ("remote_get", "directory_lookup", "dedup_put", "hot_prefix", "idle_cpu", "wake_round_trip",
                "small_remote_get")
@@ -25,7 +25,7 @@ def test_quick_sizes_fit_the_quick_host_tier() -> None:
 def test_bench_two_ranks_quick(tmp_path: Path) -> None:
     require_mpiexec()
     out = tmp_path / "cluster.json"
-    p = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "--ranks", "2", "--quick", "--json", str(out),
+    p = run_bounded([sys.executable, "-m", "cascade_kv.cli", "bench", "--ranks", "2", "--quick", "--json", str(out),
                         "--dir", str(tmp_path)], check=False, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("cascade bench: 2 ranks") == 1, p.stdout  # rank 0 alone prints the table

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from cascade_kv.bench.suite.core import Measure, SystemResult
 from cascade_kv.bench.suite.engine import BLOCK, AtMost, EngineResult, Sizes, shape_lines, workload
+from tests.procs import run_bounded
 
 CASCADE_ROWS = {"vllm", "vllm-prefix-cache", "cascade-kv", "cascade-kv-restart"}
 
@@ -50,7 +50,7 @@ def test_quick_run_reports_every_row_and_equal_tokens(tmp_path: Path) -> None:
         pytest.skip("vLLM is not installed (pip install '.[vllm]')")
     out = tmp_path / "engine.json"
     env = {k: v for k, v in os.environ.items() if k != "CASCADE_LMCACHE_PYTHON"}
-    done = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "engine", "--quick", "--dir",
+    done = run_bounded([sys.executable, "-m", "cascade_kv.cli", "bench", "engine", "--quick", "--dir",
                            str(tmp_path), "--json", str(out)], capture_output=True, text=True, timeout=900,
                           check=False, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]

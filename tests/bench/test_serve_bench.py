@@ -4,12 +4,12 @@ machine's: only their shape is checked here."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 from cascade_kv.bench.suite.core import Measure, SystemResult
 from cascade_kv.bench.suite.serve import Below, ServeResult, _p99
+from tests.procs import run_bounded
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench", "serve", "--quick"]
 
@@ -21,7 +21,7 @@ ROWS = {"get 16 MiB", "get 2 MiB", "lookup 64 keys, idle daemon", "lookup 64 key
 
 def test_quick_run_reports_every_figure_beside_its_bound_and_target(tmp_path: Path) -> None:
     out = tmp_path / "serve.json"
-    done = subprocess.run([*CLI, "--dir", str(tmp_path), "--json", str(out)], capture_output=True, text=True,
+    done = run_bounded([*CLI, "--dir", str(tmp_path), "--json", str(out)], capture_output=True, text=True,
                           timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     for text in ("cascade bench serve", "ceiling copy_bytes 16 MiB", "target: get 2 MiB", "Reads checked"):

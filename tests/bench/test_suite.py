@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from cascade_kv.bench.suite.core import Measure, Result, SystemResult, Target
 from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
+from tests.procs import run_bounded
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench"]
 SYSTEMS = "cascade-kv,posix,hdf5,redis"
@@ -18,7 +18,7 @@ VERDICTS = ("pass", "within noise", "miss", "broken ceiling")
 
 def _run(args: list[str], tmp_path: Path, timeout: float = 180) -> dict:
     out = tmp_path / "result.json"
-    done = subprocess.run([*CLI, *args, "--quick", "--dir", str(tmp_path), "--json", str(out)],
+    done = run_bounded([*CLI, *args, "--quick", "--dir", str(tmp_path), "--json", str(out)],
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text())
@@ -53,7 +53,7 @@ def test_cold_and_models_run_and_check_every_read(tmp_path: Path) -> None:
 
 
 def test_an_unknown_system_is_a_usage_error(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "cold", "--systems", "cascade-kv,nosuch", "--quick", "--dir", str(tmp_path)],
+    done = run_bounded([*CLI, "cold", "--systems", "cascade-kv,nosuch", "--quick", "--dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "unknown system" in done.stderr
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from rich.console import Console
 
 from cascade_kv.bench.suite import EXPERIMENTS, everything
+from tests.procs import run_bounded
 
 
 def test_every_experiment_is_run_at_the_issues_rank_count() -> None:
@@ -59,6 +59,6 @@ def test_all_runs_each_experiment_and_gathers_one_json(tmp_path: Path, monkeypat
 
 def test_all_refuses_to_run_inside_an_mpi_job(tmp_path: Path) -> None:
     env = {"OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_SIZE": "2", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-m", "cascade_kv.cli", "bench", "all", "--quick"], env=env,
+    done = run_bounded([sys.executable, "-m", "cascade_kv.cli", "bench", "all", "--quick"], env=env,
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "outside mpiexec" in done.stderr

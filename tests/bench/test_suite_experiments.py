@@ -3,7 +3,6 @@ each experiment's figures and every read came back right."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from cascade_kv.bench.suite.scaling import rank_counts
 from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
+from tests.procs import run_bounded
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench"]
 SYSTEMS = "cascade-kv,posix"
@@ -23,7 +23,7 @@ def _mpiexec() -> None:
 
 def _run(experiment: str, tmp_path: Path, systems: str = SYSTEMS) -> dict:
     out = tmp_path / "result.json"
-    done = subprocess.run([*CLI, experiment, "--quick", "--ranks", "2", "--systems", systems, "--dir", str(tmp_path),
+    done = run_bounded([*CLI, experiment, "--quick", "--ranks", "2", "--systems", systems, "--dir", str(tmp_path),
                            "--json", str(out)], capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     got = json.loads(out.read_text())

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -17,6 +16,7 @@ from cascade_kv.bench.suite.core import Run, SuiteError
 from cascade_kv.config import CascadeConfig
 from cascade_kv.errors import CascadeError
 from cluster.conftest import require_mpiexec  # tests/ is on sys.path (rootdir-relative test packages)
+from tests.procs import run_bounded
 
 CLI = [sys.executable, "-m", "cascade_kv.cli", "bench", "trace"]
 SCALE = tr.MODELS["Qwen2.5-7B"].kv_block_bytes() / 4096  # 4 KiB blocks
@@ -158,7 +158,7 @@ def test_the_cli_replays_the_shipped_trace(tmp_path: Path, ranks: int) -> None:
     if ranks > 1:
         require_mpiexec()
     out = tmp_path / "trace.json"
-    done = subprocess.run([*CLI, "--quick", "--requests", "120", "--systems", "cascade-kv,posix", "--ranks", str(ranks),
+    done = run_bounded([*CLI, "--quick", "--requests", "120", "--systems", "cascade-kv,posix", "--ranks", str(ranks),
                            "--dir", str(tmp_path), "--json", str(out)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
