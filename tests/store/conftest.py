@@ -36,7 +36,9 @@ def same(a: np.ndarray, b: np.ndarray) -> bool:
 def snapshot(store: Store, placement: bool = True) -> dict[str, object]:
     """What a failed call must leave unchanged: every key's info (dtype, shape, prefix flag, digest,
     sharing and, with ``placement``, tiers) and the content counters. Reads nothing (a get would move
-    LRU order and could promote); compare values with :func:`values` as well."""
+    LRU order and could promote); compare values with :func:`values` as well, read *before* the snapshot
+    is taken: with the default ``promotion_threshold=1`` a read from disk promotes the block (settled by the
+    snapshot's ``stats()``), so values read after it would move what it recorded."""
     s = store.stats()
     infos = {}
     for k in store.keys():

@@ -18,7 +18,7 @@ def test_the_reported_batch_drops_nothing_before_failing(tmp_path):
     """6 x 1 MiB into a 1 MiB host tier over a 4 MiB disk: 5 MiB of room for 6 MiB of new blocks."""
     with Store(CascadeConfig(host_capacity=MIB, disk_path=tmp_path, disk_capacity=4 * MIB)) as store:
         store.put("old", np.full(MIB, 7, np.uint8))
-        before, vals = snapshot(store), values(store)
+        vals, before = values(store), snapshot(store)
         with pytest.raises(CapacityError, match=r"1048576 B.*5 of the call's 6 blocks"):
             store.put_many([f"k{i}" for i in range(6)], [np.full(MIB, 10 + i, np.uint8) for i in range(6)])
         assert snapshot(store) == before and values(store) == vals
@@ -31,7 +31,7 @@ def test_the_reported_batch_drops_nothing_before_failing(tmp_path):
 
 def test_fragmented_memory_refuses_a_protected_batch_without_evicting(host_only):
     host_only.put("x", block(12 * KIB, seed=1))
-    before, vals = snapshot(host_only), values(host_only)
+    vals, before = values(host_only), snapshot(host_only)
     with pytest.raises(CapacityError, match="14336 B"):  # x evicted would leave two 12 KiB holes
         host_only.put_many(["a", "b", "c"], [block(20 * KIB, seed=2), block(20 * KIB, seed=3),
                                              block(14 * KIB, seed=4)], is_prefix=True)
@@ -69,7 +69,7 @@ def test_a_batch_either_fits_or_changes_nothing(tmp_path_factory, disk, persist,
                 store.put(key, block(nbytes, seed=seed), is_prefix=prefix)
             except CapacityError:
                 pass
-        before, vals, stats = snapshot(store), values(store), store.stats()
+        vals, before, stats = values(store), snapshot(store), store.stats()
         try:
             store.put_many([f"n{k}" for k, _, _, _ in batch], [block(n, seed=s) for _, n, s, _ in batch],
                            is_prefix=[p for _, _, _, p in batch])

@@ -145,7 +145,7 @@ def test_array_like_is_stored_as_an_array(store):
                                    np.zeros(3, dtype=[("a", "i4"), ("o", object)]),
                                    None, "text", b"bytes", 3, {"a": 1}])
 def test_values_without_bytes_to_store_raise_type_error(loaded, value):
-    before, vals = snapshot(loaded), values(loaded)
+    vals, before = values(loaded), snapshot(loaded)
     with pytest.raises(TypeError):
         loaded.put("bad", value)
     with pytest.raises(TypeError):
@@ -255,7 +255,7 @@ def _check_storage_error(err, code):
 def test_failed_demotion_keeps_the_memory_copy(store, failing_disk):
     for i in range(HOST // BLOCK):
         store.put(f"k{i}", block(seed=i))
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     shim = failing_disk()
     with pytest.raises(StorageError) as err:
         store.put("new", block(seed=99))
@@ -285,7 +285,7 @@ def test_failed_persistent_put_keeps_the_old_value(make_store, disk_dir, failing
     store = make_store(persist=True)
     store.put("a", block(seed=1))
     store.put("p", block(seed=2), is_prefix=True)
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     failing_disk()
     for call in (lambda: store.put("a", block(seed=3)), lambda: store.put("b", block(seed=4)),
                  lambda: store.put("q", block(seed=5), is_prefix=True),
@@ -305,7 +305,7 @@ def test_failed_persistent_put_keeps_the_old_value(make_store, disk_dir, failing
 def test_failed_journal_append_changes_nothing(make_store, monkeypatch):
     store = make_store(persist=True)
     store.put("a", block(seed=1))
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     monkeypatch.setattr(catalog_module, "os", _FailingWrites(errno.ENOSPC))
     for call in (lambda: store.put("a", block(seed=2)), lambda: store.put("b", block(seed=3)),
                  lambda: store.delete("a"), lambda: store.protect("a")):

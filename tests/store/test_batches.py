@@ -46,7 +46,7 @@ def test_one_get_many_mixes_every_path(make_store):
 def test_a_put_whose_copy_fails_leaves_nothing_allocated(monkeypatch, make_store, sizes):
     store = make_store(host_capacity=1 * MIB, disk_path=None)
     store.put("kept", block(4 * KIB, seed=99))
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     used = store.tiers[0].used
     calls = []
 

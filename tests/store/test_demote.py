@@ -39,7 +39,7 @@ def test_demote_a_block_already_on_disk_keeps_its_file(store):
 def test_demote_refuses_protected_keys_missing_keys_and_no_disk(store, host_only):
     store.put("p", block(seed=4), is_prefix=True)
     store.put("u", block(seed=5))
-    before, data = snapshot(store), values(store)
+    data, before = values(store), snapshot(store)
     with pytest.raises(ValueError, match="protected"):
         store.demote(["u", "p"])
     with pytest.raises(KeyError):

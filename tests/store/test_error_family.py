@@ -51,7 +51,7 @@ def loaded(store):
 
 @pytest.mark.parametrize("name, call, family, builtin", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_raises_a_family_error_and_changes_nothing(loaded, name, call, family, builtin):
-    before, vals = snapshot(loaded), values(loaded)
+    vals, before = values(loaded), snapshot(loaded)
     with pytest.raises(family) as err:
         call(loaded)
     assert isinstance(err.value, CascadeError) and isinstance(err.value, builtin), type(err.value).__mro__

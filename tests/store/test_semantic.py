@@ -128,7 +128,7 @@ def _full_of_prefixes(store):
 def test_protected_put_that_cannot_fit_raises_and_changes_nothing(store):
     _full_of_prefixes(store)
     store.put("u", block(seed=50))  # unprotected: goes to disk
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     with pytest.raises(CapacityError) as err:
         store.put("p-new", block(seed=99), is_prefix=True)
     msg = str(err.value)
@@ -144,7 +144,7 @@ def test_protected_put_fails_with_unprotected_memory_too_small(store):
     for i in range(6):
         store.put(f"p{i}", block(seed=i), is_prefix=True)
     store.put_many(["u0", "u1"], [block(seed=40), block(seed=41)])
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     with pytest.raises(CapacityError):
         store.put_many(["n0", "n1", "n2"], [block(seed=60), block(seed=61), block(seed=62)], is_prefix=True)
     assert snapshot(store) == before and values(store) == vals
@@ -186,7 +186,7 @@ def test_unprotected_put_without_disk_that_cannot_fit_drops_nothing(host_only):
     for i in range(5):
         host_only.put(f"p{i}", block(seed=i), is_prefix=True)
     host_only.put_many(["u0", "u1"], [block(seed=10), block(seed=11)])
-    before, vals = snapshot(host_only), values(host_only)
+    vals, before = values(host_only), snapshot(host_only)
     with pytest.raises(CapacityError):
         host_only.put("big", block(32 * KIB, seed=12))
     assert snapshot(host_only) == before and values(host_only) == vals
@@ -268,7 +268,7 @@ def test_protect_that_can_never_fit_moves_and_drops_nothing(make_store, disk_cap
     for i in range(7):
         store.put(f"p{i}", block(seed=10 + i), is_prefix=True)
     store.put("d", block(seed=20))
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     demotions = store.stats().demotions
     with pytest.raises(CapacityError):
         store.protect("u")

@@ -139,7 +139,7 @@ def test_a_tensor_made_in_inference_mode_takes_a_value(store):
 def test_a_mismatched_tensor_out_is_refused_and_changes_nothing(store, out, what):
     store.put("k", tensor(torch.bfloat16, seed=13))
     store.put("other", block(KIB, seed=14))
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     buf = out()
     sentinel = raw(buf) if buf.is_contiguous() else None
     with pytest.raises(InvalidArgument, match=what):
@@ -159,7 +159,7 @@ def test_an_out_for_a_numpy_value_must_have_its_dtype(store):
 
 def test_tensors_without_bytes_are_refused_and_change_nothing(store):
     store.put("k", block(KIB, seed=16))
-    before, vals = snapshot(store), values(store)
+    vals, before = values(store), snapshot(store)
     with pytest.raises(InvalidArgumentType, match="to_dense"):
         store.put("sparse", torch.eye(4).to_sparse())
     with pytest.raises(InvalidArgumentType, match="meta"):
