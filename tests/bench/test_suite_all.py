@@ -34,13 +34,17 @@ def test_the_options_that_apply_to_every_experiment_are_handed_on(tmp_path: Path
 def test_the_summary_shows_failures_passes_and_misses() -> None:
     ok = everything.Outcome("cold", 1, 0, 1.0, {"targets": [
         {"system": "cascade-kv", "text": "cold read >= 0.9x POSIX", "got": 1.05, "passed": True},
-        {"system": "cascade-kv", "text": "another", "got": 0.5, "passed": False}]})
+        {"system": "cascade-kv", "text": "another", "got": 0.5, "passed": False},
+        {"system": "cascade-kv", "text": "a third", "got": 0.95, "passed": False, "verdict": "within noise"},
+        {"system": "cascade-kv", "text": "a fourth", "got": 1.3, "passed": False, "verdict": "broken ceiling"},
+        {"system": "cascade-kv", "text": "not judged", "got": None, "passed": None, "verdict": None}]})
     figures_only = everything.Outcome("models", 1, 0, 1.0, {"targets": []})
     failed = everything.Outcome("rma", 2, 3, 1.0, None)
     out = io.StringIO()
     Console(file=out, width=200).print(everything.summary([ok, figures_only, failed]))
     text = out.getvalue()
-    assert "pass" in text and "missed" in text and "exit status 3" in text and "failed" in text
+    assert "pass" in text and "miss" in text and "exit status 3" in text and "failed" in text
+    assert "within noise" in text and "broken ceiling" in text  # the experiments' verdicts, not a yes/no
     assert "figures only" in text
 
 

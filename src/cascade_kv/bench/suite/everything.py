@@ -19,6 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from ..report import VERDICT_STYLE
+
 RANKS = {"contention": 2, "strong": 4, "weak": 4, "cold": 1, "hot-prefix": 4, "rma": 2, "models": 1, "trace": 1,
          "serve": 1, "engine": 1}
 """Each experiment in the issue's order, at the rank count its figures are stated for."""
@@ -90,7 +92,11 @@ def summary(outcomes: Sequence[Outcome]) -> Table:
         if o.code != 0 or o.result is None:
             t.add_row(o.experiment, str(o.ranks), "", f"exit status {o.code}", "", "[red]failed[/red]")
         for tg in targets:
-            verdict = "[green]pass[/green]" if tg.get("passed") else "[yellow]missed[/yellow]"
+            # the verdict the experiment reached from its spread (report.verdict); a result written before
+            # verdicts existed has only its yes/no
+            verdict = (VERDICT_STYLE.get(tg["verdict"], str(tg["verdict"])) if tg.get("verdict") is not None
+                       else "-" if tg.get("passed") is None and "verdict" in tg
+                       else "[green]pass[/green]" if tg.get("passed") else "[red]miss[/red]")
             got = tg.get("got")
             t.add_row(o.experiment, str(o.ranks), tg.get("system", ""), tg.get("text", ""),
                       f"{got:.3g}" if isinstance(got, float) else str(got), verdict)
