@@ -99,3 +99,14 @@ def test_a_wrong_read_fails_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(Store, "get_many", corrupting)
     assert cli.main(["bench", "--quick", "--dir", str(tmp_path)]) == 1
+
+
+def test_bench_small_host_tier_shrinks_the_batches(tmp_path: Path) -> None:
+    # 64 blocks of 64 KiB are 4 MiB: more than a 2 MiB host tier holds (the small-ops store has no disk). The
+    # batch shrinks to a quarter of the tier, and the row says so, instead of the run failing with CapacityError.
+    out = tmp_path / "small.json"
+    p = run("bench", "--quick", "--block-size", "64KiB", "--host-capacity", "2MiB", "--json", str(out),
+            "--dir", str(tmp_path), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    figures = json.loads(out.read_text())["figures"]
+    assert "batches of 8," in figures["batch_get_64k"]["label"] and "batches of 64," in figures["batch_get_4k"]["label"]

@@ -229,8 +229,10 @@ class Bench:
     def small_ops(self) -> None:
         """get_many and put_many of small blocks in batches (an engine's traffic), per thread, beside the same
         blocks copied one ``np.copyto`` call each (gets) and hashed and copied (puts) in a bare loop."""
-        b = self.s.batch
         for bs in BATCH_BLOCKS:
+            # a batch no larger than a pass may move (a quarter of the host tier): with a small --host-capacity
+            # 64 blocks of 64 KiB would not fit the memory-only store at all
+            b = max(1, min(self.s.batch, self.s.batch_bytes // bs))
             n = max(b, self.s.batch_bytes // bs // b * b)
             contents = Contents(bs, seed=3 + bs)
             src, out, scratch = (touch(np.empty((n, bs), np.uint8)) for _ in range(3))
