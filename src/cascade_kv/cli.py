@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(Qwen2.5-7B, Qwen2.5-32B, Qwen2.5-72B, Llama-3-8B, Llama-3-70B; default Qwen2.5-7B)")
     bench.add_argument("--requests", metavar="N", type=int, help="trace: replay only the first N requests "
                        "(default all; 400 with --quick)")
-    bench.add_argument("--o-direct", action="store_true", help="cold: read with O_DIRECT instead of dropping "
-                       "the page cache")
+    bench.add_argument("--o-direct", action="store_true", help="every system that supports it (cascade-kv, "
+                       "POSIX, LMCache's disk) reads and writes its files with O_DIRECT; cold then reads with it "
+                       "instead of dropping the page cache")
     bench.add_argument("--quick", action="store_true", help="tiny sizes: a few seconds (for CI)")
     bench.add_argument("--json", metavar="PATH", type=Path, help="also write every figure, the machine and the "
                        "command line to PATH as JSON")

@@ -110,3 +110,34 @@ def test_a_zero_baseline_leaves_the_target_unjudged_instead_of_dividing_by_it() 
     r.targets.append(t)
     r.judge()
     assert t.passed is None and "no ratio" in t.why
+
+
+def test_o_direct_reaches_every_system_of_every_experiment(tmp_path: Path, monkeypatch) -> None:
+    # --o-direct is a run option: Run.system hands it to each system it opens, whatever the experiment asked
+    from cascade_kv.bench.peers import registry
+    from cascade_kv.bench.peers.base import Backend
+    from cascade_kv.bench.suite.core import Result, Run
+
+    seen: list[object] = []
+
+    class Probe(Backend):
+        def _open(self, setup) -> None:
+            seen.append(setup.options.get("o_direct"))
+
+        def put_many(self, keys, blocks, *, prefix=None) -> None: ...
+
+        def get_hits(self, keys, outs) -> list[bool]:
+            return [False] * len(keys)
+
+        def contains_many(self, keys) -> list[bool]:
+            return [False] * len(keys)
+
+        def close(self) -> None: ...
+
+    monkeypatch.setitem(registry.BACKENDS, "probe", Probe)
+    for asked in (True, False):
+        run = Run(None, quick=True, root=tmp_path, systems=["probe"], tick=lambda what: None,
+                  options={"o_direct": asked})
+        with run.system("probe", Result("x", "x", 1), 1 << 20, 4096) as backend:
+            assert backend is not None
+    assert seen == [True, False]

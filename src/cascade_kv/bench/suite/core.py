@@ -262,6 +262,10 @@ class Run:
                 workdir.mkdir(parents=True, exist_ok=True)
             self.barrier()
             backend = registry.BACKENDS[name]()
+            # --o-direct reaches every system of every experiment that supports it (cascade-kv, POSIX, LMCache's
+            # disk backend), not only cold's: a figure with direct I/O for one system and the page cache for
+            # another compares two different machines
+            options.setdefault("o_direct", bool(self.options.get("o_direct")))
             backend.open(Setup(workdir, memory_bytes, block_size, self.rank, self.size, self.comm, options))
         except Unavailable as e:
             reason = str(e) or type(e).__name__
