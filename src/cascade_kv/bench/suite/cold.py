@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 
-from ..ceilings import best_of, drop_page_cache, read_ways
-from .core import GB, MiB, Measure, Result, Run, Target, buffers_for, turns
+from ..ceilings import drop_page_cache, read_ways
+from .core import GB, MiB, Result, Run, Target, buffers_for, turns
 
 DEFAULT_SYSTEMS = ("cascade-kv", "posix", "hdf5", "lmcache-disk")
 CEILING = "raw read, best way"
@@ -52,10 +52,7 @@ def run(r: Run) -> Result:
         for p in range(passes):
             for name in turns([*open_, CEILING], p):
                 if name == CEILING:
-                    for way, fn in ceiling_ways.items():
-                        r.together(lambda: drop_page_cache(raw), f"ceiling: cold {p + 1}")
-                        took = r.together(fn, f"ceiling: {way}, pass {p + 1}")
-                        ways[way].append(nbytes / max(r.allgather(took)) / GB)
+                    r.ceiling_turn(ceiling_ways, lambda: drop_page_cache(raw), nbytes, ways, f"pass {p + 1}")
                     continue
                 if name not in open_:  # failed earlier in this pass
                     continue
@@ -74,9 +71,7 @@ def run(r: Run) -> Result:
             if hits:
                 res.systems[name].values["tier_hits"] = hits
     _remove(r, raw)
-    best, won = best_of(ways, list(ways))
-    res.ceilings[CEILING] = Measure("GB/s", best)
-    res.settings["ceiling_ways_GBps"] = {way: Measure("GB/s", v).as_dict() for way, v in ways.items()}
+    won = res.ceiling_of(CEILING, ways)
     res.notes.append(f"Ceiling: {count} raw files of a block per rank (and one file of all of them), page cache "
                      f"dropped, read the fastest of {len(ways)} ways each pass (mostly: {won}); every way's median is "
                      f"in the JSON's settings.")

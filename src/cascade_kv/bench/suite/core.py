@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from ... import __version__
-from ..ceilings import Contents, Spread, touch
+from ..ceilings import Contents, Spread, best_of, touch
 from ..peers.base import Backend, Setup, Unavailable
 from ..report import Verdict, machine, ratio_spread, verdict
 from ..waits import idle_barrier
@@ -175,6 +175,14 @@ class Result:
             t.got, t.low, t.high = got.median, got.low, got.high
             t.verdict = verdict(got, t.factor, of_ceiling=of_ceiling)
 
+    def ceiling_of(self, name: str, ways: dict[str, list[float]]) -> str:
+        """Record ceiling ``name`` (GB/s) as the fastest of ``ways`` rep by rep (:func:`~..ceilings.best_of`),
+        every way's figures beside it in the settings; the way that was fastest most often."""
+        best, won = best_of(ways, list(ways))
+        self.ceilings[name] = Measure("GB/s", best)
+        self.settings["ceiling_ways_GBps"] = {way: Measure("GB/s", v).as_dict() for way, v in ways.items()}
+        return won
+
     def as_dict(self, argv: Sequence[str]) -> dict[str, Any]:
         return {
             "experiment": self.experiment, "title": self.title, "cascade_kv": __version__,
@@ -243,6 +251,16 @@ class Run:
             raise SuiteError("; ".join(errors))
         self.tick(what)
         return result  # type: ignore[return-value]
+
+    def ceiling_turn(self, ways: dict[str, Callable[[], float]], drop: Callable[[], object], nbytes: int,
+                     record: dict[str, list[float]], what: str) -> None:
+        """A disk-read ceiling's turn among the systems' (cold, hot-prefix): each way of reading the files
+        (``ways``: name -> a pass returning its seconds) after ``drop`` empties the page cache, every rank at
+        once; ``record[way]`` gets ``nbytes`` over the slowest rank's time, in GB/s."""
+        for way, fn in ways.items():
+            self.together(drop, f"ceiling: cold, {what}")
+            took = self.together(fn, f"ceiling: {way}, {what}")
+            record[way].append(nbytes / max(self.allgather(took)) / GB)
 
     # ------------------------------------------------------------------ systems
     @contextmanager

@@ -11,9 +11,9 @@ absorbs part of that, which the table shows as it is).
 """
 from __future__ import annotations
 
-from ..ceilings import best_of, drop_page_cache, read_ways
+from ..ceilings import drop_page_cache, read_ways
 from .cold import _raw_files, _remove
-from .core import GB, MiB, Measure, Result, Run, Target, buffers_for, device_read_bytes, turns
+from .core import GB, MiB, Result, Run, Target, buffers_for, device_read_bytes, turns
 
 DEFAULT_SYSTEMS = ("cascade-kv", "posix", "hdf5", "redis", "lmcache-disk", "lmcache-remote", "mooncake")
 CEILING = "raw read, best way, every rank"
@@ -52,10 +52,8 @@ def run(r: Run) -> Result:
         for p in range(passes):
             for name in turns([*open_, CEILING], p):
                 if name == CEILING:
-                    for way, fn in ceiling_ways.items():
-                        r.together(lambda: drop_page_cache(raw) if r.rank == 0 else None, f"ceiling: cold {p + 1}")
-                        took = r.together(fn, f"ceiling: every rank reads ({way}), pass {p + 1}")
-                        ways[way].append(nbytes / max(r.allgather(took)) / GB)
+                    r.ceiling_turn(ceiling_ways, lambda: drop_page_cache(raw) if r.rank == 0 else None, nbytes,
+                                   ways, f"every rank reads, pass {p + 1}")
                     continue
                 if name not in open_:  # failed earlier in this pass
                     continue
@@ -81,9 +79,7 @@ def run(r: Run) -> Result:
     r.barrier()
     if r.rank == 0:
         _remove(r, raw, together=False)
-    best, won = best_of(ways, list(ways))
-    res.ceilings[CEILING] = Measure("GB/s", best)
-    res.settings["ceiling_ways_GBps"] = {way: Measure("GB/s", v).as_dict() for way, v in ways.items()}
+    won = res.ceiling_of(CEILING, ways)
     res.notes.append(f"Ceiling: {r.size} rank(s), as many as read through the systems, each read the same {count} "
                      f"raw files (or one file of them all) cold (dropped from the page cache before each pass), the fastest of {len(ways)} ways "
                      f"each pass (mostly: {won}).")
