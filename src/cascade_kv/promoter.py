@@ -208,7 +208,7 @@ class Promoter:
                             if data is not None:
                                 ctx.tiers[t].write(b.id, byte_view(data))
                             else:
-                                self._copy_up(b, src, t)
+                                placement.copy_between(b, src, t)
                     except IntegrityError:  # the lower copy went bad since the read: as a reader would find it
                         ctx.tiers[t].free(b.id)
                         placement.bad_copy(b, src)
@@ -225,18 +225,6 @@ class Promoter:
         finally:
             b.rising = False
             ctx.cond.notify_all()
-
-
-    def _copy_up(self, b: Block, src: int, t: int) -> None:
-        """Lock not held, ``b`` pinned (its copies stay): its bytes read from tier ``src`` into its place in tier
-        ``t``, straight into the place where the tier lends it out."""
-        tiers = self._ctx.tiers
-        if tiers[t].traits.addressable:
-            tiers[src].read_into(b.id, tiers[t].view(b.id))
-            return
-        staged = np.empty(b.nbytes, np.uint8)
-        tiers[src].read_into(b.id, memoryview(staged))
-        tiers[t].write(b.id, memoryview(staged))
 
 
 __all__ = ["Promoter", "PROMOTION_QUEUE_BYTES"]
