@@ -55,4 +55,12 @@ def run_phases(phases: Sequence[tuple[str, Phase]], prefix: str) -> None:
     print(f"rank {rank}: ok", flush=True)
 
 
-__all__ = ["Phase", "run_phases"]
+def agree(comm: Any, ok: bool, what: str) -> None:
+    """Collective: every rank's ``ok`` held. The verdict is reached on values gathered from every rank, so
+    every rank passes or fails together (a rank failing alone would leave the others in the next collective)."""
+    oks = comm.allgather(bool(ok))
+    if not all(oks):
+        raise AssertionError(f"{what}: failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
+
+
+__all__ = ["Phase", "agree", "run_phases"]

@@ -42,13 +42,9 @@ def test_remembered_records_across_ranks() -> None:
 
 
 # ------------------------------------------------------------------ the scenario (run under mpiexec)
-def _agree(comm, ok: bool, what: str) -> None:
-    oks = comm.allgather(bool(ok))
-    if not all(oks):
-        raise AssertionError(f"{what}: failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
-
-
 def _remembered(comm, root: Path) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     from cascade_kv import BlockNotFound
     from cascade_kv.cluster.bindings import route
     from cascade_kv.cluster.store import DistributedStore
@@ -57,7 +53,7 @@ def _remembered(comm, root: Path) -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     keys = [f"key-{i}" for i in range(KEYS)]
     homes = {route(k, size)[0] for k in keys}
-    _agree(comm, homes == set(range(size)), f"keys homed on every rank ({homes})")
+    agree(comm, homes == set(range(size)), f"keys homed on every rank ({homes})")
 
     def value(i: int, generation: int) -> np.ndarray:
         return np.full(BLOCK, (i * 7 + generation) % 251, np.uint8)
@@ -74,7 +70,7 @@ def _remembered(comm, root: Path) -> None:
             st.get_many(keys, outs)
             ok = st.bindings.confirmed - before == KEYS and all(
                 np.array_equal(o, value(i, 0)) for i, o in enumerate(outs))
-        _agree(comm, ok, "a second get of the same keys takes every record from memory, and reads right")
+        agree(comm, ok, "a second get of the same keys takes every record from memory, and reads right")
 
         # every kind of change, made by the other rank, is seen by the next get
         for generation in range(1, 6):
@@ -88,7 +84,7 @@ def _remembered(comm, root: Path) -> None:
                 st.get_many(keys, outs)
                 ok = (np.array_equal(outs[generation], value(generation, generation))
                       and np.array_equal(outs[0], value(0, generation % 2)))
-            _agree(comm, ok, f"generation {generation}: a rebound key reads its new value")
+            agree(comm, ok, f"generation {generation}: a rebound key reads its new value")
 
         # same bytes, another shape and dtype: the record changes, not the block
         if rank == 1:
@@ -98,7 +94,7 @@ def _remembered(comm, root: Path) -> None:
         if rank == 0:
             got = st.get_many([keys[10]])[0]
             ok = got.dtype == np.uint32 and got.shape == (32, BLOCK // 128)
-        _agree(comm, ok, "a key rebound to the same bytes under another dtype and shape reads the new ones")
+        agree(comm, ok, "a key rebound to the same bytes under another dtype and shape reads the new ones")
 
         if rank == 1:
             st.delete(keys[11])
@@ -110,7 +106,7 @@ def _remembered(comm, root: Path) -> None:
                 ok = False
             except BlockNotFound:
                 pass
-        _agree(comm, ok, "a deleted key is not found")
+        agree(comm, ok, "a deleted key is not found")
 
         # a version read mid-update (its complement not yet written) is no version: the home is asked
         key = keys[12]
@@ -123,7 +119,7 @@ def _remembered(comm, root: Path) -> None:
             before = st.bindings.confirmed
             st.get_many([key], [outs[12]])
             ok = st.bindings.confirmed == before and np.array_equal(outs[12], value(12, 0))
-        _agree(comm, ok, "a torn version sends the key to its home")
+        agree(comm, ok, "a torn version sends the key to its home")
         comm.Barrier()
         if rank == home:
             st.window._bindings[2 * bucket + 1] ^= 1

@@ -23,13 +23,6 @@ def test_lookup_across_ranks() -> None:
 
 
 # ------------------------------------------------------------------ the scenario (run under mpiexec)
-def _agree(comm, ok: bool, what: str) -> None:
-    """Collective: every rank's ``ok`` held (the same verdict everywhere)."""
-    oks = comm.allgather(bool(ok))
-    if not all(oks):
-        raise AssertionError(f"{what}: failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
-
-
 class _Requests:
     """Records the directory requests this rank sends (wraps its service's ``call_many``, through which
     ``call`` goes too): ``(rank, op)`` per request, a call to this rank included (it runs in place)."""
@@ -51,6 +44,8 @@ class _Requests:
 
 
 def _lookup(comm, root: Path) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     from cascade_kv import InvalidArgumentType
     from cascade_kv.cluster.directory import OP_BOUND
     from cascade_kv.cluster.homes import home_of_key
@@ -62,7 +57,7 @@ def _lookup(comm, root: Path) -> None:
     tokens = np.arange(BLOCKS * 16 + 5)  # and a partial block, which gets no key
     keys = prefix_keys(tokens, 16, model="m", kv_spec="fp16")
     homes = [home_of_key(k, size) for k in keys]
-    _agree(comm, len(keys) == BLOCKS and set(homes) == set(range(size)), f"keys homed on every rank {homes}")
+    agree(comm, len(keys) == BLOCKS and set(homes) == set(range(size)), f"keys homed on every rank {homes}")
     values = [np.full(BLOCK, i, np.uint8) for i in range(BLOCKS)]
     requests = _Requests(store.service)
 
@@ -78,7 +73,7 @@ def _lookup(comm, root: Path) -> None:
     # one request per home at most, all of them the batched op; the one to this rank runs in place
     ok &= len(sent) <= len(set(homes)) and {op for _, op in sent} == {OP_BOUND}
     ok &= len({r for r, _ in sent}) == len(sent) and {r for r, _ in sent} == set(homes)
-    _agree(comm, ok, f"7 leading keys from rank {rank}, in {sent} ({n})")
+    agree(comm, ok, f"7 leading keys from rank {rank}, in {sent} ({n})")
 
     # keys homed here only: answered in place, no message
     stored = [i < 7 or i >= 9 for i, h in enumerate(homes) if h == rank]
@@ -96,14 +91,14 @@ def _lookup(comm, root: Path) -> None:
         ok = False
     except InvalidArgumentType:
         pass
-    _agree(comm, ok and requests.seen == [], "empty and bad lookups: answered here, nothing sent")
+    agree(comm, ok and requests.seen == [], "empty and bad lookups: answered here, nothing sent")
 
     comm.Barrier()
     if rank == 1:  # fill the gap from the other rank, then cut the prefix at 4
         store.put_many(keys[7:9], values[7:9])
         store.delete(keys[4])
     comm.Barrier()
-    _agree(comm, store.lookup(keys) == 4 and store.lookup(keys[5:]) == BLOCKS - 5, "after rank 1's changes")
+    agree(comm, store.lookup(keys) == 4 and store.lookup(keys[5:]) == BLOCKS - 5, "after rank 1's changes")
 
     # a tenant's keys, in its namespace: apart from the default namespace and from other tenants
     t1, t2 = store.namespace(namespace_for(b"t1")), store.namespace(namespace_for(b"t2"))
@@ -114,7 +109,7 @@ def _lookup(comm, root: Path) -> None:
     comm.Barrier()
     ok = t1.lookup(salted) == BLOCKS and t2.lookup(salted) == 0 and store.lookup(salted) == 0
     ok &= t1.lookup(keys) == 0 and t2.lookup(keys) == BLOCKS and store.lookup(keys) == 4
-    _agree(comm, ok, "namespaces apart")
+    agree(comm, ok, "namespaces apart")
     comm.Barrier()
     store.close()
 

@@ -44,13 +44,6 @@ def _open(comm, root: Path, **overrides):
     return DistributedStore(comm=comm, timeout=TIMEOUT, **overrides)
 
 
-def _agree(comm, ok: bool, what: str) -> None:
-    """Collective: every rank's ``ok`` held (the same verdict everywhere)."""
-    oks = comm.allgather(bool(ok))
-    if not all(oks):
-        raise AssertionError(f"{what}: failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
-
-
 def _counts(s) -> tuple:
     """Every counter of a snapshot except the shared tiers' capacity figures."""
     return (s.keys, s.blocks, s.logical_bytes, s.unique_bytes, s.protected_blocks, s.puts, s.gets, s.misses,
@@ -59,6 +52,8 @@ def _counts(s) -> tuple:
 
 
 def _isolation(comm, root: Path) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     from cascade_kv import BlockNotFound
 
     rank = comm.Get_rank()
@@ -76,15 +71,17 @@ def _isolation(comm, root: Path) -> None:
         ok = False
     except BlockNotFound:
         pass
-    _agree(comm, ok, "keys of each namespace, seen from every rank")
+    agree(comm, ok, "keys of each namespace, seen from every rank")
     if rank == 1:
         a.delete("k")
     comm.Barrier()
-    _agree(comm, "k" not in a and "k" in store, "a delete in one namespace leaves the other's key")
+    agree(comm, "k" not in a and "k" in store, "a delete in one namespace leaves the other's key")
     store.close()
 
 
 def _attack(comm, root: Path) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     rank = comm.Get_rank()
     store = _open(comm, root)
     a, b = store.namespace("tenant-a"), store.namespace("tenant-b")
@@ -104,15 +101,17 @@ def _attack(comm, root: Path) -> None:
               b.info("guess").shared_by == 1, a.info("secret").shared_by == 1,
               after.blocks == total.blocks + 1, after.dedup_hits == total.dedup_hits == 0,
               after.tier("host").bytes_written == total.tier("host").bytes_written + x.nbytes]  # stored again
-    _agree(comm, all(checks), f"a guess of another namespace's bytes takes the miss path {checks}")
+    agree(comm, all(checks), f"a guess of another namespace's bytes takes the miss path {checks}")
     if rank == 0:  # inside one namespace, dedup still works across ranks
         b.put("again", x)
     comm.Barrier()
-    _agree(comm, store.cluster_stats(namespace="tenant-b").dedup_hits == 1, "dedup inside a namespace")
+    agree(comm, store.cluster_stats(namespace="tenant-b").dedup_hits == 1, "dedup inside a namespace")
     store.close()
 
 
 def _quota(comm, root: Path) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     from cascade_kv import CapacityError
 
     rank = comm.Get_rank()
@@ -140,11 +139,13 @@ def _quota(comm, root: Path) -> None:
     comm.Barrier()
     ok = refused if rank == 1 else True
     ok &= store.cluster_stats(namespace="q").protected_blocks == 2
-    _agree(comm, ok, "protected_quota over the cluster")
+    agree(comm, ok, "protected_quota over the cluster")
     store.close()
 
 
 def _persist(comm, root: Path) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     rank = comm.Get_rank()
     store = _open(comm, root, persist=True)
     a = store.namespace("a")
@@ -161,7 +162,7 @@ def _persist(comm, root: Path) -> None:
     ok = sorted(map(repr, a.keys())) == sorted(map(repr, ["k", b"b"])) and store.keys() == ["k"]
     ok &= a.get("k").tobytes() == _value("a-k").tobytes() and a.info("k").prefix
     ok &= store.get("k").tobytes() == _value("d-k").tobytes() and a.get(b"b").tobytes() == _value("a-b").tobytes()
-    _agree(comm, ok, "namespaced keys after reopening")
+    agree(comm, ok, "namespaced keys after reopening")
     store.close()
 
 

@@ -24,13 +24,6 @@ def test_a_bfloat16_tensor_crosses_ranks() -> None:
 
 
 # ------------------------------------------------------------------ the scenario (run under mpiexec)
-def _agree(comm, ok: bool, what: str) -> None:
-    """Collective: every rank's ``ok`` held (the same verdict everywhere)."""
-    oks = comm.allgather(bool(ok))
-    if not all(oks):
-        raise AssertionError(f"{what}: failed on rank(s) {[r for r, o in enumerate(oks) if not o]}")
-
-
 def _bf16(torch):
     """The same pseudo-random bfloat16 tensor on every rank."""
     g = torch.Generator().manual_seed(10)
@@ -38,6 +31,8 @@ def _bf16(torch):
 
 
 def _bf16_across_ranks(comm) -> None:
+    from mpi_program import agree  # this folder is on sys.path when the file runs as a program
+
     import torch
 
     from cascade_kv import InvalidArgument
@@ -69,7 +64,7 @@ def _bf16_across_ranks(comm) -> None:
                     ok = False
                 except InvalidArgument:
                     ok &= bool((wrong == 7.0).all())
-        _agree(comm, ok, "bf16 read on rank 1")
+        agree(comm, ok, "bf16 read on rank 1")
     finally:
         store.close()
 
