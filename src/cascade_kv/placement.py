@@ -152,6 +152,29 @@ class Placement:
             s.read_into(b.id, memoryview(buf))
             d.write(b.id, memoryview(buf))
 
+    def copy_up(self, b: Block, src: int, t: int, data: memoryview | None) -> None:
+        """Lock held, ``b`` pinned and allocated in tier ``t``: fill that slot (from ``data`` if the caller holds
+        the bytes, else from the copy in tier ``src``, the lock released meanwhile), then list the copy and count
+        the promotion. A failure frees the slot; a lower copy found bad meanwhile is marked so
+        (:meth:`bad_copy`) and the ``IntegrityError`` raised, as a reader would find it."""
+        ctx = self._ctx
+        try:
+            with ctx.unlocked():
+                if data is not None:
+                    ctx.tiers[t].write(b.id, data)
+                else:
+                    self.copy_between(b, src, t)
+        except IntegrityError:
+            ctx.tiers[t].free(b.id)
+            self.bad_copy(b, src)
+            raise
+        except BaseException:
+            ctx.tiers[t].free(b.id)
+            raise
+        self.add_copy(b, t)
+        for c in ctx.counts(b):
+            c.promotions += 1
+
     def bring_to_memory(self, b: Block, data: memoryview | None = None, tiers: list[int] | None = None) -> None:
         """Copy a block that lives below memory into a memory tier (protect, reopen, dedup of a prefix).
         ``data``: the block's bytes when the caller holds them (a put), so a bad lower copy cannot fail it;
@@ -169,23 +192,9 @@ class Placement:
             src = fastest(b.where)
             b.pins += 1
             try:
-                with ctx.unlocked():
-                    if data is not None:
-                        ctx.tiers[t].write(b.id, data)
-                    else:
-                        self.copy_between(b, src, t)
-            except IntegrityError:
-                ctx.tiers[t].free(b.id)
-                self.bad_copy(b, src)
-                raise
-            except BaseException:
-                ctx.tiers[t].free(b.id)
-                raise
+                self.copy_up(b, src, t, data)
             finally:
                 b.pins -= 1
-            self.add_copy(b, t)
-            for c in ctx.counts(b):
-                c.promotions += 1
         finally:
             b.rising = False
             ctx.cond.notify_all()

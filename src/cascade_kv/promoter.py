@@ -204,21 +204,9 @@ class Promoter:
                     if not placement.make_room(t, b, may_drop=False):
                         continue
                     try:
-                        with ctx.unlocked():
-                            if data is not None:
-                                ctx.tiers[t].write(b.id, byte_view(data))
-                            else:
-                                placement.copy_between(b, src, t)
-                    except IntegrityError:  # the lower copy went bad since the read: as a reader would find it
-                        ctx.tiers[t].free(b.id)
-                        placement.bad_copy(b, src)
-                        return
-                    except BaseException:
-                        ctx.tiers[t].free(b.id)
-                        raise
-                    placement.add_copy(b, t)
-                    for c in ctx.counts(b):
-                        c.promotions += 1
+                        placement.copy_up(b, src, t, None if data is None else byte_view(data))
+                    except IntegrityError:  # the lower copy went bad since the read (now marked): no promotion
+                        pass
                     return
                 finally:
                     placement.unpin(b)
