@@ -41,17 +41,21 @@ VERDICT_STYLE: dict[str | None, str] = {"pass": "[green]pass[/green]", "within n
                                         None: "-"}
 
 
-def verdict(got: Spread, target: float | None, *, of_ceiling: bool) -> Verdict | None:
+def verdict(got: Spread, target: float | None, *, of_ceiling: bool, at_most: bool = False) -> Verdict | None:
     """The verdict of ``got`` (a figure, or its ratio to a baseline, over the reps) against ``target`` (at least
-    this; ``None``: no target). ``of_ceiling``: ``got`` is a ratio to a ceiling, which it must not exceed by more
-    than :data:`BROKEN_CEILING`, target or not. A figure of 0 (or one that is not a number) measured nothing:
-    a miss, whatever its target."""
+    this, or with ``at_most`` at most this, as a latency; ``None``: no target). ``of_ceiling``: ``got`` is a ratio
+    to a ceiling, which it must not exceed by more than :data:`BROKEN_CEILING`, target or not. A figure of 0 (or
+    one that is not a number) measured nothing: a miss, whatever its target."""
     if of_ceiling and not got.median <= BROKEN_CEILING:  # nan or inf too: a ceiling of 0 bounds nothing
         return "broken ceiling"
     if target is None:
         return None
     if not got.median > 0:
         return "miss"
+    if at_most:
+        if got.high <= target:
+            return "pass"
+        return "within noise" if got.low <= target else "miss"
     if got.low >= target:
         return "pass"
     return "within noise" if got.high >= target else "miss"

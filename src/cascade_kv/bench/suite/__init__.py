@@ -9,6 +9,7 @@ import importlib
 from types import SimpleNamespace
 
 EXPERIMENTS = {
+    "store": "store",
     "hot-prefix": "hot_prefix",
     "cold": "cold",
     "models": "models",
@@ -25,8 +26,11 @@ holds several experiments; the function then stands for ``run``)."""
 
 
 def experiment(name: str) -> SimpleNamespace:
-    """The experiment's ``run``, ``DEFAULT_SYSTEMS`` and ``VARIANTS`` (extra system names it accepts)."""
+    """The experiment's ``run``, ``DEFAULT_SYSTEMS``, ``VARIANTS`` (extra system names it accepts), and where it
+    has them ``problem`` (what is wrong with a run's options, before anything starts) and ``render_more``
+    (tables of its own after the common ones)."""
     module_name, _, function = EXPERIMENTS[name].partition(":")
     module = importlib.import_module(f".{module_name}", __name__)
     return SimpleNamespace(run=getattr(module, function or "run"), DEFAULT_SYSTEMS=module.DEFAULT_SYSTEMS,
-                           VARIANTS=getattr(module, "VARIANTS", {}))
+                           VARIANTS=getattr(module, "VARIANTS", {}), problem=getattr(module, "problem", None),
+                           render_more=getattr(module, "render_more", None))

@@ -48,6 +48,11 @@ class SuiteError(Exception):
     """A step failed on some rank (the message names the rank, the step and the error)."""
 
 
+class BenchError(SuiteError):
+    """The store did not do what a measurement relies on (a block landed in another tier, a read that should
+    have been a remote hit was not): the figure would measure something else, so the run stops."""
+
+
 def describe_error(e: BaseException) -> str:
     """The error and the innermost frame it came from (where a bug is to be looked for), in one line."""
     tb = e.__traceback__
@@ -63,16 +68,19 @@ class Measure:
 
     unit: str
     samples: list[float] = field(default_factory=list)
+    what: str = ""
+    """What was measured, where a table shows it (a ceiling's way: "bare MPI Get, same window")."""
 
     @property
     def median(self) -> float:
         return statistics.median(self.samples) if self.samples else float("nan")
 
     def as_dict(self) -> dict[str, Any]:
+        what = {"what": self.what} if self.what else {}
         if not self.samples:
-            return {"unit": self.unit, "n": 0}
+            return {"unit": self.unit, "n": 0, **what}
         return {"unit": self.unit, "median": self.median, "min": min(self.samples), "max": max(self.samples),
-                "n": len(self.samples)}
+                "n": len(self.samples), **what}
 
 
 @dataclass
@@ -94,13 +102,16 @@ class SystemResult:
 @dataclass
 class Target:
     """A figure the issue asks for: ``system``'s ``key`` at least ``factor`` x ``than``'s (a system name, or a
-    ceiling in :attr:`Result.ceilings`), or, with ``than`` empty, at least ``factor`` in the key's unit."""
+    ceiling in :attr:`Result.ceilings`), or, with ``than`` empty, at least ``factor`` in the key's unit (at most,
+    with ``at_most``: a latency). ``factor`` ``None``: no goal, only the check that a figure does not beat its
+    ceiling (``than``) by more than noise, which every figure beside a ceiling gets."""
 
     system: str
     key: str
-    factor: float
+    factor: float | None
     than: str = ""
     text: str = ""
+    at_most: bool = False
     got: float | None = None
     """The median (of the figure, or of its ratio to ``than``)."""
     low: float | None = None
@@ -122,8 +133,26 @@ class Target:
 
     def as_dict(self) -> dict[str, Any]:
         return {"system": self.system, "key": self.key, "factor": self.factor, "than": self.than, "text": self.text,
-                "got": self.got, "min": self.low, "max": self.high, "verdict": self.verdict, "passed": self.passed,
+                "at_most": self.at_most, "got": self.got, "min": self.low, "max": self.high, "verdict": self.verdict, "passed": self.passed,
                 "why": self.why}
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of a figures table (the ``store`` experiment: one system, many measurements): ``system``'s
+    measure ``key``, labelled, beside the ceiling ``ceiling`` (a key of :attr:`Result.ceilings`; its
+    :attr:`Measure.what` says what it is). Its ratio and verdict come from the :class:`Target` of the same
+    system and key, which every row with a ceiling has (``factor`` ``None`` where there is no goal)."""
+
+    key: str
+    label: str
+    ceiling: str = ""
+    note: str = ""
+    system: str = "cascade-kv"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"key": self.key, "label": self.label, "ceiling": self.ceiling, "note": self.note,
+                "system": self.system}
 
 
 @dataclass
@@ -140,7 +169,9 @@ class Result:
     targets: list[Target] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     columns: list[tuple[str, str]] = field(default_factory=list)
-    """(measure key, column title) shown in the table, in order."""
+    """(measure key, column title) shown in the systems table, in order."""
+    rows: list[Row] = field(default_factory=list)
+    """The figures table, in order (an experiment of one system measured many ways shows this instead)."""
     reads_checked: int = 0
     reads_wrong: int = 0
     wall_seconds: float = 0.0
@@ -159,7 +190,8 @@ class Result:
             values = mine.measures[t.key].samples
             if not t.than:
                 got = Spread.of(values)
-                t.got, t.low, t.high, t.verdict = got.median, got.low, got.high, verdict(got, t.factor, of_ceiling=False)
+                t.got, t.low, t.high = got.median, got.low, got.high
+                t.verdict = verdict(got, t.factor, of_ceiling=False, at_most=t.at_most)
                 continue
             other = self.systems.get(t.than)
             base = (other.measures.get(t.key) if other is not None and t.key in other.measures
@@ -173,7 +205,32 @@ class Result:
                 continue
             got = ratio_spread(values, base.samples)
             t.got, t.low, t.high = got.median, got.low, got.high
-            t.verdict = verdict(got, t.factor, of_ceiling=of_ceiling)
+            t.verdict = verdict(got, t.factor, of_ceiling=of_ceiling, at_most=t.at_most)
+
+    def targets_of(self, row: Row) -> list[Target]:
+        """A row's targets: the check against its ceiling (first, where it has one), then a goal in its unit."""
+        return sorted((t for t in self.targets if t.system == row.system and t.key == row.key),
+                      key=lambda t: not t.than)
+
+    def figure(self, key: str, label: str, unit: str, samples: Sequence[float], *, system: str = "cascade-kv",
+               ceiling: Sequence[float] | None = None, ceiling_what: str = "", target: float | None = None,
+               of_ceiling: bool = True, at_most: bool = False, text: str = "", note: str = "") -> Row:
+        """Record one row of the figures table: ``system``'s ``samples`` under ``key``, the ceiling measured
+        beside them (as ``ceilings[key]``), and its target: ``target`` times the ceiling (``of_ceiling``, the
+        default where there is a ceiling) or ``target`` in the figure's own unit (at most, with ``at_most``)."""
+        self.systems.setdefault(system, SystemResult(system)).measure(key, unit).samples.extend(samples)
+        if ceiling is not None:
+            self.ceilings[key] = Measure(unit, list(ceiling), ceiling_what)
+        if ceiling is not None:  # every figure beside a ceiling is checked against it, a goal or not
+            goal = target if of_ceiling else None
+            self.targets.append(Target(system, key, goal, key, text or ("" if goal is None else
+                                                                      f">= {goal:g}x its ceiling")))
+        if target is not None and (ceiling is None or not of_ceiling):
+            self.targets.append(Target(system, key, target, "", text or f"{'<=' if at_most else '>='} {target:,g} "
+                                       f"{unit}", at_most=at_most))
+        row = Row(key, label, key if ceiling is not None else "", note, system)
+        self.rows.append(row)
+        return row
 
     def ceiling_of(self, name: str, ways: dict[str, list[float]]) -> str:
         """Record ceiling ``name`` (GB/s) as the fastest of ``ways`` rep by rep (:func:`~..ceilings.best_of`),
@@ -190,7 +247,8 @@ class Result:
             "ranks": self.ranks,
             "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
             "skipped": self.skipped, "failed": self.failed, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
-            "targets": [t.as_dict() for t in self.targets], "notes": self.notes,
+            "targets": [t.as_dict() for t in self.targets], "rows": [r.as_dict() for r in self.rows],
+            "notes": self.notes,
             "reads_checked": self.reads_checked, "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
 
     def write_json(self, path: Path, argv: Sequence[str]) -> None:
@@ -418,7 +476,7 @@ def buffers_for(n: int, nbytes: int) -> list[np.ndarray]:
     return [touch(np.empty(nbytes, np.uint8)) for _ in range(n)]
 
 
-__all__ = ["GB", "MiB", "Measure", "Result", "Run", "SuiteError", "SystemResult", "Target", "buffers_for",
+__all__ = ["GB", "BenchError", "MiB", "Measure", "Result", "Row", "Run", "SuiteError", "SystemResult", "Target", "buffers_for",
            "device_read_bytes", "turns"]
 
 

@@ -25,6 +25,9 @@ def _cell(m: Measure | None) -> str:
         text = f"{m.median:,.1f} us"
         spread = f"p99 {sorted(m.samples)[min(len(m.samples) - 1, int(0.99 * len(m.samples)))]:,.1f}" \
             if len(m.samples) > 1 else ""
+    elif m.unit == "/s":
+        text = f"{m.median:,.0f}/s"
+        spread = f"{min(m.samples):,.0f} - {max(m.samples):,.0f}" if len(m.samples) > 1 else ""
     else:
         text = f"{m.median:,.3g} {m.unit}".strip()
         spread = f"{min(m.samples):,.3g} - {max(m.samples):,.3g}" if len(m.samples) > 1 else ""
@@ -40,7 +43,55 @@ def _got(t: Target) -> str:
     return f" — got {fmt(t.got)}{spread}"
 
 
+def _figures_table(res: Result) -> Table:
+    """One row per figure of :attr:`Result.rows`: the figure, its ceiling, their ratio, the goal, the verdict
+    (a broken ceiling wins over a goal's verdict: a figure above its ceiling passes nothing)."""
+    table = Table(title=f"cascade bench {res.experiment}: {escape(res.title)} (median of reps; range below; a "
+                        f"verdict passes only when the whole range clears its target)", show_lines=True)
+    for col, just in (("measurement", "left"), ("cascade-kv", "right"), ("ceiling (same run)", "right"),
+                      ("ratio", "right"), ("target", "right"), ("verdict", "center")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for row in res.rows:
+        system = res.systems.get(row.system)
+        m = None if system is None else system.measures.get(row.key)
+        ceiling = res.ceilings.get(row.ceiling) if row.ceiling else None
+        targets = res.targets_of(row)
+        bound = next((t for t in targets if t.than), None)
+        goal = next((t for t in targets if t.factor is not None), None)
+        ratio = ("-" if bound is None or bound.got is None
+                 else f"{bound.got:.2f}x\n[dim]{bound.low:.2f} - {bound.high:.2f}[/dim]")
+        verdicts = [t.verdict for t in targets]
+        shown = "broken ceiling" if "broken ceiling" in verdicts else None if goal is None else goal.verdict
+        label = escape(row.label) + (f"\n[dim]{escape(row.note)}[/dim]" if row.note else "")
+        table.add_row(label, _cell(m), "-" if ceiling is None else f"{_cell(ceiling)}\n[dim]{escape(ceiling.what)}[/dim]",
+                      ratio, "-" if goal is None else escape(goal.text), VERDICT_STYLE[shown])
+    return table
+
+
 def render(res: Result, console: Console) -> None:
+    if res.rows:
+        console.print(_figures_table(res))
+    if res.columns or not res.rows:
+        console.print(_systems_table(res))
+    for name, why in res.skipped.items():
+        console.print(f"[yellow]{escape(name)} skipped: {escape(why)}[/yellow]")
+    if res.ceilings and not res.rows:
+        for key, m in res.ceilings.items():
+            console.print(f"ceiling {escape(key)}: {_cell(m).splitlines()[0]}", markup=True)
+    for t in res.targets:
+        if res.rows and any(r.key == t.key and r.system == t.system for r in res.rows):
+            continue  # in the figures table
+        verdict = (VERDICT_STYLE[t.verdict] if t.verdict is not None
+                   else f"[yellow]not judged[/yellow] ({escape(t.why)})")
+        console.print(f"target: {escape(t.system)} {escape(t.text or t.key)}{_got(t)}: {verdict}")
+    for note in res.notes:
+        console.print(f"[dim]{escape(note)}[/dim]")
+    style = "green" if res.reads_wrong == 0 else "red"
+    console.print(f"[{style}]Reads checked against the written bytes, all ranks: {res.reads_checked}, wrong: "
+                  f"{res.reads_wrong}.[/{style}] Wall time {res.wall_seconds:.1f} s.")
+
+
+def _systems_table(res: Result) -> Table:
     table = Table(title=f"cascade bench {res.experiment}: {escape(res.title)} (median; range below; a target "
                         f"passes only when its whole range clears it)", show_lines=True)
     table.add_column("system")
@@ -61,21 +112,7 @@ def render(res: Result, console: Console) -> None:
         table.add_row(f"[dim]{escape(name)}[/dim]", "[yellow]skipped (below)[/yellow]", *[""] * len(res.columns))
     for name, why in res.failed.items():
         table.add_row(f"[red]{escape(name)}[/red]", f"[red]failed: {escape(why)}[/red]", *[""] * len(res.columns))
-    console.print(table)
-    for name, why in res.skipped.items():
-        console.print(f"[yellow]{escape(name)} skipped: {escape(why)}[/yellow]")
-    if res.ceilings:
-        for key, m in res.ceilings.items():
-            console.print(f"ceiling {escape(key)}: {_cell(m).splitlines()[0]}", markup=True)
-    for t in res.targets:
-        verdict = (VERDICT_STYLE[t.verdict] if t.verdict is not None
-                   else f"[yellow]not judged[/yellow] ({escape(t.why)})")
-        console.print(f"target: {escape(t.system)} {escape(t.text or t.key)}{_got(t)}: {verdict}")
-    for note in res.notes:
-        console.print(f"[dim]{escape(note)}[/dim]")
-    style = "green" if res.reads_wrong == 0 else "red"
-    console.print(f"[{style}]Reads checked against the written bytes, all ranks: {res.reads_checked}, wrong: "
-                  f"{res.reads_wrong}.[/{style}] Wall time {res.wall_seconds:.1f} s.")
+    return table
 
 
 def plot_unavailable() -> str | None:
