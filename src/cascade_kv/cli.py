@@ -8,15 +8,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from . import __version__
-from .config import format_size, parse_size
+from .config import parse_size
 from .errors import CascadeError, ConfigError
 
 
@@ -44,19 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     bench = sub.add_parser(
         "bench", help="measure the store on this machine against raw ceilings",
-        description="Run a single-node workload on the embedded default store (host tier + a disk tier in a "
-                    "temporary directory): host and disk reads of large blocks, puts, small blocks, and a mixed "
-                    "workload of unique and shared prefix blocks larger than the host tier. Each figure is printed "
-                    "beside its ceiling measured in the same run (np.copyto for memory, open + readinto of the "
-                    "same files for disk). With --ranks N > 1, the distributed benchmark instead (see --ranks). "
-                    "Every read is checked; the exit code is 1 if any was wrong.")
+        description="Measure cascade-kv on this machine. Without an experiment: the main job (the store "
+                    "experiment): the embedded default store (host tier + a disk tier in a temporary directory) "
+                    "against this machine's own ceilings, each figure beside the best way the machine does the same "
+                    "operation, measured in the same run: host and disk reads of large blocks, puts, small blocks one "
+                    "call and one batch at a time, and a mixed workload larger than the host tier; with --ranks N > 1 "
+                    "the distributed store instead (see --ranks). With an experiment: that experiment of the "
+                    "evaluation suite, every system side by side. Every read is checked; the exit code is 1 if any "
+                    "was wrong.")
     bench.set_defaults(subparser=bench)  # errors in bench's options print bench's usage
     from .bench.suite import EXPERIMENTS
     bench.add_argument("experiment", nargs="?", choices=[*sorted(EXPERIMENTS), "all"], metavar="EXPERIMENT",
                        help="an experiment of the evaluation suite, every system side by side in one run: "
                             + ", ".join(sorted(EXPERIMENTS)) + "; or all: each of them in turn at the rank count "
                             "its figures are stated for (--ranks N: all at N), one JSON, one table of every "
-                            "target. Without one: the default benchmark above")
+                            "target. Without one: store, the main job above")
     bench.add_argument("--systems", metavar="LIST",
                        help="comma-separated systems for an experiment (default: the experiment's own list; "
                             "see the README for names such as cascade-kv, posix, hdf5, redis, mooncake, lmcache-cpu)")
@@ -139,10 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.subparser.error(missing)
     if args.experiment == "all":
         return _bench_all(args)
+    args.experiment = args.experiment or "store"  # the main job is the suite's store experiment
     code = _bench_ranks(args, argv)
     if code is not None:
         return code
-    return _bench_suite(args, None, argv) if args.experiment else _bench(args, args.subparser)
+    return _bench_suite(args, None, argv)
 
 
 def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
@@ -163,10 +165,17 @@ def _bench_ranks(args: argparse.Namespace, argv: list[str]) -> int | None:
     if args.ranks is None or args.ranks == size:
         if size == 1:
             return None
-        if args.experiment:
-            from mpi4py import MPI
-            return _bench_suite(args, MPI.COMM_WORLD, argv)
-        return _bench_cluster(args, started.rank, size)
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() != size:
+            # mpi4py built against another MPI than the launcher's: each process is a job of one, and would run
+            # alone
+            if started.rank != 0:
+                return 0
+            print(f"cascade bench: the launcher started {size} ranks, but MPI sees {comm.Get_size()} in this job; "
+                  "is mpi4py built against the launcher's MPI?", file=sys.stderr)
+            return 2
+        return _bench_suite(args, comm, argv)
     # Rank 0 alone speaks and fails the job. Were every rank to exit non-zero, the launcher would tear the job
     # down at the first such exit, which may come before rank 0 has printed anything.
     if started.rank != 0:
@@ -226,7 +235,7 @@ def _terminal() -> tuple[bool, Console]:
 def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int:
     """One experiment of the evaluation suite, in every rank of ``comm`` (``None``: this process alone)."""
     from .bench.suite import experiment
-    from .bench.suite.core import Run, SuiteError
+    from .bench.suite.core import Run, SuiteError, describe_error
     from .bench.suite.render import plot, render
 
     module = experiment(args.experiment)
@@ -235,15 +244,21 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     unknown = [s for s in systems if s not in BACKENDS and s not in getattr(module, "VARIANTS", {})]
     if unknown:
         args.subparser.error(f"unknown system(s) {unknown}; known: {', '.join(BACKENDS)}")
-    if not args.dir.is_dir():
-        args.subparser.error(f"--dir {args.dir} is not a directory")
     rank = comm.Get_rank() if comm is not None else 0  # type: ignore[attr-defined]
+    size = comm.Get_size() if comm is not None else 1  # type: ignore[attr-defined]
+    options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct, "trace": args.trace,
+               "model": args.model, "requests": args.requests, "host_capacity": args.host_capacity,
+               "quick": args.quick}
+    problem = (module.problem(options, args.dir, size) if module.problem is not None
+               else None if args.dir.is_dir() else f"--dir {args.dir} is not a directory")
+    if problem is not None:
+        if rank == 0:
+            args.subparser.error(problem)
+        return 0  # rank 0 alone fails the job (see _bench_ranks)
     tty, console = _terminal()
     made = Path(tempfile.mkdtemp(prefix=f"cascade-{args.experiment}-", dir=args.dir)) if rank == 0 else None
     # rank 0 makes the run's folder and tells the others (with no comm, this process is rank 0)
     root: Path = comm.bcast(made, root=0) if comm is not None else made  # type: ignore[attr-defined,assignment]
-    options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct, "trace": args.trace,
-               "model": args.model, "requests": args.requests}
     t0 = time.perf_counter()
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
@@ -256,9 +271,12 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
             run = Run(comm, quick=args.quick, root=root, systems=systems, tick=tick, options=options)
             result = module.run(run)
             result.reads_checked, result.reads_wrong = run.counted_reads()
-    except SuiteError as e:
+    except (SuiteError, CascadeError) as e:
+        # a step that failed on some rank (SuiteError, every rank is here), or the store failing in a run of
+        # one rank
         if rank == 0:
-            console.print(f"cascade bench {args.experiment}: {e}", style="red", markup=False)
+            console.print(f"cascade bench {args.experiment}: {describe_error(e) if isinstance(e, CascadeError) else e}",
+                          style="red", markup=False)
             return 2
         return 0
     finally:
@@ -272,6 +290,11 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     result.disk = disk(args.dir)
     result.judge()
     render(result, console)
+    if module.render_more is not None:
+        module.render_more(result, console)
+    if result.reads_wrong:
+        console.print(f"[red]FAILED: {result.reads_wrong} of {result.reads_checked} reads returned wrong "
+                      f"bytes[/red]")
     if args.json is not None:
         result.write_json(args.json, argv)
         console.print(f"Figures written to {args.json}")
@@ -279,108 +302,6 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
         for path in plot(result, args.plot):
             console.print(f"Plot written to {path}")
     return 1 if result.reads_wrong else 0
-
-
-def _size_problem(block: int, host_capacity: int, directory: Path) -> str | None:
-    """What is wrong with the sizes and --dir of a run, or ``None``."""
-    if block < 4096 or block % 8:
-        return f"--block-size must be at least 4 KiB and a multiple of 8 bytes, got {block}"
-    if host_capacity < 4 * block:
-        return f"--host-capacity ({format_size(host_capacity)}) must hold at least 4 blocks of {format_size(block)}"
-    if not directory.is_dir():
-        return f"--dir {directory} is not a directory"
-    return None
-
-
-def _bench_cluster(args: argparse.Namespace, launcher_rank: int, size: int) -> int:
-    """The distributed benchmark, run in every rank. Rank 0 prints the table and writes --json; the others
-    print nothing. Only rank 0 returns non-zero (see the end of :func:`_bench_ranks`)."""
-    from mpi4py import MPI
-
-    from .bench.cluster import ClusterBench, ClusterSizes, render_cluster
-    from .bench.single import BenchError
-
-    comm = MPI.COMM_WORLD
-    if comm.Get_size() != size:
-        # mpi4py built against another MPI than the launcher's: each process is a job of one, and would run alone
-        if launcher_rank != 0:
-            return 0
-        print(f"cascade bench: the launcher started {size} ranks, but MPI sees {comm.Get_size()} in this job; is "
-              "mpi4py built against the launcher's MPI?", file=sys.stderr)
-        return 2
-    rank = comm.Get_rank()
-    sizes = ClusterSizes.for_run(quick=args.quick, block=args.block_size, host_capacity=args.host_capacity)
-    problem = _size_problem(sizes.block, sizes.host_capacity, args.dir)
-    if problem is not None:
-        if rank == 0:
-            args.subparser.error(problem)
-        return 0
-    tty, console = _terminal()
-    root = comm.bcast(Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.dir)) if rank == 0 else None, root=0)
-    t0 = time.perf_counter()
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True, disable=rank != 0 or not tty) as progress:
-            task = progress.add_task("starting", total=sizes.ticks)
-
-            def tick(what: str) -> None:
-                progress.update(task, description=what, advance=1)
-
-            report = ClusterBench(comm, sizes, root, tick).run()
-    except (CascadeError, BenchError) as e:
-        if rank == 0:
-            console.print(f"cascade bench: the store failed: {type(e).__name__}: {e}", style="red", markup=False)
-            return 2
-        return 0
-    finally:
-        if rank == 0:  # every rank is past its last store's close (collective) by now
-            shutil.rmtree(root, ignore_errors=True)
-    if report is None:  # not rank 0
-        return 0
-    return _finish(report, render_cluster, args, console, t0)
-
-
-def _bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .bench.report import render
-    from .bench.single import Bench, BenchError, Sizes
-
-    sizes = Sizes.for_run(quick=args.quick, block=args.block_size, host_capacity=args.host_capacity)
-    problem = _size_problem(sizes.block, sizes.host_capacity, args.dir)
-    if problem is not None:
-        parser.error(problem)
-    console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the wide table
-    root = Path(tempfile.mkdtemp(prefix="cascade-bench-", dir=args.dir))
-    t0 = time.perf_counter()
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
-            task = progress.add_task("starting", total=sizes.ticks)
-
-            def tick(what: str) -> None:
-                progress.update(task, description=what, advance=1)
-
-            report = Bench(sizes, root, tick).run()
-    except (CascadeError, BenchError) as e:
-        console.print(f"cascade bench: the store failed: {type(e).__name__}: {e}", style="red", markup=False)
-        return 2
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    return _finish(report, render, args, console, t0)
-
-
-def _finish(report: Any, render: Callable[[Any, Console], None], args: argparse.Namespace, console: Console,
-            t0: float) -> int:
-    """Print a benchmark's report, write its JSON; 1 when any read returned wrong bytes."""
-    report.wall_seconds = time.perf_counter() - t0
-    report.settings["quick"] = args.quick
-    render(report, console)
-    if args.json is not None:
-        report.write_json(args.json)
-        console.print(f"Figures written to {args.json}")
-    if report.reads_wrong:
-        console.print(f"[red]FAILED: {report.reads_wrong} of {report.reads_checked} reads returned wrong bytes[/red]")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

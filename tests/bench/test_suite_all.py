@@ -14,8 +14,10 @@ from tests.procs import run_bounded
 
 
 def test_every_experiment_is_run_at_the_issues_rank_count() -> None:
-    assert set(everything.RANKS) == set(EXPERIMENTS)
-    assert everything.RANKS["hot-prefix"] == 4 and everything.RANKS["rma"] == 2 and everything.RANKS["trace"] == 1
+    runs = everything.RUNS
+    assert {name for name, _ in runs} == set(EXPERIMENTS)
+    assert runs[:2] == (("store", 1), ("store", 2))  # the main job, on one node and on two ranks
+    assert ("hot-prefix", 4) in runs and ("rma", 2) in runs and ("trace", 1) in runs
 
 
 def test_the_options_that_apply_to_every_experiment_are_handed_on(tmp_path: Path) -> None:
@@ -49,7 +51,7 @@ def test_the_summary_shows_failures_passes_and_misses() -> None:
 
 
 def test_all_runs_each_experiment_and_gathers_one_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(everything, "RANKS", {"cold": 1, "models": 1})
+    monkeypatch.setattr(everything, "RUNS", (("cold", 1), ("models", 1)))
     options = {k: None for k in everything.PASSED_ON} | {"quick": True, "dir": tmp_path,
                                                           "systems": "cascade-kv,posix", "scale": 256.0}
     out = io.StringIO()

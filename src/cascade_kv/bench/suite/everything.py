@@ -21,9 +21,11 @@ from rich.table import Table
 
 from ..report import VERDICT_STYLE
 
-RANKS = {"contention": 2, "strong": 4, "weak": 4, "cold": 1, "hot-prefix": 4, "rma": 2, "models": 1, "trace": 1,
-         "serve": 1, "engine": 1}
-"""Each experiment in the issue's order, at the rank count its figures are stated for."""
+RUNS: tuple[tuple[str, int], ...] = (
+    ("store", 1), ("store", 2), ("contention", 2), ("strong", 4), ("weak", 4), ("cold", 1), ("hot-prefix", 4),
+    ("rma", 2), ("models", 1), ("trace", 1), ("serve", 1), ("engine", 1))
+"""Each experiment at the rank count its figures are stated for: the main job first (``cascade bench`` and
+``cascade bench --ranks 2``), then the seed's evaluation in the issues' order."""
 
 PASSED_ON = ("systems", "scale", "model", "requests", "trace", "o_direct", "quick", "dir", "block_size",
              "host_capacity")
@@ -62,12 +64,11 @@ def run_all(options: dict[str, object], ranks: int | None, json_path: Path | Non
             console: Console) -> int:
     """Run every experiment; 1 if any failed or read a wrong byte, else 0."""
     outcomes: list[Outcome] = []
+    runs = list(dict.fromkeys((name, max(2, ranks) if name == "rma" else ranks) for name, _ in RUNS)
+                if ranks is not None else RUNS)  # rma's subject is another process's memory: 2 ranks at least
     with tempfile.TemporaryDirectory(prefix="cascade-bench-all-") as tmp:
-        for name, default_ranks in RANKS.items():
-            n = ranks if ranks is not None else default_ranks
-            if name == "rma" and n < 2:
-                n = 2  # its subject is another process's memory
-            out = Path(tmp) / f"{name}.json"
+        for name, n in runs:
+            out = Path(tmp) / f"{name}-{n}.json"
             cmd = experiment_argv(name, n, options, out, plot)
             console.rule(f"cascade bench {name}" + (f" --ranks {n}" if n > 1 else ""))
             t0 = time.perf_counter()
@@ -76,10 +77,17 @@ def run_all(options: dict[str, object], ranks: int | None, json_path: Path | Non
             outcomes.append(Outcome(name, n, code, time.perf_counter() - t0, result))
     console.print(summary(outcomes))
     if json_path is not None:
-        json_path.write_text(json.dumps({o.experiment: o.result or {"exit_code": o.code} for o in outcomes},
+        twice = {o.experiment for o in outcomes if sum(p.experiment == o.experiment for p in outcomes) > 1}
+        json_path.write_text(json.dumps({result_key(o, twice): o.result or {"exit_code": o.code} for o in outcomes},
                                         indent=2, default=str) + "\n")
         console.print(f"Figures of every experiment written to {json_path}")
     return 1 if any(o.code != 0 for o in outcomes) else 0
+
+
+def result_key(o: Outcome, twice: set[str]) -> str:
+    """An experiment's key in the gathered JSON: its name, with its rank count where it ran at several
+    (``store`` and ``store --ranks 2``)."""
+    return f"{o.experiment} --ranks {o.ranks}" if o.experiment in twice and o.ranks > 1 else o.experiment
 
 
 def summary(outcomes: Sequence[Outcome]) -> Table:
