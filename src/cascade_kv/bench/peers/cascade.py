@@ -26,12 +26,19 @@ from .base import Backend, Setup
 class CascadeKV(Backend):
     tier = "tiered"
 
-    def __init__(self, *, dedup: bool = True, semantic_eviction: bool = True, promotion: bool = True) -> None:
+    def __init__(self, *, dedup: bool = True, semantic_eviction: bool = True, promotion: bool = True,
+                 promotion_threshold: int | None = None) -> None:
         super().__init__()
-        self.features = {"dedup_enabled": dedup, "semantic_eviction": semantic_eviction, "locality_aware": promotion}
+        self.features: dict[str, object] = {"dedup_enabled": dedup, "semantic_eviction": semantic_eviction,
+                                            "locality_aware": promotion}
         off = [label for label, on in (("dedup", dedup), ("semantic eviction", semantic_eviction),
                                        ("promotion", promotion)) if not on]
         self.name = "cascade-kv" + (f" (no {', no '.join(off)})" if off else "")
+        if promotion_threshold is not None:
+            # the seed's threshold beside the default's, where it is the only difference (in a DistributedStore
+            # it is the reads from peers before a local replica)
+            self.features["promotion_threshold"] = promotion_threshold
+            self.name += f" (promotion threshold {promotion_threshold})"
         self.store: Any = None
         """The :class:`Store` or :class:`DistributedStore` (open between :meth:`open` and :meth:`close`)."""
         self._disk: Path | None = None
@@ -43,7 +50,7 @@ class CascadeKV(Backend):
                             o_direct=bool(setup.options.get("o_direct", False)), **self.features,
                             # an experiment may ask for other policy settings (the trace's rows do)
                             **{k: setup.options[k] for k in ("promotion_threshold", "eviction_order")
-                               if k in setup.options})
+                               if k in setup.options and k not in self.features})
         if setup.size > 1:
             # imports mpi4py.MPI: only multi-rank runs pay for it
             from ...cluster.store import DistributedStore

@@ -62,6 +62,7 @@ BACKENDS: dict[str, Factory] = {
     "cascade-kv (no dedup)": _entry("cascade", "CascadeKV", dedup=False),
     "cascade-kv (no semantic eviction)": _entry("cascade", "CascadeKV", semantic_eviction=False),
     "cascade-kv (no promotion)": _entry("cascade", "CascadeKV", promotion=False),
+    "cascade-kv (promotion threshold 3)": _entry("cascade", "CascadeKV", promotion_threshold=3),  # the seed's
     "posix": _entry("posix", "PosixFiles"),
     "hdf5": _entry("hdf5", "Hdf5"),
     "redis": _entry("redis", "Redis"),
