@@ -242,17 +242,34 @@ class Result:
 
     def as_dict(self, argv: Sequence[str]) -> dict[str, Any]:
         return {
-            "experiment": self.experiment, "title": self.title, "cascade_kv": __version__,
+            "experiment": self.experiment, "title": self.title, "cascade_kv": __version__, "commit": source_commit(),
             "command": os.environ.get("CASCADE_COMMAND") or shlex.join(["cascade", *argv]), "machine": machine() | _mpi_versions() | ({"disk": self.disk} if self.disk else {}),
             "ranks": self.ranks,
             "settings": self.settings, "systems": {n: s.as_dict() for n, s in self.systems.items()},
             "skipped": self.skipped, "failed": self.failed, "ceilings": {k: m.as_dict() for k, m in self.ceilings.items()},
             "targets": [t.as_dict() for t in self.targets], "rows": [r.as_dict() for r in self.rows],
+            "columns": self.columns,
             "notes": self.notes,
             "reads_checked": self.reads_checked, "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
 
     def write_json(self, path: Path, argv: Sequence[str]) -> None:
         path.write_text(json.dumps(self.as_dict(argv), indent=2, default=str) + "\n")
+
+
+def source_commit() -> str | None:
+    """The git commit of the cascade-kv source this run imported, with ``-dirty`` when its tracked files had
+    changes (a figure is tied to the code that made it); ``None`` for an installed copy with no git tree."""
+    import subprocess
+
+    tree = Path(__file__).resolve().parents[4]
+    if not (tree / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(tree), "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
 
 
 def _mpi_versions() -> dict[str, str]:
