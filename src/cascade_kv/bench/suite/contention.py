@@ -12,6 +12,12 @@ the seed's top-tier hit rate. Plain LRU then flushes the prefix every request; c
 keeps it in memory. Part of the reads (the prefix, and what memory still holds) come from the top tier, the
 rest from disk.
 
+The systems are open together (:meth:`~.core.Run.systems_open`): every one writes its blocks (measured once),
+then they take each pass in turns, the order rotated every pass (:func:`~.core.turns`), so a noisy spell of the
+machine lands on all of them and each system's read figure has one sample per pass to judge its spread by.
+cascade-kv's variants (no dedup, no semantic eviction, no promotion) are systems of their own here, each a
+store of its own beside the others.
+
 Before every pass the page cache of every file a system keeps is dropped (fsync + ``POSIX_FADV_DONTNEED``):
 memory is what each system holds itself, not the page cache, which on this machine would hold the whole
 data set. Within a pass the page cache fills again (file systems' second prefix read hits it), as it does.
@@ -45,6 +51,7 @@ from .core import (
     Target,
     buffers_for,
     device_read_bytes,
+    turns,
 )
 
 DEFAULT_SYSTEMS = ("cascade-kv", "cascade-kv (no dedup)", "cascade-kv (no semantic eviction)",
@@ -52,6 +59,9 @@ DEFAULT_SYSTEMS = ("cascade-kv", "cascade-kv (no dedup)", "cascade-kv (no semant
 REQUESTS_PER_PASS = 2
 BATCH = 4
 MEMORY_TIERS = ("host", "remote")  # cascade-kv's tiers that are memory (its own, another rank's)
+INTERLEAVED = ("The systems were open together and took each pass in turns (the order rotated every pass), so a "
+               "noisy spell of the machine lands on all of them; every system wrote its blocks before the first "
+               "pass. Each read figure's range is its passes' spread, which the verdicts are judged on.")
 
 
 class Reads:
@@ -120,7 +130,9 @@ def run(r: Run) -> Result:
                            "requests_per_pass": REQUESTS_PER_PASS,
                            "request": f"the {prefix_count} prefix blocks, then the next {unique_count // 2} of the "
                                       f"rank's unique blocks",
-                           "before_each_pass": "every system's files: fsync + POSIX_FADV_DONTNEED"})
+                           "before_each_pass": "every system's files: fsync + POSIX_FADV_DONTNEED",
+                           "order": "systems open together, writes first, each pass taken in turns, rotated every "
+                                    "pass"})
     res.columns = [("read_GBps", "aggregate read"), ("served_pct", "reads served"),
                    ("prefix_memory_pct", "prefix reads from memory"), ("tier_hits", "hits per tier (all passes)"),
                    ("device_MiB", "MiB from the device / pass (all ranks)"),
@@ -131,69 +143,87 @@ def run(r: Run) -> Result:
     mine_ids = [prefix_count + r.rank * unique_count + j for j in range(unique_count)]
     mine_keys = [f"unique-{r.rank}-{j}" for j in range(unique_count)]
     half = unique_count // REQUESTS_PER_PASS
-    for name in r.systems:
-        with r.system(name, res, memory, block) as backend:
-            if backend is None:
-                continue
-            mine = res.systems[name]
-            contents = r.new_contents(block, seed=contents_seed)
-            may_miss = backend.tier in ("memory", "remote memory")
-            r.together(lambda: r.put_blocks(backend, prefix_keys, prefix_ids, contents, prefix=[True] * prefix_count)
-                       if r.rank == 0 else None, f"{name}: rank 0 writes the prefix")
-            wrote = r.together(lambda: r.put_blocks(backend, mine_keys, mine_ids, contents, batch=BATCH),
-                               f"{name}: every rank writes its unique blocks")
-            mine.measure("write_GBps", "GB/s").samples.append(
-                r.size * unique_count * block / max(r.allgather(wrote)) / GB)
-            outs = buffers_for(BATCH, block)
-            hits_before = backend.tier_hits()
-            prefix_hits: list[dict[str, int]] = []
-            misses = 0
-            for p in range(passes):
-                r.together(lambda: drop_page_cache(backend.files()), f"{name}: drop the page cache {p + 1}")
+    outs = buffers_for(BATCH, block)
+    with r.systems_open(res, memory, block) as open_:
+        contents = {name: r.new_contents(block, seed=contents_seed) for name in open_}
+        may_miss = {name: backend.tier in ("memory", "remote memory") for name, backend in open_.items()}
+        # the writes are measured once per system: every system writes before any system's first pass
+        for name, backend in list(open_.items()):
+            r.step(res, open_, name, lambda: r.put_blocks(backend, prefix_keys, prefix_ids, contents[name],
+                                                          prefix=[True] * prefix_count) if r.rank == 0 else None,
+                   "rank 0 writes the prefix")
+            wrote = r.step(res, open_, name, lambda: r.put_blocks(backend, mine_keys, mine_ids, contents[name],
+                                                                  batch=BATCH),
+                           "every rank writes its unique blocks") if name in open_ else None
+            if wrote is not None:
+                res.systems[name].measure("write_GBps", "GB/s").samples.append(
+                    r.size * unique_count * block / max(r.allgather(wrote)) / GB)
+        hits_before = {name: backend.tier_hits() for name, backend in open_.items()}
+        prefix_hits: dict[str, list[dict[str, int]]] = {name: [] for name in open_}
+        misses = dict.fromkeys(open_, 0)
+        for p in range(passes):
+            for name in turns(list(open_), p):
+                if name not in open_:  # failed earlier in this pass
+                    continue
+                backend, mine = open_[name], res.systems[name]
+                r.step(res, open_, name, lambda: drop_page_cache(backend.files()), f"drop the page cache {p + 1}")
 
                 def one_pass() -> Reads:
                     reads = Reads()
                     for q in range(REQUESTS_PER_PASS):
                         before = backend.tier_hits()
-                        reads.prefix_served += reads.read(backend, prefix_keys, prefix_ids, contents, outs, may_miss)
+                        reads.prefix_served += reads.read(backend, prefix_keys, prefix_ids, contents[name], outs,
+                                                          may_miss[name])
                         reads.prefix_asked += prefix_count
                         reads.prefix_hits = _sum([reads.prefix_hits, _delta(backend.tier_hits(), before)])
                         part = slice(q * half, (q + 1) * half)
-                        reads.read(backend, mine_keys[part], mine_ids[part], contents, outs, may_miss)
+                        reads.read(backend, mine_keys[part], mine_ids[part], contents[name], outs, may_miss[name])
                     return reads
 
                 io_before = device_read_bytes()
-                reads = r.together(one_pass, f"{name}: pass {p + 1}/{passes}")
+                reads = r.step(res, open_, name, one_pass, f"pass {p + 1}/{passes}") if name in open_ else None
+                if reads is None:  # the system failed (recorded): out of the turns from now on
+                    continue
                 io_after = device_read_bytes()
                 if io_before is not None and io_after is not None:
                     mine.values.setdefault("device_MiB", []).append(round(sum(r.allgather(io_after - io_before)) / MiB))
-                every = r.allgather((reads.seconds, reads.bytes, reads.asked, reads.served, reads.prefix_asked,
-                                     reads.prefix_served, reads.prefix_hits))
-                asked, served = sum(e[2] for e in every), sum(e[3] for e in every)
-                misses += asked - served
-                mine.measure("read_GBps", "GB/s").samples.append(sum(e[1] for e in every) / max(e[0] for e in every) / GB)
-                mine.measure("served_pct", "%").samples.append(100.0 * served / asked)
-                hits = _sum([e[6] for e in every])
-                if hits:
-                    prefix_hits.append(hits)
-                    memory_hits = sum(n for t, n in hits.items() if t in MEMORY_TIERS)
-                    mine.measure("prefix_memory_pct", "%").samples.append(100.0 * memory_hits / sum(hits.values()))
-                elif may_miss:  # a memory-only system serves every prefix read it does not miss from memory
-                    mine.measure("prefix_memory_pct", "%").samples.append(
-                        100.0 * sum(e[5] for e in every) / sum(e[4] for e in every))
-                else:
-                    mine.values["prefix_memory_pct"] = "cannot tell (page cache)"
-            _record_hits(r, backend, mine, hits_before, prefix_hits)
-            mine.values["misses"] = misses
+                misses[name] += _record_pass(r, mine, reads, may_miss[name], prefix_hits[name])
+        for name, backend in open_.items():
+            mine = res.systems[name]
+            _record_hits(r, backend, mine, hits_before[name], prefix_hits[name])
+            mine.values["misses"] = misses[name]
             rejected = getattr(backend, "rejected_puts", None)  # Mooncake's: puts it had no room for
             if rejected is not None:  # the same on every rank (one system), so every rank gathers
                 mine.values["rejected_puts"] = sum(r.allgather(rejected))
+    res.notes.append(INTERLEAVED)
     res.targets = [Target("cascade-kv", "prefix_memory_pct", 100.0, "",
                           "prefix reads served from memory: all of them (semantic eviction)"),
                    Target("cascade-kv", "read_GBps", 1.0, "cascade-kv (no semantic eviction)",
                           ">= 1x itself with plain LRU eviction")]
     _notes(res)
     return res
+
+
+def _record_pass(r: Run, mine: SystemResult, reads: Reads, may_miss: bool,
+                 prefix_hits: list[dict[str, int]]) -> int:
+    """One pass of one system, every rank's reads together: its samples (one per pass: the spread the verdicts
+    are judged on), its prefix reads' tier hits appended to ``prefix_hits``; the reads it missed."""
+    every = r.allgather((reads.seconds, reads.bytes, reads.asked, reads.served, reads.prefix_asked,
+                         reads.prefix_served, reads.prefix_hits))
+    asked, served = sum(e[2] for e in every), sum(e[3] for e in every)
+    mine.measure("read_GBps", "GB/s").samples.append(sum(e[1] for e in every) / max(e[0] for e in every) / GB)
+    mine.measure("served_pct", "%").samples.append(100.0 * served / asked)
+    hits = _sum([e[6] for e in every])
+    if hits:
+        prefix_hits.append(hits)
+        memory_hits = sum(n for t, n in hits.items() if t in MEMORY_TIERS)
+        mine.measure("prefix_memory_pct", "%").samples.append(100.0 * memory_hits / sum(hits.values()))
+    elif may_miss:  # a memory-only system serves every prefix read it does not miss from memory
+        mine.measure("prefix_memory_pct", "%").samples.append(
+            100.0 * sum(e[5] for e in every) / sum(e[4] for e in every))
+    else:
+        mine.values["prefix_memory_pct"] = "cannot tell (page cache)"
+    return asked - served
 
 
 def _record_hits(r: Run, backend: Backend, mine: SystemResult, before: dict[str, int],

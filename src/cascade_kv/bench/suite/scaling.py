@@ -7,8 +7,11 @@ alone, as a job of k ranks would), while ranks k..N-1 wait in a barrier that sle
 them. k = 1 runs in one process with no communicator, as a single-rank job does. Every rank then meets in
 a barrier of the whole job, and a step that failed on a participant fails the run on every rank there.
 
-At each k, every participating rank writes its share (strong: ``total / k`` blocks; weak: the same number
-of blocks whatever k) and reads it back ``reps`` times; every read is checked. Each system gets memory for
+At each k the systems are open together on the k ranks (:meth:`~.core.Run.systems_open`): every
+participating rank writes its share (strong: ``total / k`` blocks; weak: the same number of blocks whatever
+k) through every system, once, then the systems take the ``reps`` reads back in turns, the order rotated
+every repetition (:func:`~.core.turns`), so a noisy spell of the machine lands on all of them and each read
+figure has one sample per repetition to judge its spread by; every read is checked. Each system gets memory for
 its share and some headroom, so nothing is evicted: this measures how throughput grows with ranks, not
 tiering. Figures per system: aggregate write and read throughput (all participants' bytes over the
 slowest one's time), one table column per k.
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .core import GB, MiB, Result, Run, SuiteError, SystemResult, Target, buffers_for
+from .core import GB, MiB, Result, Run, SuiteError, SystemResult, Target, buffers_for, turns
 
 DEFAULT_SYSTEMS = ("cascade-kv", "posix", "hdf5", "redis", "mooncake", "lmcache-cpu")
 BATCH = 4
@@ -56,7 +59,9 @@ def _scaling(r: Run, experiment: str, title: str, share_at: Any, settings: dict[
     res = Result(experiment, f"{title} ({block / MiB:g} MiB blocks)", r.size,
                  settings={"block_size": block, "reps": reps, "rank_counts": counts, **settings,
                            "memory_per_rank": {k: _memory(share_at(k), block) for k in counts},
-                           "idle_ranks": "wait in a sleeping barrier of the whole job"})
+                           "idle_ranks": "wait in a sleeping barrier of the whole job",
+                           "order": "at each rank count, systems open together, writes first, each read "
+                                    "repetition taken in turns, rotated every repetition"})
     res.columns = ([(f"read_GBps[{k}]", f"read, {k} rank{'s' * (k > 1)}") for k in counts] +
                    [(f"write_GBps[{k}]", f"write, {k} rank{'s' * (k > 1)}") for k in counts])
     skipped: dict[str, dict[int, str]] = {}
@@ -85,6 +90,10 @@ def _scaling(r: Run, experiment: str, title: str, share_at: Any, settings: dict[
         else:
             res.notes.append(f"{name} skipped " + "; ".join(f"at {k} rank(s): {w}" for k, w in why.items()))
     _targets_and_notes(res, counts)
+    res.notes.append("At each rank count the systems were open together and took each read repetition in turns "
+                     "(the order rotated every repetition), so a noisy spell of the machine lands on all of them; "
+                     "every system wrote its blocks before the first read. Each read figure's range is its "
+                     "repetitions' spread, which the verdicts are judged on.")
     return res
 
 
@@ -107,26 +116,33 @@ def _sub_run(r: Run, k: int) -> Run | None:
 
 
 def _measure(r: Run, res: Result, share: int, block: int, reps: int) -> None:
-    """Every system at ``r.size`` ranks: each rank writes ``share`` blocks, then reads them ``reps`` times."""
+    """Every system at ``r.size`` ranks, open together: each rank writes ``share`` blocks through every system,
+    then the systems take the ``reps`` reads in turns (the order rotated every repetition)."""
     k = r.size
     ids = [r.rank * share + j for j in range(share)]
     keys = [f"scale-{k}-{i}" for i in ids]
-    for name in r.systems:
-        # shared=False: each rank reads only the blocks it wrote, so per-process systems (lmcache-cpu) take part
-        with r.system(name, res, _memory(share, block), block, shared=False) as backend:
-            if backend is None:
-                continue
-            mine = res.systems[name]
-            contents = r.new_contents(block, seed=81)
-            wrote = r.together(lambda: r.put_blocks(backend, keys, ids, contents, batch=BATCH),
-                               f"{name}, {k} rank(s): write")
-            nbytes = k * share * block
-            mine.measure(f"write_GBps[{k}]", "GB/s").samples.append(nbytes / max(r.allgather(wrote)) / GB)
-            outs = buffers_for(BATCH, block)
-            for rep in range(reps):
-                took = r.together(lambda: r.get_blocks(backend, keys, ids, contents, outs, batch=BATCH),
-                                  f"{name}, {k} rank(s): read {rep + 1}/{reps}")
-                mine.measure(f"read_GBps[{k}]", "GB/s").samples.append(nbytes / max(r.allgather(took)) / GB)
+    nbytes = k * share * block
+    # shared=False: each rank reads only the blocks it wrote, so per-process systems (lmcache-cpu) take part
+    with r.systems_open(res, _memory(share, block), block, shared=False) as open_:
+        contents = {name: r.new_contents(block, seed=81) for name in open_}
+        for name, backend in list(open_.items()):
+            wrote = r.step(res, open_, name, lambda: r.put_blocks(backend, keys, ids, contents[name], batch=BATCH),
+                           f"{k} rank(s): write")
+            if wrote is not None:
+                res.systems[name].measure(f"write_GBps[{k}]", "GB/s").samples.append(
+                    nbytes / max(r.allgather(wrote)) / GB)
+        outs = buffers_for(BATCH, block)
+        for rep in range(reps):
+            for name in turns(list(open_), rep):
+                if name not in open_:  # failed earlier in this repetition
+                    continue
+                backend = open_[name]
+                took = r.step(res, open_, name,
+                              lambda: r.get_blocks(backend, keys, ids, contents[name], outs, batch=BATCH),
+                              f"{k} rank(s): read {rep + 1}/{reps}")
+                if took is not None:  # None: the system failed (recorded) and left the turns
+                    res.systems[name].measure(f"read_GBps[{k}]", "GB/s").samples.append(
+                        nbytes / max(r.allgather(took)) / GB)
 
 
 def _merge(res: Result, at_k: Result, k: int, skipped: dict[str, dict[int, str]]) -> None:
