@@ -55,32 +55,48 @@ def test_bench_rejects_bad_sizes(args: tuple[str, ...]) -> None:
     assert "error" in p.stderr
 
 
+def _shown(data: dict, key: str) -> str | None:  # type: ignore[type-arg]
+    """A figure's verdict as a reader of the JSON takes it from its targets: a broken ceiling over its goal's."""
+    mine = [t for t in data["targets"] if t["system"] == "cascade-kv" and t["key"] == key]
+    if any(t["verdict"] == "broken ceiling" for t in mine):
+        return "broken ceiling"
+    return next((t["verdict"] for t in mine if t["factor"] is not None), None)
+
+
 def test_bench_quick_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
     p = run("bench", "--quick", "--json", str(out), "--dir", str(tmp_path))
     assert p.returncode == 0, p.stdout + p.stderr
     assert "ceiling" in p.stdout and "mixed workload" in p.stdout
-    assert not list(tmp_path.glob("cascade-bench-*")), "the temporary disk tier was not removed"
+    assert not list(tmp_path.glob("cascade-*")), "the temporary disk tier was not removed"
     data = json.loads(out.read_text())
+    assert data["experiment"] == "store" and data["ranks"] == 1  # the main job is the suite's store experiment
     assert data["reads_wrong"] == 0 and data["reads_checked"] > 0
     assert data["machine"]["cores"] > 0 and data["machine"]["memory_bytes"] > 0
     assert data["machine"]["disk"]["total_bytes"] > 0 and "free_bytes" in data["machine"]["disk"]
     assert data["machine"]["numpy"] == np.__version__
-    assert "bench" in data["argv"] and "--quick" in data["argv"]
-    assert data["wall_seconds"] > 0
+    assert "bench" in data["command"] and "--quick" in data["command"]
+    assert data["wall_seconds"] > 0 and data["settings"]["quick"] is True
+    assert [r["key"] for r in data["rows"]] == list(FIGURES)
+    mine = data["systems"]["cascade-kv"]
     for key in FIGURES:
-        f = data["figures"][key]
+        f, ceiling = mine[key], data["ceilings"][key]
         assert 0 < f["min"] <= f["median"] <= f["max"], key
-        assert f["ceiling"]["median"] > 0 and f["ratio"] > 0, key
-        assert f["ratio_min"] <= f["ratio"] <= f["ratio_max"], key
+        assert ceiling["median"] > 0 and ceiling["what"] and ceiling["unit"] == f["unit"], key
+        bound = next(t for t in data["targets"] if t["key"] == key and t["than"] == key)
+        assert bound["min"] <= bound["got"] <= bound["max"] and bound["got"] > 0, key
         # a store above its ceiling is reported as a broken ceiling, never as a pass
-        assert f["verdict"] == "broken ceiling" if f["ratio"] > 1.05 else f["verdict"] in (
+        assert _shown(data, key) == "broken ceiling" if bound["got"] > 1.05 else _shown(data, key) in (
             None, "pass", "within noise", "miss"), key
-    assert data["figures"]["host_get"]["target"] == {"kind": "ratio", "value": 0.8}
-    assert data["figures"]["batch_get_4k"]["target"] == {"kind": "value", "value": 500_000}  # issue 12's small ops
-    assert data["figures"]["batch_put_64k"]["target"] == {"kind": "value", "value": 100_000}
-    assert all(s > 0 for s in data["open_seconds"].values())
-    mixed = data["mixed"]
+
+    def goal(key: str) -> tuple[float, str]:
+        return next((t["factor"], t["than"]) for t in data["targets"] if t["key"] == key and t["factor"] is not None)
+
+    assert goal("host_get") == (0.8, "host_get")  # 0.8x its ceiling
+    assert goal("batch_get_4k") == (500_000, "")  # issue 12's small ops, in their own unit
+    assert goal("batch_put_64k") == (100_000, "")
+    assert all(s > 0 for s in data["settings"]["open_seconds"].values())
+    mixed = mine["mixed"]
     for key in ("put_gbps", "get_gbps", "dedup_hits", "demotions", "stored_bytes"):
         assert mixed[key] > 0, key
     assert mixed["stored_bytes"] > mixed["host_capacity"]  # more data than the host tier holds
@@ -99,6 +115,7 @@ def test_a_wrong_read_fails_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(Store, "get_many", corrupting)
     assert cli.main(["bench", "--quick", "--dir", str(tmp_path)]) == 1
+    assert not list(tmp_path.glob("cascade-*")), "the temporary disk tier was not removed"
 
 
 def test_bench_small_host_tier_shrinks_the_batches(tmp_path: Path) -> None:
@@ -108,5 +125,5 @@ def test_bench_small_host_tier_shrinks_the_batches(tmp_path: Path) -> None:
     p = run("bench", "--quick", "--block-size", "64KiB", "--host-capacity", "2MiB", "--json", str(out),
             "--dir", str(tmp_path), timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    figures = json.loads(out.read_text())["figures"]
-    assert "batches of 8," in figures["batch_get_64k"]["label"] and "batches of 64," in figures["batch_get_4k"]["label"]
+    labels = {r["key"]: r["label"] for r in json.loads(out.read_text())["rows"]}
+    assert "batches of 8," in labels["batch_get_64k"] and "batches of 64," in labels["batch_get_4k"]

@@ -35,7 +35,9 @@ def test_the_main_job_runs_without_the_bench_extra(tmp_path: Path) -> None:
         f"sys.exit(main(['bench', '--quick', '--dir', {str(tmp_path)!r}, '--json', {str(out)!r}]))", tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     got = json.loads(out.read_text())
-    assert got["reads_checked"] > 0 and got["reads_wrong"] == 0
+    assert got["experiment"] == "store" and got["reads_checked"] > 0 and got["reads_wrong"] == 0
+    assert {r["key"] for r in got["rows"]} >= {"host_get", "disk_get_cold"} and got["systems"]["cascade-kv"]["mixed"]
+    assert not list(tmp_path.glob("cascade-*"))
 
 
 def test_serve_and_the_distributed_bench_import_without_the_bench_extra(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
-"""What a figure's verdict means, in both report types: a target passes only when the whole spread of its
-repetitions clears it, a figure above its ceiling is a broken ceiling (never a pass), a figure of 0 fails.
-Constructed samples only: nothing is timed."""
+"""What a figure's verdict means, in the figures table (the store experiment) and the systems table (the others):
+a target passes only when the whole spread of its repetitions clears it, a figure above its ceiling is a broken
+ceiling (never a pass), a figure of 0 fails. Constructed samples only: nothing is timed."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ import pytest
 from rich.console import Console
 
 from cascade_kv.bench.ceilings import Spread, best_of
-from cascade_kv.bench.report import Figure, Report, Target, ratio_spread, render, verdict
+from cascade_kv.bench.report import ratio_spread, verdict
 from cascade_kv.bench.suite import render as suite_render
 from cascade_kv.bench.suite.core import Measure, Result, SystemResult, turns
 from cascade_kv.bench.suite.core import Target as SuiteTarget
@@ -48,42 +48,71 @@ def test_ratios_are_taken_rep_by_rep() -> None:
     assert (uneven.low, uneven.high) == pytest.approx((0.25, 2.0))
 
 
-# ---------------------------------------------------------------------- cascade bench (single node)
-def _figure(value: list[float], ceiling: list[float] | None, target: Target | None) -> Figure:
-    return Figure("x", "x", "GB/s", Spread.of(value), None if ceiling is None else Spread.of(ceiling), "ceiling",
-                  target, ratios=None if ceiling is None else ratio_spread(value, ceiling))
+# ---------------------------------------------------------------------- cascade bench (the figures table)
+def _figure(samples: list[float], ceiling: list[float] | None = None, target: float | None = None, *,
+            of_ceiling: bool = True, at_most: bool = False) -> tuple[Result, list[str | None]]:
+    """One row of the store experiment's figures table, judged: the result and its targets' verdicts (the
+    check against its ceiling first, where it has one, then its goal)."""
+    res = Result("store", "x", 1)
+    row = res.figure("x", "x", "GB/s", samples, ceiling=ceiling, target=target, of_ceiling=of_ceiling,
+                     at_most=at_most)
+    res.judge()
+    return res, [t.verdict for t in res.targets_of(row)]
+
+
+def _table(res: Result) -> str:
+    out = io.StringIO()
+    suite_render.render(res, Console(file=out, width=250, color_system=None))
+    return out.getvalue()
 
 
 def test_a_figure_above_its_ceiling_is_a_broken_ceiling_not_a_pass() -> None:
-    f = _figure([16.0, 16.0, 16.0], [10.0, 10.0, 10.0], Target("ratio", 0.8))  # the 1.60x host get of issue 13
-    assert f.verdict == "broken ceiling" and f.passed is False
-    # with a target in its own unit too: the ceiling is still not one
-    assert _figure([16.0], [10.0], Target("value", 1.0)).verdict == "broken ceiling"
-    assert _figure([16.0], [10.0], None).verdict == "broken ceiling"
-    assert _figure([10.4], [10.0], Target("ratio", 0.8)).verdict == "pass"  # within 5 %: noise, not broken
+    res, verdicts = _figure([16.0, 16.0, 16.0], [10.0, 10.0, 10.0], 0.8)  # the 1.60x host get of issue 13
+    assert verdicts == ["broken ceiling"] and res.targets[0].passed is False
+    assert _figure([16.0], [10.0])[1] == ["broken ceiling"]  # no goal: the ceiling is still checked
+    assert _figure([10.4], [10.0], 0.8)[1] == ["pass"]  # within 5 %: noise, not broken
+    # with a goal in its own unit, which it meets: the table shows the broken ceiling, not the pass
+    res, verdicts = _figure([16.0], [10.0], 1.0, of_ceiling=False)
+    assert verdicts == ["broken ceiling", "pass"]
+    row = next(line for line in _table(res).splitlines() if line.startswith("│ x "))
+    assert "broken ceiling" in row and "pass" not in row
 
 
 def test_figure_verdicts_and_their_json() -> None:
-    assert _figure([0.85, 0.95, 1.0], [1.0, 1.0, 1.0], Target("ratio", 0.9)).verdict == "within noise"
-    assert _figure([0.5, 0.6, 0.7], [1.0, 1.0, 1.0], Target("ratio", 0.9)).verdict == "miss"
-    assert _figure([0.0, 0.0], [1.0, 1.0], Target("ratio", 0.5)).verdict == "miss"  # a figure of 0
-    assert _figure([0.0, 0.0], None, Target("value", 0.0)).verdict == "miss"
-    assert _figure([3.0, 3.5], None, Target("value", 3.0)).verdict == "pass"
-    assert _figure([2.0], None, None).verdict is None
-    d = _figure([0.85, 0.95, 1.0], [1.0, 1.0, 1.0], Target("ratio", 0.9)).as_dict()
-    assert d["verdict"] == "within noise" and d["passed"] is False  # within noise is no pass
-    assert (d["ratio_min"], d["ratio"], d["ratio_max"]) == pytest.approx((0.85, 0.95, 1.0))
-    json.dumps(d)
+    assert _figure([0.85, 0.95, 1.0], [1.0, 1.0, 1.0], 0.9)[1] == ["within noise"]
+    assert _figure([0.5, 0.6, 0.7], [1.0, 1.0, 1.0], 0.9)[1] == ["miss"]
+    assert _figure([0.0, 0.0], [1.0, 1.0], 0.5)[1] == ["miss"]  # a figure of 0 measured nothing
+    assert _figure([0.0, 0.0], None, 0.0, of_ceiling=False)[1] == ["miss"]
+    assert _figure([3.0, 3.5], None, 3.0, of_ceiling=False)[1] == ["pass"]  # a goal in its own unit
+    assert _figure([3.0, 3.5], [4.0, 4.0], 3.2, of_ceiling=False)[1] == [None, "within noise"]
+    assert _figure([1.0, 2.0], None, 2.5, at_most=True)[1] == ["pass"]  # a latency: at most
+    assert _figure([1.0, 2.0], None, 1.5, at_most=True)[1] == ["within noise"]
+    assert _figure([2.0], None, None)[1] == []  # neither ceiling nor goal: nothing to judge
+    res, _ = _figure([0.85, 0.95, 1.0], [1.0, 1.0, 1.0], 0.9)
+    data = json.loads(json.dumps(res.as_dict([])))
+    (t,) = data["targets"]
+    assert t["verdict"] == "within noise" and t["passed"] is False  # within noise is no pass
+    assert (t["min"], t["got"], t["max"]) == pytest.approx((0.85, 0.95, 1.0))
+    assert (t["key"], t["than"], t["factor"]) == ("x", "x", 0.9)  # the figure, its ceiling, the goal
+    assert data["systems"]["cascade-kv"]["x"]["median"] == pytest.approx(0.95)
+    assert data["ceilings"]["x"]["median"] == pytest.approx(1.0)
+    assert data["rows"] == [{"key": "x", "label": "x", "ceiling": "x", "note": "", "system": "cascade-kv"}]
 
 
-def test_the_single_node_table_shows_the_spread_and_the_verdicts() -> None:
-    report = Report(settings={"block_size": 1 << 20, "host_capacity": 1 << 25, "reps": 3, "dir": "/nonexistent"})
-    report.figures = [_figure([16.0, 16.0], [10.0, 10.0], Target("ratio", 0.8)),
-                      _figure([0.85, 0.95], [1.0, 1.0], Target("ratio", 0.9))]
-    out = io.StringIO()
-    render(report, Console(file=out, width=200, color_system=None))
-    text = out.getvalue()
+def test_the_figures_table_shows_the_spread_and_the_verdicts() -> None:
+    res = Result("store", "one node", 1)
+    res.figure("host_get", "get, host tier", "GB/s", [16.0, 16.0], ceiling=[10.0, 10.0], ceiling_what="copy",
+               target=0.8)
+    res.figure("disk_get_hot", "get, disk tier", "GB/s", [0.85, 0.95], ceiling=[1.0, 1.0],
+               ceiling_what="file reads", target=0.9, note="0 of 8 reads hashed")
+    res.figure("batch_get_4k", "get_many", "/s", [400_000.0, 600_000.0], ceiling=[1e6, 1e6],
+               ceiling_what="np.copyto per block", target=500_000, of_ceiling=False)
+    res.judge()
+    text = _table(res)
     assert "broken ceiling" in text and "within noise" in text and "0.85 - 0.95" in text
+    assert ">= 0.9x its ceiling" in text and ">= 500,000 /s" in text and "0 of 8 reads hashed" in text
+    assert "file reads" in text and "400,000 - 600,000" in text
+    assert "target:" not in text  # each row's targets are in its row, not repeated below the table
 
 
 # ---------------------------------------------------------------------- cascade bench <experiment>

@@ -20,10 +20,12 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from rich.table import Table
 
+from ..config import format_size
 from .ceilings import buffers, timed
 
 if TYPE_CHECKING:
@@ -54,7 +56,8 @@ class ThreadCPU:
         return sum(self._seen.values())
 
 
-def run_mixed(bench: Bench) -> None:
+def run_mixed(bench: Bench) -> dict[str, Any]:
+    """Run the workload through a store of ``bench``'s; its figures (the store's counts, the reads' times)."""
     s, c = bench.s, bench.big
     nprefix, nunique, nreq, bs = s.prefix_blocks, s.unique_per_request, s.requests, s.block
     prefix_ids = c.new_ids(nprefix)
@@ -100,7 +103,7 @@ def run_mixed(bench: Bench) -> None:
     ceilings = {"host": bench.copy_ceiling.median, "disk": bench.readinto_ceiling.median}
     # the same bytes at the ceilings: those served from memory copied, those from disk read from a warm page cache
     ceiling_seconds = sum(reads.get(t, 0) * bs / (gbps * 1e9) for t, gbps in ceilings.items() if gbps)
-    bench.report.mixed = {
+    return {
         "requests": nreq, "prefix_blocks": nprefix, "unique_per_request": nunique, "block_size": bs,
         "host_capacity": s.host_capacity, "read_rounds": s.read_rounds,
         "stored_bytes": stats.unique_bytes, "logical_bytes": stats.logical_bytes,
@@ -117,7 +120,43 @@ def run_mixed(bench: Bench) -> None:
         "dedup_hits": stats.dedup_hits, "dedup_bytes_saved": stats.dedup_bytes_saved,
         "protected_blocks": stats.protected_blocks, "protected_in_memory": stats.protected_in_memory,
         "prefix_retention": stats.protected_in_memory / max(1, stats.protected_blocks),
-        "promotions": stats.promotions, "promotion_threshold": threshold, "demotions": stats.demotions, "drops": stats.drops,
+        "promotions": stats.promotions, "promotion_threshold": threshold, "demotions": stats.demotions,
+        "drops": stats.drops,
         "misses": stats.misses, "integrity_errors": stats.integrity_errors,
         "ceilings_gbps": ceilings,
     }
+
+
+def mixed_table(m: dict[str, Any]) -> Table:
+    """The figures of :func:`run_mixed`, one row each with what it counts."""
+    bs = m["block_size"]
+    t = Table(title=f"mixed workload: {m['requests']} requests x ({m['prefix_blocks']} shared prefix + "
+                    f"{m['unique_per_request']} unique blocks of {format_size(bs)}); {format_size(m['stored_bytes'])} "
+                    f"stored, host tier {format_size(m['host_capacity'])}, default config")
+    for col, just in (("figure", "left"), ("value", "right"), ("detail", "left")):
+        t.add_column(col, justify=just)  # type: ignore[arg-type]
+    t.add_row("put throughput", f"{m['put_gbps']:.2f} GB/s",
+              f"{format_size(m['put_bytes'])} put with put_many (dedup hits included), {m['put_seconds']:.2f} s")
+    rq = m["request_ms"]
+    t.add_row("get throughput", f"{m['get_gbps']:.2f} GB/s",
+              f"{m['reads']} gets in {rq['n']} requests of one get_many each ({m['read_rounds']} rounds over the "
+              f"requests), one after another, nothing settled between them; {m['get_seconds']:.2f} s in all")
+    t.add_row("  time per request", f"{rq['median']:.1f} ms", f"median; range {rq['min']:.1f} - {rq['max']:.1f} ms")
+    t.add_row("  against the ceilings", f"{m['ratio']:.2f}x",
+              f"the same reads at the ceilings take {m['ceiling_seconds']:.2f} s: "
+              + ", ".join(f"{m['reads_by_tier'].get(tier, 0)} served by {tier} at {gbps:.2f} GB/s"
+                          for tier, gbps in m["ceilings_gbps"].items())
+              + " (the copy ceiling, and the warm-page-cache read ceiling)")
+    t.add_row("  CPU beside the clock", f"{m['promoter_cpu_seconds']:.2f} s",
+              f"the promoter thread's CPU time over the read phase (the reader's own: "
+              f"{m['reader_cpu_seconds']:.2f} s); {m['disk_reads_hashed']} disk reads hashed (verify=auto: first "
+              "read of a file)")
+    t.add_row("hits per tier", ", ".join(f"{k} {v}" for k, v in m["hits_by_tier"].items()),
+              "evictions: " + ", ".join(f"{k} {v}" for k, v in m["evictions_by_tier"].items()))
+    t.add_row("dedup hits", str(m["dedup_hits"]), f"{format_size(m['dedup_bytes_saved'])} not stored again")
+    t.add_row("prefix retention", f"{m['prefix_retention']:.0%}",
+              f"{m['protected_in_memory']} of {m['protected_blocks']} prefix blocks in memory at the end")
+    t.add_row("promotions", str(m["promotions"]), f"disk -> host, after {m['promotion_threshold']} reads from disk")
+    t.add_row("demotions", str(m["demotions"]), "host -> disk, to make room")
+    t.add_row("drops", str(m["drops"]), "blocks lost because the last tier was full")
+    return t

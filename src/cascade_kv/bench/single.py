@@ -1,4 +1,5 @@
-"""The single-node workload of ``cascade bench``: each measurement beside its ceiling.
+"""The single-node workload of ``cascade bench`` (the suite's ``store`` experiment on one rank): each
+measurement beside its ceiling, recorded as one row of the suite's :class:`~.suite.core.Result`.
 
 Every timed pass is preceded by an untimed warm-up and repeated ``reps`` times,
 alternating with its ceiling pass so both see the same machine. Preparation
@@ -13,23 +14,19 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+from rich.console import Console
+from rich.markup import escape
 
 from ..config import CascadeConfig, format_size
 from ..store import Store
-from .ceilings import (Contents, Spread, best_of, buffers, combined, copy_pass, copy_ways, drop_page_cache, hash_pass,
-                       put_ways, read_ways, small_put_pass, timed, touch, write_pass)
-from .mixed import run_mixed
-from .report import Figure, Report, Target, ratio_spread
+from .ceilings import (Spread, best_of, buffers, combined, copy_pass, copy_ways, drop_page_cache, hash_pass, put_ways,
+                       read_ways, small_put_pass, timed, touch, write_pass)
+from .mixed import mixed_table, run_mixed
+from .suite.core import GB, BenchError, Result, Run, SystemResult
 
-GB = 1e9
-
-
-class BenchError(RuntimeError):
-    """The store did not do what a measurement relies on (e.g. a block landed in another tier)."""
-
+SYSTEM = "cascade-kv"
 BATCH_BLOCKS = (4096, 64 << 10)
 """Block sizes of the small-ops figures (issue 12's targets: 500k gets/s and 100k puts/s per thread)."""
 _POISON = 0xA5  # outputs are overwritten before each checked pass: a get that copies nothing fails its check
@@ -72,42 +69,56 @@ class Sizes:
         """Enough requests that the unique blocks alone are twice the host tier."""
         return max(2, math.ceil(2 * self.host_capacity / (self.unique_per_request * self.block)))
 
-    @property
-    def ticks(self) -> int:
-        return (9 + 2 * len(BATCH_BLOCKS)) * (self.reps + 1) + self.requests + self.read_rounds
+
+def run_single(r: Run) -> Result:
+    """The store experiment on one rank: every measurement of :class:`Bench`, one row each."""
+    sizes = Sizes.for_run(quick=r.quick, block=r.options.get("block"), host_capacity=r.options.get("host_capacity"))
+    res = Result("store", "the store against this machine's ceilings, one node", 1,
+                 settings={"block_size": sizes.block, "host_capacity": sizes.host_capacity, "reps": sizes.reps,
+                           "dir": str(r.root), "sizes": _fields(sizes)})
+    res.notes.append("Cold reads: before each measured pass the files were fsynced and dropped from the page cache "
+                     "with posix_fadvise(POSIX_FADV_DONTNEED), for the store and for the raw ceiling alike.")
+    if r.options.get("o_direct"):
+        # the disk rows are page cache warm and page cache dropped by design, ceilings included
+        res.notes.append("--o-direct does not apply to the single-node job: its disk figures read through the "
+                         "page cache (warm, or dropped before each pass), the store and its ceilings alike.")
+    Bench(sizes, r, res).run()
+    return res
 
 
 class Bench:
-    """Runs every measurement in turn; ``tick(description)`` is called once per pass (progress)."""
+    """Runs every measurement in turn, recording each in ``res``; ``run.tick(description)`` once per pass."""
 
-    def __init__(self, sizes: Sizes, root: Path, tick: Callable[[str], None]) -> None:
+    def __init__(self, sizes: Sizes, run: Run, res: Result) -> None:
         self.s = sizes
-        self.root = root
-        self.tick = tick
-        self.big = Contents(sizes.block, seed=1)
-        self.small = Contents(sizes.small_block, seed=2)
+        self.root = run.root
+        self.tick = run.tick
+        self.job = run
+        self.res = res
+        self.big = run.new_contents(sizes.block, seed=1)
+        self.small = run.new_contents(sizes.small_block, seed=2)
         self.copy_ceiling = self.readinto_ceiling = Spread(0.0, 0.0, 0.0, 0)  # set by host_get(), disk()
-        self.report = Report(settings={"block_size": sizes.block, "host_capacity": sizes.host_capacity,
-                                       "reps": sizes.reps, "dir": str(root), "sizes": _fields(sizes)})
+        self.mine = res.systems.setdefault(SYSTEM, SystemResult(SYSTEM))
+        self.open_seconds: dict[str, float] = res.settings.setdefault("open_seconds", {})
+        """Seconds each store took to open (arena allocation and touch): never inside a timed pass (the
+        distributed job keeps its stores' there too)."""
 
-    def run(self) -> Report:
+    def run(self) -> None:
         self.host_get()
         self.puts()
         self.small_blocks()
         self.small_ops()
         self.disk()
         os.sync()  # the disk phase's dirty pages must not be written back during the mixed workload
-        self.mixed()
-        self.report.reads_checked = self.big.checked + self.small.checked
-        self.report.reads_wrong = self.big.wrong + self.small.wrong
-        return self.report
+        self.mine.values["mixed"] = run_mixed(self)
 
     # ------------------------------------------------------------------ helpers
     def _store(self, name: str, **cfg: object) -> Store:
         cfg.setdefault("host_capacity", self.s.host_capacity)
         cfg.setdefault("disk_path", self.root / name)
         store = Store(CascadeConfig(**cfg))  # type: ignore[arg-type]
-        self.report.open_seconds[name] = store.open_seconds
+        self.open_seconds[name] = store.open_seconds
+        self.mine.setup_seconds += store.open_seconds  # the suite's setup time of a system: all its stores'
         return store
 
     def _measure(self, what: str, amount: float, passes: dict[str, Callable[[], float]]) -> dict[str, list[float]]:
@@ -153,12 +164,6 @@ class Bench:
         store.delete_many(keys)
         return took
 
-    def _add(self, key: str, label: str, unit: str, value: list[float], ceiling: list[float] | None = None,
-             ceiling_label: str = "", target: Target | None = None, note: str = "") -> None:
-        self.report.figures.append(Figure(key, label, unit, Spread.of(value),
-                                          None if ceiling is None else Spread.of(ceiling), ceiling_label,
-                                          target, note, None if ceiling is None else ratio_spread(value, ceiling)))
-
     # ------------------------------------------------------------------ measurements
     def host_get(self) -> None:
         n, bs = self.s.host_blocks, self.s.block
@@ -173,14 +178,14 @@ class Bench:
                 "store": lambda: self._gets(st, keys, ids, outs),
                 **{way: self._poisoned(fn, outs) for way, fn in ways.items()}})
         best, won = best_of(r, list(ways))
-        self._add("host_get", f"get, host tier, {format_size(bs)} blocks", "GB/s", r["store"], best,
-                  f"best of {len(ways)} ways (mostly: {won})", Target("ratio", 0.8), _ways_note(r, ways))
+        self.res.figure("host_get", f"get, host tier, {format_size(bs)} blocks", "GB/s", r["store"], ceiling=best,
+                        ceiling_what=f"best of {len(ways)} ways (mostly: {won})", target=0.8, note=_ways_note(r, ways))
         self.copy_ceiling = Spread.of(best)
 
     def puts(self) -> None:
         n, bs = self.s.host_blocks, self.s.block
         srcs, outs = buffers(n, bs), buffers(n, bs)
-        for algo, target in (("blake3", Target("value", 3.0)), ("sha256", None)):
+        for algo, target in (("blake3", 3.0), ("sha256", None)):
             ways = put_ways(algo, outs, srcs)
             with self._store(f"put-{algo}", hash_algorithm=algo) as st:
                 r = self._measure(f"put {algo}", n * bs / GB, {
@@ -188,10 +193,11 @@ class Bench:
                     "hash": lambda algo=algo: hash_pass(algo, srcs), "copy": lambda: copy_pass(outs, srcs), **ways})
             best, won = best_of(r, list(ways))
             h, c = Spread.of(r["hash"]), Spread.of(r["copy"])
-            self._add(f"put_{algo}", f"put new {format_size(bs)} blocks, host tier, {algo.upper()}", "GB/s",
-                      r["store"], best, f"hash and copy, best of {len(ways)} ways (mostly: {won})", target,
-                      f"{algo} alone {h.median:.2f} GB/s, np.copyto alone {c.median:.2f} GB/s; "
-                      + _ways_note(r, ways))
+            self.res.figure(f"put_{algo}", f"put new {format_size(bs)} blocks, host tier, {algo.upper()}", "GB/s",
+                            r["store"], ceiling=best, ceiling_what=f"hash and copy, best of {len(ways)} ways (mostly: "
+                            f"{won})", target=target, of_ceiling=False,
+                            note=f"{algo} alone {h.median:.2f} GB/s, np.copyto alone {c.median:.2f} GB/s; "
+                            + _ways_note(r, ways))
 
     def small_blocks(self) -> None:
         n, sb = self.s.small_count, self.s.small_block
@@ -221,10 +227,10 @@ class Bench:
             st.put_many(keys, list(self.small.fill_rows(ids, src)))
             rg = self._measure("small gets", n, {"store": gets, "ceiling": lambda: copy_pass(out_rows, src_rows)})
         size = format_size(sb)
-        self._add("small_get", f"get, {size} blocks, host tier, one thread", "/s", rg["store"], rg["ceiling"],
-                  "np.copyto per call", Target("value", 50_000))
-        self._add("small_put", f"put new {size} blocks, host tier, one thread", "/s", rp["store"], rp["ceiling"],
-                  "blake3 + np.copyto per call")
+        self.res.figure("small_get", f"get, {size} blocks, host tier, one thread", "/s", rg["store"],
+                        ceiling=rg["ceiling"], ceiling_what="np.copyto per call", target=50_000, of_ceiling=False)
+        self.res.figure("small_put", f"put new {size} blocks, host tier, one thread", "/s", rp["store"],
+                        ceiling=rp["ceiling"], ceiling_what="blake3 + np.copyto per call")
 
     def small_ops(self) -> None:
         """get_many and put_many of small blocks in batches (an engine's traffic), per thread, beside the same
@@ -234,7 +240,7 @@ class Bench:
             # 64 blocks of 64 KiB would not fit the memory-only store at all
             b = max(1, min(self.s.batch, self.s.batch_bytes // bs))
             n = max(b, self.s.batch_bytes // bs // b * b)
-            contents = Contents(bs, seed=3 + bs)
+            contents = self.job.new_contents(bs, seed=3 + bs)
             src, out, scratch = (touch(np.empty((n, bs), np.uint8)) for _ in range(3))
             src_rows, out_rows = list(src), list(out)
             cuts = range(0, n, b)
@@ -264,13 +270,13 @@ class Bench:
                 st.put_many(keys, list(contents.fill_rows(ids, src)))
                 rg = self._measure(f"get_many {size}", n, {
                     "store": gets, "ceiling": self._poisoned(lambda: copy_pass(out_rows, src_rows), [out])})
-            self.small.checked += contents.checked
-            self.small.wrong += contents.wrong
             what = f"{size} blocks, batches of {b}, host tier, one thread"
-            self._add(f"batch_get_{bs // 1024}k", f"get_many, {what}", "/s", rg["store"], rg["ceiling"],
-                      "np.copyto per block", Target("value", 500_000), f"{n} blocks ({format_size(n * bs)}) a pass")
-            self._add(f"batch_put_{bs // 1024}k", f"put_many new, {what}", "/s", rp["store"], rp["ceiling"],
-                      "blake3 + np.copyto per block", Target("value", 100_000), f"{n} blocks a pass")
+            self.res.figure(f"batch_get_{bs // 1024}k", f"get_many, {what}", "/s", rg["store"],
+                            ceiling=rg["ceiling"], ceiling_what="np.copyto per block", target=500_000, of_ceiling=False,
+                            note=f"{n} blocks ({format_size(n * bs)}) a pass")
+            self.res.figure(f"batch_put_{bs // 1024}k", f"put_many new, {what}", "/s", rp["store"],
+                            ceiling=rp["ceiling"], ceiling_what="blake3 + np.copyto per block", target=100_000,
+                            of_ceiling=False, note=f"{n} blocks a pass")
 
     def disk(self) -> None:
         n, bs, m = self.s.disk_blocks, self.s.block, self.s.host_blocks
@@ -281,9 +287,10 @@ class Bench:
             r = self._measure("disk put", m * bs / GB, {
                 "store": lambda: self._fresh_puts(st, srcs, outs, "disk"),
                 "hash": lambda: hash_pass("blake3", srcs), "write": lambda: write_pass(raw, srcs)})
-            self._add("disk_put", f"put new {format_size(bs)} blocks, disk tier (page cache)", "GB/s", r["store"],
-                      [combined(h, w) for h, w in zip(r["hash"], r["write"])], "1/(1/blake3 + 1/raw write)",
-                      note=f"raw write alone {Spread.of(r['write']).median:.2f} GB/s")
+            self.res.figure("disk_put", f"put new {format_size(bs)} blocks, disk tier (page cache)", "GB/s", r["store"],
+                            ceiling=[combined(h, w) for h, w in zip(r["hash"], r["write"])],
+                            ceiling_what="1/(1/blake3 + 1/raw write)",
+                            note=f"raw write alone {Spread.of(r['write']).median:.2f} GB/s")
             ids = self.big.new_ids(n)
             self._read_disk(st, ids, outs, "auto")
         with self._store("disk-verify-always", host_capacity=0, locality_aware=False, verify_reads="always") as st:
@@ -325,15 +332,13 @@ class Bench:
             best, won = best_of(r, list(ways))
             state = "page cache warm" if cache == "hot" else "page cache dropped before each pass"
             key = f"disk_get_{cache}" + ("" if verify == "auto" else "_verify_always")
-            self._add(key, f"get, disk tier, {format_size(bs)} blocks, {state}, verify_reads={verify}", "GB/s",
-                      r["store"], best, f"file reads, best of {len(ways)} ways (mostly: {won})",
-                      Target("ratio", 0.9) if verify == "auto" else None,
-                      f"{hashed} of {len(keys) * (self.s.reps + 1)} reads hashed; " + _ways_note(r, ways))
+            self.res.figure(key, f"get, disk tier, {format_size(bs)} blocks, {state}, verify_reads={verify}", "GB/s",
+                            r["store"], ceiling=best,
+                            ceiling_what=f"file reads, best of {len(ways)} ways (mostly: {won})",
+                            target=0.9 if verify == "auto" else None,
+                            note=f"{hashed} of {len(keys) * (self.s.reps + 1)} reads hashed; " + _ways_note(r, ways))
             if cache == "hot" and verify == "auto":
                 self.readinto_ceiling = Spread.of(best)
-
-    def mixed(self) -> None:
-        run_mixed(self)
 
 
 def _ways_note(rates: dict[str, list[float]], ways: dict[str, object]) -> str:
@@ -345,3 +350,19 @@ def _ways_note(rates: dict[str, list[float]], ways: dict[str, object]) -> str:
 def _fields(s: Sizes) -> dict[str, int]:
     return {name: getattr(s, name) for name in Sizes.__dataclass_fields__} | {
         "prefix_blocks": s.prefix_blocks, "requests": s.requests}
+
+
+# ---------------------------------------------------------------------- beside the figures table
+def render_more(res: Result, console: Console) -> None:
+    """What the figures table leaves out: the mixed workload, the stores' open times, the sizes."""
+    mine = res.systems.get(SYSTEM)
+    values = {} if mine is None else mine.values
+    if values.get("mixed"):
+        console.print(mixed_table(values["mixed"]))
+    s = res.settings
+    if s.get("open_seconds"):
+        console.print("Store open (arena allocated and touched), apart from every timed figure: " + ", ".join(
+            f"{name} {sec:.2f} s" for name, sec in s["open_seconds"].items()))
+    console.print(f"Sizes: block {format_size(s['block_size'])}, host tier {format_size(s['host_capacity'])}, "
+                  f"{s['reps']} reps after warm-up; disk tier in {escape(str(s['dir']))} (removed).")
+
