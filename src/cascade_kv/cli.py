@@ -289,9 +289,7 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     from .bench.report import disk
     result.disk = disk(args.dir)
     result.judge()
-    render(result, console)
-    if module.render_more is not None:
-        module.render_more(result, console)
+    render(result, console, module.render_more)
     if result.reads_wrong:
         console.print(f"[red]FAILED: {result.reads_wrong} of {result.reads_checked} reads returned wrong "
                       f"bytes[/red]")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -68,7 +69,8 @@ def _figures_table(res: Result) -> Table:
     return table
 
 
-def render(res: Result, console: Console) -> None:
+def render(res: Result, console: Console, more: Callable[[Result, Console], None] | None = None) -> None:
+    """The experiment's tables, targets and notes; ``more``: an experiment's own tables, before the last line."""
     if res.rows:
         console.print(_figures_table(res))
     if res.columns or not res.rows:
@@ -86,6 +88,8 @@ def render(res: Result, console: Console) -> None:
         console.print(f"target: {escape(t.system)} {escape(t.text or t.key)}{_got(t)}: {verdict}")
     for note in res.notes:
         console.print(f"[dim]{escape(note)}[/dim]")
+    if more is not None:
+        more(res, console)
     style = "green" if res.reads_wrong == 0 else "red"
     console.print(f"[{style}]Reads checked against the written bytes, all ranks: {res.reads_checked}, wrong: "
                   f"{res.reads_wrong}.[/{style}] Wall time {res.wall_seconds:.1f} s.")
