@@ -2,20 +2,13 @@
 
 Each test starts :mod:`rma_worker` under ``mpiexec`` with a scenario; the ranks check their invariants,
 agree on them with collectives, and rank 0 prints one ``RESULT {json}`` line that the test asserts on.
-The last test runs the benchmark's entry point (``python -m cascade_kv.bench.rma``) on tiny blocks.
 """
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
-
-import pytest
-
-from cascade_kv.cluster.launch import local_mpi_env
 
 from .conftest import run_ranks
 
@@ -29,26 +22,6 @@ def run_worker(n: int, *args: str, timeout: float = TIMEOUT_S) -> dict[str, obje
     lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, f"expected one RESULT line\n{out}"
     return json.loads(lines[0].removeprefix("RESULT "))
-
-
-def run(cmd: list[str], timeout: float = TIMEOUT_S) -> str:
-    """Run ``cmd`` (a command that starts mpiexec itself) with the launch environment; its stdout. Fails
-    the test, with the output, when it fails or outlives ``timeout`` (then every process is killed)."""
-    # a session of its own, so one killpg reaches every rank (a rank stuck in a collective outlives mpiexec)
-    proc = subprocess.Popen(cmd, env=local_mpi_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # every process of the group ended on its own meanwhile
-            pass
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} ran past {timeout} s\n{out}\n{err}")
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}\n{out}\n{err}")
-    return out
 
 
 def assert_nothing_left(result: dict[str, object]) -> None:
@@ -84,10 +57,3 @@ def test_four_ranks_read_each_other_in_one_epoch():
     assert result["reads_per_rank"] == 18
     assert_nothing_left(result)
 
-
-def test_bench_entry_relaunches_itself_as_two_ranks():
-    # started by hand (no launcher variables), it runs itself again under mpiexec -n 2
-    out = run([sys.executable, "-m", "cascade_kv.bench.rma", "--sizes", "64KiB", "--reps", "1", "--json"])
-    figures = json.loads(out)["sizes"][str(64 * 1024)]
-    assert figures["bare_get_GBps"]["median"] > 0 and figures["remote_read_GBps"]["median"] > 0
-    assert figures["ratio"] > 0

@@ -3,9 +3,10 @@
 (a) The remote-tier micro-benchmark (2 ranks or more). Rank 1 stores blocks of 4 KiB, 1 MiB and 16 MiB in
 cascade-kv; rank 0 reads them with a ``get`` (the distributed store with promotion off, so no local replica
 is made and every get reads rank 1's memory one-sidedly), taking turns read by read with a bare mpi4py
-``Get`` of the same bytes out of the same window into the same buffers, as ``bench/rma.py`` does: a burst
-of load from a neighbour then lands on both alike. A second ceiling streams the same sizes with
-``Send``/``Recv`` from rank 1 to rank 0 (rates per pass of back-to-back messages). Both are measured in
+``Get`` of the same bytes out of the same window into the same buffers (:mod:`cascade_kv.bench.remote_get`,
+which the main job's remote get uses too): a burst of load from a neighbour then lands on both alike. A
+second ceiling streams the same sizes with ``Send``/``Recv`` from rank 1 to rank 0 (rates per pass of
+back-to-back messages). Both are measured in
 the same run, and cascade-kv's figures are printed as ratios to them.
 
 (b) Reads from another process's memory, every system holding the same blocks, every read checked:
@@ -29,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from ..ceilings import Contents, interleaved_rates
+from ..ceilings import Contents
+from ..remote_get import get_vs_bare
 from . import rma_tcp
 from .core import (
     GB,
@@ -207,45 +209,19 @@ def _micro(r: Run, res: Result, mine: SystemResult, backend: Any, n: int, label:
     rates = r.allgather(rates)[READER]
     stream = r.together(lambda: _send_recv(r, contents, ids, n, s), f"rma {label}: Send/Recv")
     mine.measure(f"rma_GBps[{label}]", "GB/s").samples.extend(rates["store"])
-    res.ceilings[f"bare Get {label}"] = Measure("GB/s", rates["bare"])
+    res.ceilings[f"bare Get {label}"] = Measure("GB/s", rates["bare_get"])
     res.ceilings[f"Send/Recv {label}"] = Measure("GB/s", r.allgather(stream)[READER])
 
 
 def _get_vs_bare(store: Any, backend: Any, keys: list[str], ids: list[int], contents: Contents, n: int,
                  s: Sizes) -> dict[str, list[float]]:
-    """Rank 0's side: a get and a bare Get take turns on neighbouring blocks (so neither reads what the
-    other just cached) and swap places every rep; one rate per read, every read checked."""
-    from mpi4py import MPI
-
-    from ...cluster.directory import TIER_MEMORY
-    from ...cluster.window import ARENA_OFFSET, epoch
-    from ...cluster.slots import SLOT_HEADER
-
-    where = []
-    for key in keys:
-        locations = store.locations(key)
-        if len(locations) != 1 or locations[0].tier != TIER_MEMORY or locations[0].rank != OWNER:
-            raise RuntimeError(f"{key!r}: expected one copy, in rank {OWNER}'s memory; the directory says {locations}")
-        where.append(locations[0].offset)
+    """Rank 0's side: a get and a bare Get in turns (:func:`~..remote_get.get_vs_bare`); one rate per read."""
     outs = buffers_for(len(keys), n)
 
     def get(j: int) -> None:
         backend.get_many([keys[j]], [outs[j]])
 
-    def bare(j: int) -> None:
-        # [buffer, MPI.BYTE]: a bare buffer would be described as MPI_UNSIGNED_CHAR against the BYTE target,
-        # which osc/sm copies through its convertor (bench/cluster.py measured it 1.5x slower)
-        with epoch(store.window, OWNER) as win:
-            win.Get([outs[j], MPI.BYTE], OWNER, (ARENA_OFFSET + where[j] + SLOT_HEADER, n, MPI.BYTE))
-
-    count = s.micro_reads(n)
-    remote_before = backend.tier_hits().get("remote", 0)
-    rates = interleaved_rates({"store": get, "bare": bare}, count, s.reps, n, outs, ids, contents, POISON)
-    gets = (s.reps + 1) * count // 2
-    remote = backend.tier_hits().get("remote", 0) - remote_before
-    if remote != gets:
-        raise RuntimeError(f"{gets} gets of rank {OWNER}'s blocks, but the store counts {remote} remote hits")
-    return rates
+    return get_vs_bare(store, get, keys, ids, outs, contents, owner=OWNER, count=s.micro_reads(n), reps=s.reps)
 
 
 def _send_recv(r: Run, contents: Contents, ids: list[int], n: int, s: Sizes) -> list[float] | None:
@@ -310,7 +286,7 @@ def _targets(r: Run, res: Result) -> None:
             if label == SIZES[-1][1]:  # small reads are a directory round trip more than a bare Get: no target there
                 res.targets.append(Target(row, key, 0.8, f"bare Get {label}{suffix}",
                                           f"remote get {label}{over} >= 0.8x a bare MPI Get over the same "
-                                          f"transport (bench/cluster.py's target)"))
+                                          f"transport (the main job's target)"))
             value = cascade.measures[key].median
             get = res.ceilings[f"bare Get {label}{suffix}"].median
             stream = res.ceilings[f"Send/Recv {label}{suffix}"].median
