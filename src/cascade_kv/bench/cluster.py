@@ -1,63 +1,66 @@
-"""The distributed part of ``cascade bench``: four experiments over the ranks of an MPI job, each figure
-printed beside its ceiling measured in the same run.
+"""The main job on N ranks (``cascade bench --ranks N``, the suite's ``store`` experiment in a job of several
+ranks): six experiments over the ranks of an MPI job, each figure recorded beside its ceiling measured in
+the same run, as rows of one :class:`~.suite.core.Result` judged by the suite's rule (a target passes only
+when the spread of its repetitions clears it; a figure beyond its ceiling is a broken ceiling).
 
 1. **remote get**: rank 1 stores blocks, rank 0 gets them (``locality_aware=False``, so no replica is
-   made), taking turns read by read with a bare mpi4py ``Get`` of the same bytes out of the same window.
+   made), taking turns read by read with a bare mpi4py ``Get`` of the same bytes out of the same window
+   (:mod:`.remote_get`). Target: 0.8x the bare ``Get``.
 2. **directory round trip**: rank 0 looks up keys homed on other ranks, taking turns with an echo of about
-   the same size through the same service thread: the transport with no directory behind it.
+   the same size through the same service thread: the transport with no directory behind it. Target (on 2
+   ranks): at most 100 us median.
 3. **dedup put**: rank 1 stores blocks, rank 0 puts the same bytes under new keys. Each put must be a dedup
-   hit with no bulk transfer; its ceiling is what such a put cannot avoid: hashing the block and one echo
-   each to the digest's home and the key's home.
+   hit with no bulk transfer (else the run stops: the figure would measure other puts); its ceiling is what
+   such a put cannot avoid: hashing the block and one echo each to the digest's home and the key's home.
+   Target: at most 200 us median.
 4. **hot prefix**: blocks start on the shared disk tier (demoted, page cache dropped) and every rank reads
-   all of them. Load leases must make it one disk read per block however many ranks ask. Ceiling: the same
-   ranks reading the same files cold at once with open + readinto (aggregate, as the store's figure).
-5. **idle ranks** (:mod:`.idle`): each rank's CPU while it holds an open store and does nothing, beside a
-   rank waiting in a blocking ``MPI_Recv``; round trips to a service that is hot, asleep, or whose rank
-   is busy in Python, beside a bare MPI ping-pong.
+   all of them. Load leases must make it one disk read per block however many ranks ask (a figure of its
+   own, ``hot_prefix_disk_reads``, at most the blocks per pass). Ceiling: the same ranks reading the same
+   files cold at once with open + readinto (aggregate, as the store's figure).
+5. **idle ranks** (:mod:`.idle`): each rank's CPU while it holds an open store and does nothing (at most
+   5 %), beside a rank waiting in a blocking ``MPI_Recv``; round trips to a service that is hot, asleep (at
+   most 100 us median), or whose rank is busy in Python (at most 2 ms p99), beside a bare MPI ping-pong and
+   the kernel's own wake-up.
 6. **small remote gets** (:mod:`.small_remote`): ``get_many`` of 64 blocks of 4 KiB and 64 KiB from rank
-   1's memory against a bare ``Get`` loop over the same blocks.
+   1's memory against a bare ``Get`` loop over the same blocks (target 0.5x).
 
-Every read is checked against the bytes written. Each experiment opens its own store (its disk tier in a
-folder of its own under the run's root, which every rank must see) and closes it. A rank that fails raises
-on every rank at the next step boundary (:meth:`ClusterBench._together`), so no rank is left waiting in a
-collective. Rank 0 alone gets the report.
+A latency's samples are one median per pass (the single calls of a run split into ``reps`` passes, in call
+order), so that the spread rule sees passes, not single calls; the single calls' p50 and p99 are kept in
+the figures' details (``values["details"]``). Every read is checked against the bytes written. Each
+experiment opens its own store (its disk tier in a folder of its own under the run's root, which every
+rank must see) and closes it. A rank that fails raises on every rank at the next step (:meth:`~.suite.core.Run.together`), so
+no rank is left waiting in a collective. Rank 0's result is the one rendered.
 
 Imports ``mpi4py.MPI``, which initialises MPI: import this module only in a rank a launcher started.
 """
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
-from mpi4py import MPI
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ..cluster.directory import TIER_MEMORY, KeyRecord, Location
+from ..cluster.directory import TIER_MEMORY, KeyRecord
 from ..cluster.homes import home_of_digest, home_of_key
 from ..cluster.store import DistributedStore
-from ..cluster.window import ARENA_OFFSET, epoch
 from ..config import format_size
 from ..hashing import Hasher
-from ..cluster.slots import SLOT_HEADER
-from .ceilings import Contents, Spread, buffers, drop_page_cache, interleaved_rates, readinto_pass, touch
-from .report import run_header, write_json
 from . import idle, small_remote
-from .waits import idle_barrier
-from .single import BenchError
-from .suite.core import describe_error as _describe
+from .ceilings import Contents, Spread, buffers, drop_page_cache, readinto_pass, touch
+from .remote_get import get_vs_bare, memory_offsets
+from .suite.core import BenchError, Result, Run
 
-T = TypeVar("T")
 MiB = 1 << 20
 GB = 1e9
+SYSTEM = "cascade-kv"
 _READER, _OWNER = 0, 1
 _POISON = 0xA5  # outputs are overwritten before each read: a get that copies nothing fails its check
 REMOTE_TARGET_RATIO = 0.8
@@ -82,6 +85,7 @@ class ClusterSizes:
     host_capacity: int = 1 << 30
     """Per rank."""
     reps: int = 5
+    """Passes of each experiment after its warm-up: the samples of each figure."""
     remote_set: int = 64 * MiB
     """Remote get: bytes of distinct blocks, twice a 32 MiB L3, so neither kind reads from cache."""
     remote_bytes_per_rep: int = 256 * MiB
@@ -111,95 +115,83 @@ class ClusterSizes:
         return max(2, min(64, -(-self.remote_set // self.block), self.host_capacity // (2 * self.block)))
 
     @property
+    def remote_reads(self) -> int:
+        """Remote get: reads per rep, both kinds together (even: both read every block as often)."""
+        count = max(2 * self.remote_blocks, self.remote_bytes_per_rep // self.block)
+        return count + count % 2
+
+    @property
     def prefix_count(self) -> int:
         """``prefix_blocks``, at most half the host tier: a rank may end up holding every loaded block."""
         return max(2, min(self.prefix_blocks, self.host_capacity // (2 * self.block)))
-
-    @property
-    def ticks(self) -> int:
-        """Progress steps: one per :meth:`ClusterBench._together` (store open and close among them), one per
-        remote-get rep."""
-        return (4 + self.reps + 1) + 3 + 4 + (3 + 4 * self.prefix_passes) + 4 + (2 + 2 * len(small_remote.SIZES))
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__} | {
             "remote_blocks": self.remote_blocks, "prefix_count": self.prefix_count}
 
 
-def _latency_us(samples: Sequence[float]) -> dict[str, float | int]:
+def latency_us(samples: Sequence[float]) -> dict[str, float | int]:
+    """Single calls (seconds): median, p99 and max in microseconds, and how many."""
     s = sorted(samples)
     return {"median_us": statistics.median(s) * 1e6, "p99_us": s[min(len(s) - 1, int(0.99 * len(s)))] * 1e6,
             "max_us": s[-1] * 1e6, "n": len(s)}
 
 
-class ClusterBench:
-    """Runs the four experiments in every rank of ``comm``; ``tick(description)`` marks progress."""
+def per_pass(samples: Sequence[float], passes: int, scale: float = 1e6,
+             stat: Callable[[Sequence[float]], float] = statistics.median) -> list[float]:
+    """``stat`` (the median) of each of ``passes`` consecutive runs of ``samples`` (in the order taken), times
+    ``scale``: one figure per pass, which the spread rule judges (single calls would spread far wider than any
+    target, and a median's target is a median's)."""
+    return [float(stat(list(chunk))) * scale for chunk in np.array_split(np.asarray(samples), passes) if len(chunk)]
 
-    def __init__(self, comm: MPI.Comm, sizes: ClusterSizes, root: Path, tick: Callable[[str], None]) -> None:
-        if comm.Get_size() < 2:
-            raise ValueError(f"cluster bench: needs 2 ranks or more, got {comm.Get_size()}")
-        self.comm, self.s, self.root, self.tick = comm, sizes, root, tick
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
-        self.checkers: list[Contents] = []
+
+def run_cluster(r: Run) -> Result:
+    """Collective over ``r``'s ranks (2 or more); every rank gets a result, rank 0's holds the figures."""
+    if r.size < 2:
+        raise BenchError(f"the distributed main job needs 2 ranks or more, got {r.size}")
+    s = ClusterSizes.for_run(quick=r.quick, block=r.options.get("block"), host_capacity=r.options.get("host_capacity"))
+    res = Result("store", f"the distributed store on {r.size} ranks against this machine's ceilings", r.size,
+                 settings={"dir": str(r.root), **s.as_dict()})
+    job = _Job(r, s, res)
+    for experiment in (job.remote_get, job.directory, job.dedup_put, job.hot_prefix, job.idle,
+                       job.small_remote_gets):
+        experiment()
+    every = r.allgather(job.open_seconds)
+    res.settings["open_seconds"] = {name: max(o[name] for o in every) for name in job.open_seconds}
+    if r.rank == 0:
+        res.systems[SYSTEM].values["details"] = job.values  # one key: the measures share the values' namespace
+    res.notes.append(f"Host tier {format_size(s.host_capacity)} per rank; {s.reps} passes after warm-up; shared "
+                     f"disk tier in {r.root} (removed). A latency's ratio is ceiling / cascade-kv; its samples are "
+                     f"one median per pass (single calls' p50 and p99 in the JSON's details).")
+    return res
+
+
+class _Job:
+    """The experiments of one run, in every rank; rank 0 records the figures."""
+
+    def __init__(self, r: Run, s: ClusterSizes, res: Result) -> None:
+        self.r, self.s, self.res = r, s, res
+        self.rank, self.size = r.rank, r.size
         self.open_seconds: dict[str, float] = {}
-        self.experiments: dict[str, dict[str, object]] = {}
-        """Filled on rank 0 only."""
+        self.values: dict[str, Any] = {}
+        """Rank 0's details of each experiment, by figure: ``res.systems["cascade-kv"].values["details"]``."""
 
-    def run(self) -> ClusterReport | None:
-        """Collective; rank 0 gets the report, the others ``None``."""
-        self.remote_get()
-        self.directory()
-        self.dedup_put()
-        self.hot_prefix()
-        self.idle()
-        self.small_remote_gets()
-        mine = (sum(c.checked for c in self.checkers), sum(c.wrong for c in self.checkers), self.open_seconds)
-        every = self.comm.gather(mine, root=0)
-        if self.rank != 0:
-            return None
-        return ClusterReport(
-            ranks=self.size, settings={"dir": str(self.root), **self.s.as_dict()}, experiments=self.experiments,
-            open_seconds={name: max(o[name] for _, _, o in every) for name in self.open_seconds},
-            reads_checked=sum(c for c, _, _ in every), reads_wrong=sum(w for _, w, _ in every))
-
-    # ------------------------------------------------------------------ helpers
     @contextmanager
     def _store(self, name: str, **cfg: object) -> Iterator[DistributedStore]:
         """A fresh store (collective) whose service also answers the ceilings' echo. Its close is a step of
-        :meth:`_together`: a close that raises on one rank once its own collectives are done then fails the
-        run on every rank, where a plain ``with`` would leave that rank in ``MPI_Finalize`` and the others in
-        the next collective, hung. (One that raises *between* its collectives still hangs: a store bug.)"""
+        :meth:`~.suite.core.Run.together`: a close that raises on one rank once its own collectives are done
+        then fails the run on every rank, where a plain ``with`` would leave that rank in ``MPI_Finalize`` and
+        the others in the next collective, hung. (One that raises *between* its collectives still hangs: a
+        store bug.)"""
         t0 = time.perf_counter()
-        store = DistributedStore(comm=self.comm, host_capacity=self.s.host_capacity, disk_path=self.root / name,
-                                 **cfg)
+        store = DistributedStore(comm=self.r.comm, host_capacity=self.s.host_capacity,
+                                 disk_path=self.r.root / name, **cfg)
         self.open_seconds[name] = time.perf_counter() - t0
         try:
-            self._together(lambda: store.directory.service.register(_OP_ECHO, _echo), f"{name}: store open")
+            self.r.together(lambda: store.directory.service.register(_OP_ECHO, _echo), f"{name}: store open")
             yield store
         finally:
-            self._together(store.close, f"{name}: store close")
-
-    def _together(self, fn: Callable[[], T], what: str) -> T:
-        """Run this rank's part of a step, wait for every rank's, and raise on every rank if any failed.
-
-        Raising on the failing rank alone was rejected: the others would wait forever in the next collective
-        (the store's close among them). Any exception is caught, and raised again everywhere, never dropped.
-        """
-        result, error = None, None
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001  raised again below, on every rank
-            error = f"rank {self.rank}, {what}: {_describe(e)}"
-        idle_barrier(self.comm)
-        errors = [e for e in self.comm.allgather(error) if e is not None]
-        if errors:
-            raise BenchError("; ".join(errors))
-        self.tick(what)
-        return result  # type: ignore[return-value]
-
-    def _contents(self, nbytes: int, seed: int) -> Contents:
-        self.checkers.append(Contents(nbytes, seed=seed))
-        return self.checkers[-1]
+            self.r.together(store.close, f"{name}: store close")
 
     def _put_blocks(self, st: DistributedStore, keys: Sequence[str], ids: range, contents: Contents) -> None:
         buf = touch(np.empty(contents.nbytes, np.uint8))
@@ -208,72 +200,56 @@ class ClusterBench:
 
     # ------------------------------------------------------------------ 1. remote get
     def remote_get(self) -> None:
-        contents = self._contents(self.s.block, seed=21)
-        ids = contents.new_ids(self.s.remote_blocks)
+        r, s = self.r, self.s
+        contents = r.new_contents(s.block, seed=21)
+        ids = contents.new_ids(s.remote_blocks)
         keys = [f"remote-{i}" for i in ids]
         with self._store("remote", locality_aware=False) as st:
-            self._together(lambda: self._put_blocks(st, keys, ids, contents) if self.rank == _OWNER else None,
-                           f"remote get: rank {_OWNER} puts")
-            fig = self._together(lambda: self._remote_reads(st, keys, ids, contents) if self.rank == _READER
-                                 else None, f"remote get: rank {_READER} reads")
-        if self.rank == _READER:
-            self.experiments["remote_get"] = fig
-
-    def _memory_copy(self, st: DistributedStore, key: str, rank: int) -> Location:
-        """The one copy of ``key``'s block, which must lie in ``rank``'s memory."""
-        locations = st.locations(key)
-        if len(locations) != 1 or locations[0].tier != TIER_MEMORY or locations[0].rank != rank:
-            raise BenchError(f"{key!r}: expected one copy, in rank {rank}'s memory; the directory says {locations}")
-        return locations[0]
+            r.together(lambda: self._put_blocks(st, keys, ids, contents) if self.rank == _OWNER else None,
+                       f"remote get: rank {_OWNER} puts")
+            rates = r.together(lambda: self._remote_reads(st, keys, ids, contents) if self.rank == _READER
+                               else None, f"remote get: rank {_READER} reads")
+        if self.rank != _READER:
+            return
+        # the figure of a pass is the median of its single reads (as it has always been); the passes are the
+        # samples the verdict judges
+        store, bare = (per_pass(rates[kind], s.reps, scale=1) for kind in ("store", "bare_get"))
+        self.res.figure("remote_get", f"get from rank {_OWNER}'s memory, {format_size(s.block)} blocks", "GB/s",
+                        store, ceiling=bare, ceiling_what="bare mpi4py Get, same window",
+                        target=REMOTE_TARGET_RATIO, note=f"{len(keys)} blocks, {s.remote_reads} reads per pass, "
+                                                         f"locality_aware=False; median of each pass's reads")
+        self.values["remote_get"] = {"block_size": s.block, "blocks": len(keys), "reads_per_rep": s.remote_reads,
+                                     "single_reads_GBps": {k: Spread.of(v).as_dict() for k, v in rates.items()}}
 
     def _remote_reads(self, st: DistributedStore, keys: list[str], ids: range,
-                      contents: Contents) -> dict[str, object]:
-        """Rank 0's side: ``get`` and a bare ``Get`` take turns on neighbouring blocks (so neither reads what
-        the other just cached) and swap places every rep; the figure is the median over single reads, as in
-        :mod:`cascade_kv.bench.rma`, where timing whole passes of one kind was rejected as too noisy."""
-        bs = self.s.block
-        where = [self._memory_copy(st, key, _OWNER) for key in keys]
-        outs = buffers(len(keys), bs)
-        count = max(2 * len(keys), self.s.remote_bytes_per_rep // bs)
-        count += count % 2  # even: both kinds read every block
-
-        def store_get(j: int) -> None:
-            st.get(keys[j], out=outs[j])
-
-        def bare_get(j: int) -> None:
-            # [buffer, MPI.BYTE], not the bare buffer: mpi4py would describe that as MPI_UNSIGNED_CHAR against
-            # the BYTE target, a mismatch osc/sm copies through its convertor, ~1.5x slower (measured here)
-            with epoch(st.window, _OWNER) as win:
-                win.Get([outs[j], MPI.BYTE], _OWNER, (ARENA_OFFSET + where[j].offset + SLOT_HEADER, bs, MPI.BYTE))
-
-        before = st.stats()
-        rates = interleaved_rates(
-            {"store": store_get, "bare_get": bare_get}, count, self.s.reps, bs, outs, ids, contents,
-            _POISON, lambda rep: self.tick(f"remote get ({'warm-up' if rep == 0 else f'rep {rep}/{self.s.reps}'})"))
-        after = st.stats()
-        gets = (self.s.reps + 1) * count // 2
-        remote = after.tier("remote").hits - before.tier("remote").hits
-        if remote != gets or after.promotions != before.promotions:
-            raise BenchError(f"remote get: {gets} gets, but stats() counts {remote} remote hits and "
-                             f"{after.promotions - before.promotions} promotions (locality_aware=False)")
-        value, ceiling = Spread.of(rates["store"]), Spread.of(rates["bare_get"])
-        ratio = value.median / ceiling.median
-        return {"block_size": bs, "blocks": len(keys), "reads_per_rep": count, "store_GBps": value.as_dict(),
-                "bare_get_GBps": ceiling.as_dict(), "ratio": ratio,
-                "target": {"kind": "ratio", "value": REMOTE_TARGET_RATIO}, "passed": ratio >= REMOTE_TARGET_RATIO,
-                "remote_hits": remote}
+                      contents: Contents) -> dict[str, list[float]]:
+        outs = buffers(len(keys), self.s.block)
+        return get_vs_bare(st, lambda j: st.get(keys[j], out=outs[j]), keys, ids, outs, contents, owner=_OWNER,
+                           count=self.s.remote_reads, reps=self.s.reps,
+                           after_rep=lambda rep: self.r.tick(
+                               f"remote get ({'warm-up' if rep == 0 else f'rep {rep}/{self.s.reps}'})"))
 
     # ------------------------------------------------------------------ 2. directory round trip
     def directory(self) -> None:
         with self._store("directory") as st:
-            fig = self._together(lambda: self._lookups(st) if self.rank == _READER else None,
-                                 f"directory: rank {_READER} looks keys up")
-        if self.rank == _READER:
-            self.experiments["directory_lookup"] = fig
+            samples = self.r.together(lambda: self._lookups(st) if self.rank == _READER else None,
+                                      f"directory: rank {_READER} looks keys up")
+        if self.rank != _READER:
+            return
+        judged = self.size == 2  # the target is set for two ranks; more share this machine's cores
+        self.res.figure("directory_lookup", "directory lookup, key homed on another rank", "us",
+                        per_pass(samples["lookup"], self.s.reps), ceiling=per_pass(samples["echo"], self.s.reps),
+                        ceiling_what="echo, same service thread", target=LOOKUP_TARGET_US if judged else None,
+                        of_ceiling=False, at_most=True,
+                        note=f"{len(samples['lookup'])} lookups over {self.s.lookup_keys} keys; median per pass"
+                             + ("" if judged else "; the 100 us target is set for 2 ranks"))
+        self.values["directory_lookup"] = {"keys": self.s.lookup_keys, "lookup": latency_us(samples["lookup"]),
+                                           "echo": latency_us(samples["echo"])}
 
-    def _lookups(self, st: DistributedStore) -> dict[str, object]:
+    def _lookups(self, st: DistributedStore) -> dict[str, list[float]]:
         """Bind small values under keys homed elsewhere, then time lookups and echoes to the same homes,
-        taking turns call by call. Every answer is checked against the digest the value hashes to."""
+        taking turns call by call. Every answer is checked against the digest the value hashes to. Seconds
+        per call, in call order."""
         keys = [k for k in (f"dir-{i}" for i in range(64 * self.s.lookup_keys))
                 if home_of_key(k, self.size) != _READER][:self.s.lookup_keys]
         values = [np.arange(16, dtype=np.uint32) + 16 * i for i in range(len(keys))]
@@ -296,30 +272,40 @@ class ClusterBench:
                     raise BenchError(f"directory: lookup({keys[j]!r}) answered {got}, expected {expected[j]}")
                 if k >= warmup:
                     samples[name].append(dt)
-        value, ceiling = _latency_us(samples["lookup"]), _latency_us(samples["echo"])
-        judged = self.size == 2  # the target is set for two ranks; more share this machine's cores
-        return {**value, "keys": len(keys), "echo": ceiling, "ratio": ceiling["median_us"] / value["median_us"],
-                "target": {"kind": "max_median_us", "value": LOOKUP_TARGET_US, "ranks": 2},
-                "passed": value["median_us"] < LOOKUP_TARGET_US if judged else None}
+        return samples
 
     # ------------------------------------------------------------------ 3. dedup put
     def dedup_put(self) -> None:
         bs, n = self.s.dedup_block, self.s.dedup_blocks
-        contents = self._contents(bs, seed=23)
+        contents = self.r.new_contents(bs, seed=23)
         ids = contents.new_ids(n)
         rows = contents.fill_rows(ids, touch(np.empty((n, bs), np.uint8)))
         with self._store("dedup") as st:
-            self._together(lambda: st.put_many([f"dedup-a-{i}" for i in ids], list(rows))
-                           if self.rank == _OWNER else None, f"dedup put: rank {_OWNER} puts")
-            fig = self._together(lambda: self._dedup_puts(st, rows, ids, contents) if self.rank == _READER
-                                 else None, f"dedup put: rank {_READER} puts the same bytes")
-        if self.rank == _READER:
-            self.experiments["dedup_put"] = fig
+            self.r.together(lambda: st.put_many([f"dedup-a-{i}" for i in ids], list(rows))
+                            if self.rank == _OWNER else None, f"dedup put: rank {_OWNER} puts")
+            got = self.r.together(lambda: self._dedup_puts(st, rows, ids, contents) if self.rank == _READER
+                                  else None, f"dedup put: rank {_READER} puts the same bytes")
+        if self.rank != _READER:
+            return
+        samples, counts = got
+        self.res.figure("dedup_put", f"put of bytes rank {_OWNER} stored (dedup), {format_size(bs)} blocks", "us",
+                        per_pass(samples["put"], self.s.reps), ceiling=per_pass(samples["ceiling"], self.s.reps),
+                        ceiling_what="hash + echo to both homes", target=DEDUP_PUT_TARGET_US, of_ceiling=False,
+                        at_most=True,
+                        note=f"{n} puts, median per pass; hash of one block "
+                             f"{statistics.median(samples['hash']) * 1e6:.1f} us; dedup hits {counts['dedup_hits']} "
+                             f"of {n}; {format_size(counts['bytes_received'])} received for "
+                             f"{format_size(rows.nbytes)} of blocks")
+        self.values["dedup_put"] = {"block_size": bs, "blocks": n, "put": latency_us(samples["put"]),
+                                    "ceiling": latency_us(samples["ceiling"]),
+                                    "hash_us": statistics.median(samples["hash"]) * 1e6,
+                                    "bulk_bytes": rows.nbytes, **counts}
 
     def _dedup_puts(self, st: DistributedStore, rows: np.ndarray, ids: range,
-                    contents: Contents) -> dict[str, object]:
+                    contents: Contents) -> tuple[dict[str, list[float]], dict[str, int]]:
         """Time each put of bytes rank 1 stored, taking turns with its ceiling (hash + an echo to the digest's
-        home + one to the key's home); then check the counters and read every key back."""
+        home + one to the key's home); then check the counters and read every key back. Seconds per call, in
+        call order, and the counters: every put a dedup hit and no bulk transfer, or :class:`BenchError`."""
         keys = [f"dedup-b-{i}" for i in ids]
         hasher, service = Hasher("blake3"), st.directory.service
         for _ in range(50):  # a fresh store's service: warm the call path, not the puts (each put counts once)
@@ -350,84 +336,56 @@ class ClusterBench:
         out.fill(_POISON)
         st.get_many(keys, list(out))
         contents.check_rows(ids, out, touch(np.empty_like(rows)))
-        value = _latency_us(samples["put"])
-        return {**value, "block_size": rows.shape[1], "blocks": len(keys), "ceiling": _latency_us(samples["ceiling"]),
-                "hash_us": statistics.median(samples["hash"]) * 1e6,
-                "ratio": statistics.median(samples["ceiling"]) * 1e6 / value["median_us"],
-                "dedup_hits": hits, "bytes_received": received, "bulk_bytes": rows.nbytes,
-                "target": {"kind": "max_median_us", "value": DEDUP_PUT_TARGET_US},
-                "passed": value["median_us"] < DEDUP_PUT_TARGET_US and hits == len(keys) and received < rows.shape[1]}
-
-    # ------------------------------------------------------------------ 5. idle ranks
-    def idle(self) -> None:
-        with self._store("idle") as st:
-            cpu = self._together(lambda: idle.idle_cpu(self.comm, self.s.idle_s), "idle: every rank sits idle")
-            trips = self._together(lambda: idle.round_trips(self.comm, st.directory.service, _OP_ECHO,
-                                                            self.s.wake_calls, 2 * st.directory.service.hot_s,
-                                                            _OP_ECHO + 1),
-                                   "idle: round trips to a hot, sleeping and busy rank")
-        if self.rank == 0:
-            self.experiments["idle_cpu"] = cpu
-            self.experiments["wake_round_trip"] = trips
-
-    # ------------------------------------------------------------------ 6. small remote gets
-    def small_remote_gets(self) -> None:
-        figures = []
-        with self._store("small", locality_aware=False) as st:
-            for nbytes in small_remote.SIZES:
-                contents = self._contents(nbytes, seed=25 + nbytes)
-                ids = contents.new_ids(64)
-                keys = [f"small-{nbytes}-{i}" for i in ids]
-                rows = list(contents.fill_rows(ids, np.empty((len(ids), nbytes), np.uint8)))
-                self._together(lambda: st.put_many(keys, rows) if self.rank == _OWNER else None,
-                               f"small remote gets: rank {_OWNER} puts {format_size(nbytes)} blocks")
-                fig = self._together(
-                    lambda: small_remote.reads(st, keys, [self._memory_copy(st, k, _OWNER).offset + SLOT_HEADER
-                                                          for k in keys], rows, self.s.small_batches)
-                    if self.rank == _READER else None, f"small remote gets: {format_size(nbytes)} blocks")
-                figures.append(fig)
-        if self.rank == _READER:
-            self.experiments["small_remote_get"] = {"sizes": figures, "passed": all(f["passed"] for f in figures)}
+        if hits != len(keys) or received >= rows.shape[1]:
+            raise BenchError(f"dedup put: {len(keys)} puts of stored bytes, but {hits} dedup hits and {received} B "
+                             f"received (a block is {rows.shape[1]} B): these were not dedup puts")
+        return samples, {"dedup_hits": hits, "bytes_received": received}
 
     # ------------------------------------------------------------------ 4. hot prefix
     def hot_prefix(self) -> None:
-        bs, p = self.s.block, self.s.prefix_count
-        contents = self._contents(bs, seed=24)
+        r, bs, p = self.r, self.s.block, self.s.prefix_count
+        contents = r.new_contents(bs, seed=24)
         ids = contents.new_ids(p)
         keys = [f"prefix-{i}" for i in ids]
         outs = buffers(p, bs)
-        disk = self.root / "prefix"
-        passes: list[dict[str, object]] = []
+        disk = r.root / "prefix"
+        passes: list[dict[str, float]] = []
         with self._store("prefix") as st:
-            self._together(lambda: self._put_blocks(st, keys, ids, contents) if self.rank == 0 else None,
-                           "hot prefix: rank 0 puts")
+            r.together(lambda: self._put_blocks(st, keys, ids, contents) if self.rank == 0 else None,
+                       "hot prefix: rank 0 puts")
             for n in range(self.s.prefix_passes):
                 what = f"hot prefix, pass {n + 1}/{self.s.prefix_passes}"
-                self._together(lambda: self._demote(st, keys) if self.rank == 0 else None, f"{what}: demote")
+                r.together(lambda: self._demote(st, keys) if self.rank == 0 else None, f"{what}: demote")
                 # every rank drops: on a cluster each node has its own page cache
-                self._together(lambda: drop_page_cache(self._block_files(disk, p)), f"{what}: drop page cache")
+                r.together(lambda: drop_page_cache(self._block_files(disk, p)), f"{what}: drop page cache")
                 # the ceiling: the same ranks read the same files cold at once, with nothing to coordinate them
                 # (one rank's read against the store's N-rank aggregate flattered the store N times)
-                self.comm.Barrier()  # a tight start, as the store's reads below
-                took = self._together(lambda: readinto_pass(self._block_files(disk, p), outs),
-                                      f"{what}: cold readinto, every rank")
-                cold = self.size * p * bs / max(self.comm.allgather(took)) / GB
-                self._together(lambda: drop_page_cache(self._block_files(disk, p)), f"{what}: drop page cache again")
+                r.comm.Barrier()  # a tight start, as the store's reads below
+                took = r.together(lambda: readinto_pass(self._block_files(disk, p), outs),
+                                  f"{what}: cold readinto, every rank")
+                cold = self.size * p * bs / max(r.allgather(took)) / GB
+                r.together(lambda: drop_page_cache(self._block_files(disk, p)), f"{what}: drop page cache again")
                 before = st.cluster_stats()
-                self.comm.Barrier()  # a tight start (not idle_barrier): every rank reads at once
-                took = self._together(lambda: self._read_all(st, keys, ids, outs, contents), f"{what}: reads")
+                r.comm.Barrier()  # a tight start (not idle_barrier): every rank reads at once
+                took = r.together(lambda: self._read_all(st, keys, ids, outs, contents), f"{what}: reads")
                 after = st.cluster_stats()
-                slowest = max(self.comm.allgather(took))
+                slowest = max(r.allgather(took))
                 passes.append({"cold_readinto_GBps": cold, "aggregate_GBps": self.size * p * bs / slowest / GB,
                                "seconds": slowest, **{f"{tier}_hits": after.tier(tier).hits - before.tier(tier).hits
                                                       for tier in ("disk", "host", "remote")}})
-        if self.rank == 0:
-            value, ceiling = (Spread.of([q[k] for q in passes]) for k in ("aggregate_GBps", "cold_readinto_GBps"))
-            self.experiments["hot_prefix"] = {
-                "block_size": bs, "blocks": p, "ranks": self.size, "passes": passes,
-                "disk_reads": [q["disk_hits"] for q in passes], "aggregate_GBps": value.as_dict(),
-                "cold_readinto_GBps": ceiling.as_dict(), "ratio": value.median / ceiling.median,
-                "passed": all(q["disk_hits"] == p for q in passes)}
+        if self.rank != 0:
+            return
+        self.res.figure("hot_prefix", f"hot prefix: {self.size} ranks each read {p} blocks of {format_size(bs)} "
+                                      f"that start on disk (page cache dropped)", "GB/s",
+                        [q["aggregate_GBps"] for q in passes], ceiling=[q["cold_readinto_GBps"] for q in passes],
+                        ceiling_what=f"cold open + readinto, {self.size} ranks at once, aggregate",
+                        note="aggregate over ranks, one figure per pass")
+        self.res.figure("hot_prefix_disk_reads", "hot prefix: disk reads per pass", "reads",
+                        [q["disk_hits"] for q in passes], target=p, of_ceiling=False, at_most=True,
+                        text=f"<= {p} (one per block, whatever the ranks)",
+                        note=f"{self.size} ranks read {p} blocks each pass")
+        self.values["hot_prefix"] = {"block_size": bs, "blocks": p, "ranks": self.size, "passes": passes,
+                                     "disk_reads": [q["disk_hits"] for q in passes]}
 
     def _demote(self, st: DistributedStore, keys: list[str]) -> None:
         st.demote(keys)
@@ -455,113 +413,97 @@ class ClusterBench:
             contents.check(i, o)
         return took
 
+    # ------------------------------------------------------------------ 5. idle ranks
+    def idle(self) -> None:
+        r = self.r
+        with self._store("idle") as st:
+            cpu = r.together(lambda: idle.idle_cpu(r.comm, self.s.idle_s), "idle: every rank sits idle")
+            trips = r.together(lambda: idle.round_trips(r.comm, st.directory.service, _OP_ECHO, self.s.wake_calls,
+                                                        2 * st.directory.service.hot_s, _OP_ECHO + 1),
+                               "idle: round trips to a hot, sleeping and busy rank")
+        if self.rank != 0:
+            return
+        res, reps = self.res, self.s.reps
+        res.figure("idle_cpu", "CPU of an idle rank, store open", "%", cpu["idle_pct"], target=idle.IDLE_TARGET_PCT,
+                   of_ceiling=False, at_most=True,
+                   note=f"{cpu['seconds']:g} s window, one sample per rank; a rank in a blocking MPI_Recv: "
+                        f"{max(cpu['blocking_recv_pct']):.0f} %")
+        call = f"{len(trips['hot'])} calls, 24 B request, 56 B reply"
+        res.figure("round_trip_hot", f"round trip to rank {_OWNER}: service hot (calls back to back)", "us",
+                   per_pass(trips["hot"], reps), ceiling=per_pass(trips["bare_mpi"], reps),
+                   ceiling_what="bare MPI ping-pong, peer in Recv", note=f"{call}; median per pass")
+        res.figure("round_trip_asleep", f"round trip to rank {_OWNER}: service asleep in the kernel (woken by a "
+                                        f"ring)", "us", per_pass(trips["asleep"], reps),
+                   ceiling=per_pass(trips["kernel_wake"], reps),
+                   ceiling_what="UDP ping-pong to a process asleep in recv, same gap", target=idle.ASLEEP_TARGET_US,
+                   of_ceiling=False, at_most=True, note=f"{len(trips['asleep'])} calls; median per pass")
+        p99 = idle.BUSY_TARGET_P99_US
+        res.figure("round_trip_busy_p99", f"round trip to rank {_OWNER}: rank busy in Python, calls "
+                                          f"{trips['gap_ms']:.0f} ms apart (p99)", "us",
+                   [latency_us(trips["busy"])["p99_us"]], ceiling=[latency_us(trips["bare_mpi"])["p99_us"]],
+                   ceiling_what="bare MPI ping-pong, peer in Recv (p99)", target=p99, of_ceiling=False,
+                   at_most=True,
+                   note=f"p99 of all {len(trips['busy'])} calls (one figure: a p99 needs many calls)")
+        self.values["idle_cpu"] = cpu
+        self.values["wake_round_trip"] = {
+            **{state: latency_us(trips[state]) for state in ("hot", "asleep", "busy", "kernel_wake", "bare_mpi")},
+            "gap_ms": trips["gap_ms"], "peer_loops": trips["peer_loops"], "sleeps_of_peer": trips["sleeps_of_peer"]}
 
-# ---------------------------------------------------------------------- report
-@dataclass(slots=True)
-class ClusterReport:
-    """Everything one distributed run measured (rank 0's view)."""
-
-    ranks: int
-    settings: dict[str, object]
-    experiments: dict[str, dict[str, object]] = field(default_factory=dict)
-    open_seconds: dict[str, float] = field(default_factory=dict)
-    """Slowest rank's store open, per experiment: never inside a timed figure."""
-    reads_checked: int = 0
-    reads_wrong: int = 0
-    wall_seconds: float = 0.0
-
-    def as_dict(self) -> dict[str, object]:
-        return run_header(self.settings) | {
-            "ranks": self.ranks, "settings": self.settings, "experiments": self.experiments,
-            "open_seconds": self.open_seconds, "reads_checked": self.reads_checked,
-            "reads_wrong": self.reads_wrong, "wall_seconds": self.wall_seconds}
-
-    def write_json(self, path: str | os.PathLike[str]) -> None:
-        write_json(path, self.as_dict())
-
-
-def _gbps(s: dict) -> str:  # type: ignore[type-arg]
-    return f"{s['median']:.2f} GB/s\n[dim]{s['min']:.2f} - {s['max']:.2f}[/dim]"
-
-
-def _rate(median: float, span: list[float]) -> str:
-    return f"{median / 1e3:,.0f}k blocks/s\n[dim]{span[0] / 1e3:,.0f}k - {span[1] / 1e3:,.0f}k[/dim]"
+    # ------------------------------------------------------------------ 6. small remote gets
+    def small_remote_gets(self) -> None:
+        r, sizes = self.r, []
+        with self._store("small", locality_aware=False) as st:
+            for nbytes in small_remote.SIZES:
+                contents = r.new_contents(nbytes, seed=25 + nbytes)
+                ids = contents.new_ids(64)
+                keys = [f"small-{nbytes}-{i}" for i in ids]
+                rows = list(contents.fill_rows(ids, np.empty((len(ids), nbytes), np.uint8)))
+                r.together(lambda: st.put_many(keys, rows) if self.rank == _OWNER else None,
+                           f"small remote gets: rank {_OWNER} puts {format_size(nbytes)} blocks")
+                rates = r.together(
+                    lambda: small_remote.reads(st, keys, memory_offsets(st, keys, _OWNER), rows,
+                                               self.s.small_batches) if self.rank == _READER else None,
+                    f"small remote gets: {format_size(nbytes)} blocks")
+                if self.rank == _READER:
+                    label = f"{nbytes >> 10} KiB"  # small_remote.SIZES are whole KiB
+                    self.res.figure(f"small_remote_get[{label}]",
+                                    f"get_many of {len(keys)} blocks of {label} from rank {_OWNER}'s memory", "/s", rates["store"], ceiling=rates["bare"],
+                                    ceiling_what="bare Get per block, one Lock_all epoch",
+                                    target=small_remote.TARGET_RATIO,
+                                    note=f"blocks per second, one sample per batch of {len(keys)}; "
+                                         f"{self.s.small_batches} batches, locality_aware=False")
+                    sizes.append({"block_size": nbytes, "batch": len(keys), "batches": self.s.small_batches})
+        self.values["small_remote_get"] = sizes
 
 
-def _idle_rows(table: Table, cpu: dict, trips: dict, n: int) -> None:  # type: ignore[type-arg]
-    table.add_row(f"CPU of an idle rank, store open\n[dim]{cpu['seconds']:g} s window; per rank "
-                  f"{cpu['idle_pct']} %[/dim]", f"{cpu['max_idle_pct']:.2f} %",
-                  f"{max(cpu['blocking_recv_pct']):.0f} %\n[dim]a rank in a blocking MPI_Recv[/dim]", "",
-                  f"< {idle.IDLE_TARGET_PCT:g} %", _VERDICT[cpu["passed"]])
-    bare = trips["bare_mpi"]
-    for state, say, target, ok in (
-            ("hot", "service hot (calls back to back)", "", None),
-            ("asleep", "service asleep in the kernel (woken by a ring)", f"< {idle.ASLEEP_TARGET_US:g} us median",
-             trips["asleep"]["median_us"] < idle.ASLEEP_TARGET_US),
-            ("busy", f"rank busy in Python, calls {trips['busy']['gap_ms']:.0f} ms apart",
-             f"< {idle.BUSY_TARGET_P99_US / 1e3:g} ms p99", trips["busy"]["p99_us"] < idle.BUSY_TARGET_P99_US)):
-        f = trips[state]
-        ceiling = trips["kernel_wake"] if state == "asleep" else bare
-        said = ("UDP ping-pong to a process asleep in recv, same gap" if state == "asleep"
-                else "bare MPI ping-pong, peer in Recv")
-        table.add_row(f"round trip to rank {_OWNER}: {say}\n[dim]{f['n']} calls, 24 B request, 56 B reply[/dim]",
-                      _us(f), _us(ceiling) + f"\n[dim]{said}[/dim]",
-                      f"{ceiling['median_us'] / f['median_us']:.2f}x", target, _VERDICT[ok])
-
-
-def _us(s: dict) -> str:  # type: ignore[type-arg]
-    return f"{s['median_us']:,.1f} us\n[dim]p99 {s['p99_us']:,.1f}[/dim]"
-
-
-_VERDICT = {None: "-", True: "[green]pass[/green]", False: "[red]below[/red]"}
-
-
-def render_cluster(report: ClusterReport, console: Console) -> None:
-    """Print the experiments table and the notes."""
-    e, n = report.experiments, report.ranks
-    table = Table(title=f"cascade bench: {n} ranks (median; range or p99 below)", show_lines=True)
-    for col, just in (("measurement", "left"), ("cascade-kv", "right"), ("ceiling (same run)", "right"),
-                      ("ratio", "right"), ("target", "right"), ("verdict", "center")):
+def render_more(res: Result, console: Console) -> None:
+    """The details beside the figures table: each rank's idle CPU, each round trip's single calls (p50, p99,
+    max), and each store's open time (apart from every timed figure)."""
+    mine = res.systems.get(SYSTEM)
+    details = {} if mine is None else mine.values.get("details", {})
+    if "idle_cpu" not in details:
+        return
+    cpu, trips = details["idle_cpu"], details["wake_round_trip"]
+    table = Table(title=f"idle ranks and round trips to rank {_OWNER} (single calls)", show_lines=False)
+    for col, just in (("measurement", "left"), ("median", "right"), ("p99", "right"), ("max", "right"),
+                      ("calls", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
-    r = e["remote_get"]
-    table.add_row(f"get from rank {_OWNER}'s memory, {format_size(r['block_size'])} blocks\n[dim]{r['blocks']} "
-                  f"blocks, {r['reads_per_rep']} reads per rep, locality_aware=False[/dim]",
-                  _gbps(r["store_GBps"]), _gbps(r["bare_get_GBps"]) + "\n[dim]bare mpi4py Get, same window[/dim]",
-                  f"{r['ratio']:.2f}x", f">= {REMOTE_TARGET_RATIO:g}x", _VERDICT[r["passed"]])
-    d = e["directory_lookup"]
-    table.add_row(f"directory lookup, key homed on another rank\n[dim]{d['n']} lookups over {d['keys']} keys[/dim]",
-                  _us(d), _us(d["echo"]) + "\n[dim]echo, same service thread[/dim]", f"{d['ratio']:.2f}x",
-                  f"< {LOOKUP_TARGET_US:g} us\n[dim](2 ranks)[/dim]", _VERDICT[d["passed"]])
-    p = e["dedup_put"]
-    table.add_row(f"put of bytes rank {_OWNER} stored (dedup), {format_size(p['block_size'])} blocks\n[dim]"
-                  f"{p['blocks']} puts; hash of one block {p['hash_us']:.1f} us; dedup hits {p['dedup_hits']} of "
-                  f"{p['blocks']}; {format_size(p['bytes_received'])} received for "
-                  f"{format_size(p['bulk_bytes'])} of blocks[/dim]",
-                  _us(p), _us(p["ceiling"]) + "\n[dim]hash + echo to both homes[/dim]", f"{p['ratio']:.2f}x",
-                  f"< {DEDUP_PUT_TARGET_US:g} us\n[dim]all hits, no bulk transfer[/dim]", _VERDICT[p["passed"]])
-    h = e["hot_prefix"]
-    table.add_row(f"hot prefix: {n} ranks each read {h['blocks']} blocks of {format_size(h['block_size'])} that "
-                  f"start on disk (page cache dropped)\n[dim]aggregate over ranks; disk reads per pass "
-                  f"{h['disk_reads']}[/dim]",
-                  _gbps(h["aggregate_GBps"]), _gbps(h["cold_readinto_GBps"]) + f"\n[dim]cold open + readinto, "
-                  f"{n} ranks at once, aggregate[/dim]", f"{h['ratio']:.2f}x", f"disk reads = {h['blocks']}\n[dim]whatever the ranks[/dim]",
-                  _VERDICT[h["passed"]])
-    if "idle_cpu" in e:
-        _idle_rows(table, e["idle_cpu"], e["wake_round_trip"], n)
-    if "small_remote_get" in e:
-        for f in e["small_remote_get"]["sizes"]:
-            table.add_row(f"get_many of {f['batch']} blocks of {format_size(f['block_size'])} from rank {_OWNER}'s "
-                          f"memory\n[dim]{f['batches']} batches, locality_aware=False[/dim]",
-                          _rate(f["store_blocks_per_s"], f["store_range"]),
-                          _rate(f["bare_blocks_per_s"], f["bare_range"]) + "\n[dim]bare Get per block, one "
-                          "Lock_all epoch[/dim]", f"{f['ratio']:.2f}x", f">= {small_remote.TARGET_RATIO:g}x",
-                          _VERDICT[f["passed"]])
+    table.add_row(f"CPU of an idle rank, store open ({cpu['seconds']:g} s), per rank",
+                  ", ".join(f"{p:.2f} %" for p in cpu["idle_pct"]), "", "", "")
+    table.add_row("CPU of a rank in a blocking MPI_Recv, ranks 1..", ", ".join(f"{p:.0f} %" for p in
+                                                                              cpu["blocking_recv_pct"]), "", "", "")
+    for state, say in (("hot", "service hot (back to back)"), ("asleep", "service asleep in the kernel"),
+                       ("busy", f"rank busy in Python, calls {trips['gap_ms']:.0f} ms apart "
+                                f"({trips['peer_loops']} busy loops ran)"),
+                       ("kernel_wake", "UDP ping-pong to a process asleep in recv"),
+                       ("bare_mpi", "bare MPI ping-pong, peer in Recv")):
+        f = trips[state]
+        table.add_row(escape(say), f"{f['median_us']:,.1f} us", f"{f['p99_us']:,.1f} us", f"{f['max_us']:,.0f} us",
+                      str(f["n"]))
     console.print(table)
-    s = report.settings
+    opened = res.settings.get("open_seconds", {})
     console.print("Store open (arena allocated and touched), apart from every timed figure, slowest rank: " +
-                  ", ".join(f"{name} {sec:.2f} s" for name, sec in report.open_seconds.items()))
-    console.print(f"Host tier {format_size(s['host_capacity'])} per rank; {s['reps']} reps after warm-up; shared "
-                  f"disk tier in {escape(str(s['dir']))} (removed). Ratios of latencies are ceiling / cascade-kv.")
-    colour = "green" if report.reads_wrong == 0 else "red"
-    console.print(f"[{colour}]Reads checked against the written bytes, all ranks: {report.reads_checked}, "
-                  f"wrong: {report.reads_wrong}[/{colour}]. Wall time {report.wall_seconds:.1f} s.")
+                  ", ".join(f"{name} {sec:.2f} s" for name, sec in opened.items()))
+
+
+__all__ = ["ClusterSizes", "latency_us", "per_pass", "render_more", "run_cluster"]

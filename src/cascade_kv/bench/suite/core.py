@@ -203,9 +203,17 @@ class Result:
             if base.median == 0 and not of_ceiling:  # e.g. a short replay where the baseline hit nothing
                 t.why = f"{t.than} measured 0 for {t.key}: no ratio"
                 continue
-            got = ratio_spread(values, base.samples)
+            # a latency beats its ceiling by being shorter: its ratio is ceiling / figure, so that above 1.05 is a
+            # broken ceiling for it as for a rate
+            latency = of_ceiling and base.unit == "us"
+            got = ratio_spread(base.samples, values) if latency else ratio_spread(values, base.samples)
             t.got, t.low, t.high = got.median, got.low, got.high
             t.verdict = verdict(got, t.factor, of_ceiling=of_ceiling, at_most=t.at_most)
+        # a figure above its ceiling passes nothing: its goal in its own unit is judged broken with it
+        broken = {(t.system, t.key) for t in self.targets if t.than in self.ceilings and t.verdict == "broken ceiling"}
+        for t in self.targets:
+            if not t.than and (t.system, t.key) in broken:
+                t.verdict = "broken ceiling"
 
     def targets_of(self, row: Row) -> list[Target]:
         """A row's targets: the check against its ceiling (first, where it has one), then a goal in its unit."""
