@@ -4,7 +4,7 @@
     srun -n 32 python examples/shared_prefix.py              # a cluster (the site's MPI)
 
 Rank 0 puts the prefix once (protected: it stays in cluster memory); every other rank reads it one-sidedly
-out of rank 0's window, then, having read it ``promotion_threshold`` times, from a local replica. Every rank
+out of rank 0's window, then, having read it ``replica_threshold`` times, from a local replica. Every rank
 then stores the same request block: the cluster keeps one copy and counts the rest as dedup hits.
 """
 from __future__ import annotations

@@ -73,9 +73,11 @@ def test_defaults():
     assert cfg.host_capacity == GiB
     assert cfg.disk_path is None and cfg.disk_capacity is None and cfg.persist is False
     assert cfg.hash_algorithm == "blake3" and cfg.verify_reads == "auto" and cfg.promotion_threshold == 1
+    assert cfg.replica_threshold == 3  # measured on the distributed store's own workloads (issue 13)
     assert cfg.eviction_order == "reuse"  # issue 13: fitted on other traces, never below LRU (docs/policy.md)
     seed = cfg.replace(**SEED_RULES)
     assert seed.eviction_order == "lru" and seed.promotion_threshold == 3  # the seed's rules stay one call away
+    assert seed.replica_threshold == 3
 
 
 def test_sizes_and_paths_are_normalised(tmp_path: Path):
@@ -95,6 +97,9 @@ def test_sizes_and_paths_are_normalised(tmp_path: Path):
     dict(promotion_threshold=-1),
     dict(promotion_threshold=True),
     dict(promotion_threshold=2.0),
+    dict(replica_threshold=0),
+    dict(replica_threshold=False),
+    dict(replica_threshold="3"),
     dict(host_capacity="lots"),
     dict(host_capacity=-1),
     dict(disk_capacity="1GiB"),  # a disk capacity without a disk
@@ -186,6 +191,7 @@ def test_from_env_empty_disk_path_means_none():
     {"CASCADE_O_DIRECT": ""},
     {"CASCADE_PROMOTION_THRESHOLD": "three"},
     {"CASCADE_PROMOTION_THRESHOLD": "0"},
+    {"CASCADE_REPLICA_THRESHOLD": "many"},
     {"CASCADE_HOST_CAPACITY": "big"},
     {"CASCADE_HASH_ALGORITHM": "crc32"},
     {"CASCADE_PERSIST": "1"},  # valid boolean, but persist needs a disk_path

@@ -107,6 +107,14 @@ class CascadeConfig:
     likely read again; with 3, the seed's hot threshold, its next reads come from disk: 0.383 of the shipped
     trace's reads from memory against plain LRU's 0.444)."""
 
+    replica_threshold: int = 3
+    """In a :class:`~cascade_kv.cluster.store.DistributedStore`: reads of a block served by peers after which a
+    rank keeps a replica in its own memory (with ``locality_aware``). 3 (the default, and the seed's): measured
+    on the distributed store's own workloads, a replica at the first remote read (1) cost reads and bought none
+    (``cascade bench contention --ranks 2``: 0.90 GB/s against 1.03 at 3 and 1.23 with no replicas; the same
+    reads served from the same tiers in all three: under memory pressure a replica is the first victim, so
+    replicas of a prefix read in turn displaced each other); ``docs/distributed-design.md``, "Replicas"."""
+
     hash_algorithm: HashAlgorithm = "blake3"
     """Digest of a block's bytes: ``"blake3"`` (fast, multithreaded) or ``"sha256"`` (hashlib)."""
 
@@ -139,9 +147,10 @@ class CascadeConfig:
                 raise ConfigError(f"{flag}: expected True or False, got {getattr(self, flag)!r}")
         if self.persist and self.disk_path is None:
             raise ConfigError("persist=True needs a disk_path to persist to")
-        if (isinstance(self.promotion_threshold, bool) or not isinstance(self.promotion_threshold, int)
-                or self.promotion_threshold < 1):
-            raise ConfigError(f"promotion_threshold: expected an int >= 1, got {self.promotion_threshold!r}")
+        for name in _COUNTS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: expected an int >= 1, got {value!r}")
         if self.eviction_order not in ("reuse", "lru"):
             raise ConfigError(f"eviction_order: expected 'reuse' or 'lru', got {self.eviction_order!r}")
         if self.hash_algorithm not in ("blake3", "sha256"):
@@ -169,11 +178,11 @@ class CascadeConfig:
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                     raise ConfigError(f"CASCADE_{f.name.upper()}: expected a boolean, got {raw!r}")
                 kwargs[f.name] = raw.lower() in ("1", "true", "yes", "on")
-            elif f.name == "promotion_threshold":
+            elif f.name in _COUNTS:
                 try:
                     kwargs[f.name] = int(raw)
                 except ValueError:
-                    raise ConfigError(f"CASCADE_PROMOTION_THRESHOLD: expected an int, got {raw!r}") from None
+                    raise ConfigError(f"CASCADE_{f.name.upper()}: expected an int, got {raw!r}") from None
             elif f.name in ("disk_path", "disk_capacity") and raw == "":
                 kwargs[f.name] = None
             else:
@@ -182,8 +191,12 @@ class CascadeConfig:
         return cls(**kwargs)  # type: ignore[arg-type]
 
 
-SEED_RULES: dict[str, object] = {"eviction_order": "lru", "promotion_threshold": 3}
-"""The seed's placement rules (LRU victims; promotion after 3 reads from a lower tier, its hot threshold), the
-defaults before issue 13: ``CascadeConfig(**SEED_RULES)`` or ``cfg.replace(**SEED_RULES)``."""
+SEED_RULES: dict[str, object] = {"eviction_order": "lru", "promotion_threshold": 3, "replica_threshold": 3}
+"""The seed's placement rules (LRU victims; promotion after 3 reads from a lower tier and a replica after 3
+reads from peers, its hot threshold), the defaults before issue 13: ``CascadeConfig(**SEED_RULES)`` or
+``cfg.replace(**SEED_RULES)``."""
+
+_COUNTS = ("promotion_threshold", "replica_threshold")
+"""The fields that are counts of reads: ints, at least 1."""
 
 __all__ = ["CascadeConfig", "SEED_RULES", "parse_size", "format_size", "HashAlgorithm", "VerifyMode", "EvictionOrder"]

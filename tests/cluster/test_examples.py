@@ -14,9 +14,9 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_shared_prefix_example_on_four_ranks() -> None:
     out = run_ranks(4, [sys.executable, str(EXAMPLES / "shared_prefix.py")], timeout=90)
-    # rank 0 wrote the prefix; every other rank read it remotely once (promotion_threshold, 1 by default), then
-    # from the replica that read made
-    threshold = CascadeConfig().promotion_threshold
+    # rank 0 wrote the prefix; every other rank read it remotely replica_threshold times (3 by default), then
+    # from the replica the last of those reads made
+    threshold = CascadeConfig().replica_threshold
     assert re.search(r"rank 0: reads from host 4, remote 0; replicas made 0", out), out
     expected = f"reads from host {4 - threshold}, remote {threshold}; replicas made 1"
     assert len(re.findall(rf"rank [123]: {expected}", out)) == 3, out

@@ -356,7 +356,7 @@ def _run(comm, scratch: Path, steps: int, seed: int, order: str) -> dict[str, in
 
     rank = comm.Get_rank()
     store = DistributedStore(comm=comm, timeout=STORE_TIMEOUT, host_capacity=ARENA_BLOCKS * (SIZES[1] + 64),
-                             disk_path=str(scratch / "disk"), promotion_threshold=2, eviction_order=order)
+                             disk_path=str(scratch / "disk"), replica_threshold=2, eviction_order=order)
     walkers = [Walker(store, rank, t, seed) for t in range(THREADS)]
     per_thread = max(1, steps // THREADS)
     done = 0

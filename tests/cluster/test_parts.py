@@ -40,8 +40,8 @@ class _Placing:
         return True
 
 
-def test_a_replica_is_kept_at_the_promotion_threshold_and_counted_once():
-    ctx = _ctx(config=SimpleNamespace(locality_aware=True, promotion_threshold=3))
+def test_a_replica_is_kept_at_the_replica_threshold_and_counted_once():
+    ctx = _ctx(config=SimpleNamespace(locality_aware=True, replica_threshold=3))
     eviction = _Placing()
     r = Replication(ctx, eviction)
     data = memoryview(b"x" * 8)
@@ -59,7 +59,7 @@ def test_a_replica_is_kept_at_the_promotion_threshold_and_counted_once():
 
 def test_no_replica_without_locality_awareness():
     eviction = _Placing()
-    r = Replication(_ctx(config=SimpleNamespace(locality_aware=False, promotion_threshold=1)), eviction)
+    r = Replication(_ctx(config=SimpleNamespace(locality_aware=False, replica_threshold=1)), eviction)
     r.note_remote_read(BlockId(b"d" * 32), memoryview(b"x"), protected=0)
     assert not eviction.placed
 

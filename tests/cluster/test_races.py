@@ -47,7 +47,7 @@ def _scenario(comm, scratch: Path) -> None:
 
     rank = comm.Get_rank()
     value = np.arange(4096, dtype=np.uint8)
-    cfg = CascadeConfig(host_capacity="1MiB", disk_path=scratch / "disk", promotion_threshold=100)
+    cfg = CascadeConfig(host_capacity="1MiB", disk_path=scratch / "disk", replica_threshold=100)
     with DistributedStore(cfg, comm=comm, timeout=20) as store:
         for case, then_put in (("gone", False), ("back", True)):
             key = f"k-{case}"
@@ -107,7 +107,7 @@ def _pinned_arena(comm, scratch: Path) -> None:
     n = 8192
     a1, a2, b, small = (np.full(n if i < 3 else 3072, i + 1, np.uint8) for i in range(4))
     # two blocks of n bytes fill an arena exactly: its one spare header is the empty tier's own
-    cfg = CascadeConfig(host_capacity=2 * (n + SLOT_HEADER), disk_path=scratch / "disk", promotion_threshold=100)
+    cfg = CascadeConfig(host_capacity=2 * (n + SLOT_HEADER), disk_path=scratch / "disk", replica_threshold=100)
     with DistributedStore(cfg, comm=comm, timeout=20) as store:
         if rank == 1:
             store.put("small", small)  # unprotected: rank 1 has evictable bytes, and a hole for a whole block

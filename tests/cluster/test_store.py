@@ -87,9 +87,9 @@ def _open(comm, **overrides):
     from cascade_kv.cluster.store import DistributedStore
 
     overrides.setdefault("timeout", STORE_TIMEOUT)
-    # The scenarios count copies and replicas under the seed's threshold (a replica after 3 reads from peers);
-    # the default of 1 (issue 13) is run by test_examples, test_bindings and the contract.
-    overrides.setdefault("promotion_threshold", 3)
+    # The scenarios count copies and replicas under a replica after 3 reads from peers (the default, and the
+    # seed's), whatever the default becomes.
+    overrides.setdefault("replica_threshold", 3)
     return DistributedStore(comm=comm, **overrides)
 
 
@@ -247,7 +247,7 @@ def _dedup(comm, scratch: Path) -> None:
 
     rank, size = comm.Get_rank(), comm.Get_size()
     # promotion out of reach: the reads below read one digest under many keys, and a replica is a second copy
-    with _opened(comm, host_capacity="16MiB", promotion_threshold=1000) as store:
+    with _opened(comm, host_capacity="16MiB", replica_threshold=1000) as store:
         shared = _value("dedup/shared")
         store.barrier()
         store.put(f"dedup/{rank}", shared)  # every rank at once, under different keys
@@ -349,7 +349,7 @@ def _threads(comm, scratch: Path) -> None:
         return [f"th/{r}/{t}/{i}" for i in range(per)]
 
     # promotion out of reach: each thread reads the shared block, and a replica would be a second copy
-    with _opened(comm, host_capacity="16MiB", promotion_threshold=1000) as store:
+    with _opened(comm, host_capacity="16MiB", replica_threshold=1000) as store:
         def work(t: int) -> None:
             mine = keys_of(rank, t)
             for k in mine:
@@ -653,7 +653,7 @@ def _protected(comm, scratch: Path) -> None:
 
 
 def _promotion(comm, scratch: Path) -> None:
-    """A rank reading a peer's block ``promotion_threshold`` times keeps a replica; a delete frees it too;
+    """A rank reading a peer's block ``replica_threshold`` times keeps a replica; a delete frees it too;
     under pressure replicas go first."""
     from cascade_kv.cluster.store import TIER_MEMORY
     from cascade_kv.errors import BlockNotFound
@@ -688,7 +688,7 @@ def _promotion(comm, scratch: Path) -> None:
         assert after.tier("host").hits == s.tier("host").hits + 1 and \
             after.tier("remote").hits == s.tier("remote").hits, "the read after the promotion was not local"
 
-    with _opened(comm, host_capacity="4MiB", promotion_threshold=threshold) as store:
+    with _opened(comm, host_capacity="4MiB", replica_threshold=threshold) as store:
         promote()
         store.barrier()
         _expect_sum(comm, "host-tier blocks: the block and its replica", _host(store).blocks, 2)

@@ -505,7 +505,8 @@ class StoreContract:
     # ------------------------------------------------------------------ config
     def test_every_config_field_is_accepted(self, make, tmp_path):
         with make(disk_path=tmp_path / "d", disk_capacity="64MiB", eviction_order="reuse", semantic_eviction=False,
-                  locality_aware=False, promotion_threshold=1, hash_algorithm="sha256", verify_reads="always") as store:
+                  locality_aware=False, promotion_threshold=1, replica_threshold=2, hash_algorithm="sha256",
+                  verify_reads="always") as store:
             store.put("a", value(1), is_prefix=True)
             assert same(store.get("a"), value(1)) and store.info("a").prefix
             assert store.config.hash_algorithm == "sha256"

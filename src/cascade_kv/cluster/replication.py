@@ -2,7 +2,7 @@
 
 The reader counts, not the home (the issue's wording put access counts at the home): only the reader
 knows it keeps paying for a remote read, and it decides alone, with no message. At
-``promotion_threshold`` reads served by peers it stores the bytes it just read in its arena and publishes
+``replica_threshold`` reads served by peers it stores the bytes it just read in its arena and publishes
 them. A replica displaces replicas and unprotected copies (which move down as any victim does), never
 protected ones, and is the first victim itself (:meth:`.eviction.Eviction.allocate`).
 """
@@ -26,7 +26,7 @@ class Replication:
         if not self.ctx.config.locality_aware:
             return
         n = self._remote_reads.get(digest, 0) + 1
-        if n < self.ctx.config.promotion_threshold:
+        if n < self.ctx.config.replica_threshold:
             self._remote_reads[digest] = n
             return
         self._remote_reads.pop(digest, None)

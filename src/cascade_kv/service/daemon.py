@@ -52,11 +52,11 @@ def config_from_args(args: argparse.Namespace) -> CascadeConfig:
         value = getattr(args, f.name, None)
         if value is None:
             continue
-        if f.name == "promotion_threshold":
+        if f.name in ("promotion_threshold", "replica_threshold"):
             try:
                 value = int(value)
             except ValueError:
-                raise ConfigError(f"--promotion-threshold: expected an int, got {value!r}") from None
+                raise ConfigError(f"--{f.name.replace('_', '-')}: expected an int, got {value!r}") from None
         overrides[f.name] = value
     return CascadeConfig.from_env(**overrides)
 

@@ -27,18 +27,18 @@ class CascadeKV(Backend):
     tier = "tiered"
 
     def __init__(self, *, dedup: bool = True, semantic_eviction: bool = True, promotion: bool = True,
-                 promotion_threshold: int | None = None) -> None:
+                 replica_threshold: int | None = None) -> None:
         super().__init__()
         self.features: dict[str, object] = {"dedup_enabled": dedup, "semantic_eviction": semantic_eviction,
                                             "locality_aware": promotion}
         off = [label for label, on in (("dedup", dedup), ("semantic eviction", semantic_eviction),
                                        ("promotion", promotion)) if not on]
         self.name = "cascade-kv" + (f" (no {', no '.join(off)})" if off else "")
-        if promotion_threshold is not None:
-            # the seed's threshold beside the default's, where it is the only difference (in a DistributedStore
-            # it is the reads from peers before a local replica)
-            self.features["promotion_threshold"] = promotion_threshold
-            self.name += f" (promotion threshold {promotion_threshold})"
+        if replica_threshold is not None:
+            # another threshold beside the default's, the only difference (in a DistributedStore: reads from
+            # peers before a local replica; a single Store makes no replicas)
+            self.features["replica_threshold"] = replica_threshold
+            self.name += f" (replica threshold {replica_threshold})"
         self.store: Any = None
         """The :class:`Store` or :class:`DistributedStore` (open between :meth:`open` and :meth:`close`)."""
         self._disk: Path | None = None
@@ -49,7 +49,8 @@ class CascadeKV(Backend):
         cfg = CascadeConfig(host_capacity=setup.memory_bytes, disk_path=self._disk,
                             o_direct=bool(setup.options.get("o_direct", False)), **self.features,
                             # an experiment may ask for other policy settings (the trace's rows do)
-                            **{k: setup.options[k] for k in ("promotion_threshold", "eviction_order")
+                            **{k: setup.options[k] for k in ("promotion_threshold", "replica_threshold",
+                                                             "eviction_order")
                                if k in setup.options and k not in self.features})
         if setup.size > 1:
             # imports mpi4py.MPI: only multi-rank runs pay for it

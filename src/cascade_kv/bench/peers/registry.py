@@ -62,7 +62,7 @@ BACKENDS: dict[str, Factory] = {
     "cascade-kv (no dedup)": _entry("cascade", "CascadeKV", dedup=False),
     "cascade-kv (no semantic eviction)": _entry("cascade", "CascadeKV", semantic_eviction=False),
     "cascade-kv (no promotion)": _entry("cascade", "CascadeKV", promotion=False),
-    "cascade-kv (promotion threshold 3)": _entry("cascade", "CascadeKV", promotion_threshold=3),  # the seed's
+    "cascade-kv (replica threshold 1)": _entry("cascade", "CascadeKV", replica_threshold=1),  # against the default 3
     "posix": _entry("posix", "PosixFiles"),
     "hdf5": _entry("hdf5", "Hdf5"),
     "redis": _entry("redis", "Redis"),

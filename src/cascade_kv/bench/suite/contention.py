@@ -55,7 +55,7 @@ from .core import (
 )
 
 DEFAULT_SYSTEMS = ("cascade-kv", "cascade-kv (no dedup)", "cascade-kv (no semantic eviction)",
-                   "cascade-kv (no promotion)", "posix", "hdf5", "redis", "mooncake", "lmcache-cpu", "lmcache-disk")
+                   "cascade-kv (no promotion)", "cascade-kv (replica threshold 1)", "posix", "hdf5", "redis", "mooncake", "lmcache-cpu", "lmcache-disk")
 REQUESTS_PER_PASS = 2
 BATCH = 4
 MEMORY_TIERS = ("host", "remote")  # cascade-kv's tiers that are memory (its own, another rank's)
@@ -249,9 +249,9 @@ def _notes(res: Result) -> None:
     plain = res.systems.get("cascade-kv (no promotion)")
     if plain is not None and "tier_hits" in cascade.values and cascade.values["tier_hits"] == plain.values.get("tier_hits"):
         res.notes.append("cascade-kv and cascade-kv (no promotion) served the same reads from the same tiers: no "
-                         f"local replica of the prefix was made (a rank keeps one after promotion_threshold = "
-                         f"{CascadeConfig().promotion_threshold} read(s) of a block from peers; fewer passes than "
-                         f"that read each prefix block fewer times).")
+                         "local replica changed where a read was served from (a rank keeps one after "
+                         f"replica_threshold = {CascadeConfig().replica_threshold} read(s) of a block from peers, "
+                         "in memory no protected block holds).")
     res.notes.append("cascade-kv (no dedup) has nothing to merge here (the prefix is written once, unique blocks "
                      "differ): it is run to show dedup costs nothing on this workload. Misses are reads of blocks "
                      "a memory-only system evicted or refused; they count as reads asked, not served.")
