@@ -45,3 +45,10 @@ def test_a_systems_table_and_its_targets(tmp_path: Path) -> None:
     assert "| posix | 1.00 GB/s |" in text and "| cascade-kv | 0.90 (0.80-1.00) GB/s |" in text
     assert "| cascade-kv | cold read >= 0.9x POSIX | 0.90x (0.80x-1.00x) | within noise |" in text
     assert "hdf5: skipped: h5py is not installed" in text and "Did not finish (exit status 2)" in text
+
+
+def test_every_target_in_one_table() -> None:
+    text = markdown.targets({"store": _store_result(), "rma": {"exit_code": 2}})
+    assert "| store | cascade-kv | >= 0.8x its ceiling | 0.90x (0.80x-1.00x) | pass |" in text
+    assert "**broken ceiling**" in text  # a ceiling check without a goal shows only when it fails
+    assert "| rma |  | did not finish (exit status 2) |  | **failed** |" in text

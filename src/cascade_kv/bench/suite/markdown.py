@@ -131,18 +131,37 @@ def document(data: dict[str, Any], only: Sequence[str] | None = None) -> str:
     return "\n".join(out)
 
 
+def targets(data: dict[str, Any], only: Sequence[str] | None = None) -> str:
+    """Every target of every experiment in one table (what ``cascade bench all`` ends with), for the README."""
+    runs = {data.get("experiment", "run"): data} if "systems" in data else data
+    rows = []
+    for key, d in runs.items():
+        if only and key not in only:
+            continue
+        if "systems" not in d:
+            rows.append([key, "", f"did not finish (exit status {d.get('exit_code')})", "", "**failed**"])
+            continue
+        for t in d.get("targets", []):
+            if t.get("factor") is None:
+                if t.get("verdict") != "broken ceiling":
+                    continue  # a ceiling check with no goal: only worth a line when it fails
+            rows.append([key, t["system"], t.get("text") or t["key"], got(t), verdict(t)])
+    return "\n".join(table(["experiment", "system", "target", "got (range over reps)", "verdict"], rows)) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cascade_kv.bench.suite.markdown",
                                      description="Print the figures of a cascade bench JSON as Markdown tables.")
     parser.add_argument("json", type=Path, help="the file cascade bench ... --json wrote")
     parser.add_argument("--only", metavar="LIST", help="comma-separated experiments (keys of the JSON) to print")
+    parser.add_argument("--targets", action="store_true", help="one table of every target of every experiment")
     args = parser.parse_args(argv)
     try:
         data = json.loads(args.json.read_text())
     except (OSError, ValueError) as e:
         parser.error(f"cannot read {args.json}: {e}")
     only = [s.strip() for s in args.only.split(",")] if args.only else None
-    sys.stdout.write(document(data, only))
+    sys.stdout.write(targets(data, only) if args.targets else document(data, only))
     return 0
 
 
