@@ -71,9 +71,9 @@ def test_a_figure_above_its_ceiling_is_a_broken_ceiling_not_a_pass() -> None:
     assert verdicts == ["broken ceiling"] and res.targets[0].passed is False
     assert _figure([16.0], [10.0])[1] == ["broken ceiling"]  # no goal: the ceiling is still checked
     assert _figure([10.4], [10.0], 0.8)[1] == ["pass"]  # within 5 %: noise, not broken
-    # with a goal in its own unit, which it meets: the table shows the broken ceiling, not the pass
+    # with a goal in its own unit, which it meets: the goal is judged broken too (JSON and table), not passed
     res, verdicts = _figure([16.0], [10.0], 1.0, of_ceiling=False)
-    assert verdicts == ["broken ceiling", "pass"]
+    assert verdicts == ["broken ceiling", "broken ceiling"] and not any(t.passed for t in res.targets)
     row = next(line for line in _table(res).splitlines() if line.startswith("│ x "))
     assert "broken ceiling" in row and "pass" not in row
 
@@ -131,9 +131,10 @@ def test_suite_targets_take_their_verdict_from_the_spread() -> None:
                    SuiteTarget("zero", "rate", 0.5, "b"), SuiteTarget("zero", "rate", 0.0),
                    SuiteTarget("a", "rate", 0.9), SuiteTarget("a", "rate", 1.0, "missing")]
     res.judge()
+    # a's rate is 2x its ceiling "raw": its goal in its own unit (0.9) is judged broken with it, not passed
     assert [t.verdict for t in res.targets] == ["pass", "within noise", "miss", "broken ceiling", "miss", "miss",
-                                                "pass", None]
-    assert [t.passed for t in res.targets] == [True, False, False, False, False, False, True, None]
+                                                "broken ceiling", None]
+    assert [t.passed for t in res.targets] == [True, False, False, False, False, False, False, None]
     assert (res.targets[1].low, res.targets[1].got, res.targets[1].high) == pytest.approx((0.95, 1.0, 1.05))
     assert res.targets[3].got == pytest.approx(2.0)  # a's 1.0 against a "ceiling" of 0.5
     listed = res.as_dict([])["targets"]
