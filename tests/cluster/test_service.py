@@ -117,8 +117,10 @@ def _scenario_api() -> None:
 
     svc = Service(comm, timeout=20, handlers={ECHO: _echo, ADD: add, WHO: who, FAIL: fail})
     svc.register(WHERE, where)
-    comm.Barrier()  # registered after construction: every rank must have done it before anyone calls
+    # before the barrier: no peer can call yet, so no request is being answered (which lowers the interval
+    # further while it lasts: a peer past the barrier made this assertion flaky after it)
     assert sys.getswitchinterval() == SERVICE_SWITCH_INTERVAL
+    comm.Barrier()  # registered after construction: every rank must have done it before anyone calls
 
     # Ranks that reach an object allreduce while rank 0 still calls them must go on answering
     # (mpi4py's first one on a communicator holds the GIL; Service warms it up).
