@@ -49,6 +49,6 @@ def test_a_systems_table_and_its_targets(tmp_path: Path) -> None:
 
 def test_every_target_in_one_table() -> None:
     text = markdown.targets({"store": _store_result(), "rma": {"exit_code": 2}})
-    assert "| store | cascade-kv | >= 0.8x its ceiling | 0.90x (0.80x-1.00x) | pass |" in text
+    assert "| store | cascade-kv | get, host tier: >= 0.8x its ceiling | 0.90x (0.80x-1.00x) | pass |" in text
     assert "**broken ceiling**" in text  # a ceiling check without a goal shows only when it fails
     assert "| rma |  | did not finish (exit status 2) |  | **failed** |" in text

@@ -36,10 +36,14 @@ def measure(m: dict[str, Any] | None) -> str:
     return f"{med}{spread} {unit}".rstrip()
 
 
+def plain(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:,.3g}"
+
+
 def got(t: dict[str, Any]) -> str:
     if t.get("got") is None:
         return "-"
-    fmt = (lambda x: f"{x:.2f}x") if t.get("than") else (lambda x: f"{x:,.3g}")
+    fmt = (lambda x: f"{x:.2f}x") if t.get("than") else plain
     spread = (f" ({fmt(t['min'])}-{fmt(t['max'])})" if t.get("min") is not None and t.get("max") is not None
               and t["min"] != t["max"] else "")
     return fmt(t["got"]) + spread
@@ -141,11 +145,14 @@ def targets(data: dict[str, Any], only: Sequence[str] | None = None) -> str:
         if "systems" not in d:
             rows.append([key, "", f"did not finish (exit status {d.get('exit_code')})", "", "**failed**"])
             continue
+        labels = {(r["system"], r["key"]): r["label"] for r in d.get("rows", [])}
         for t in d.get("targets", []):
             if t.get("factor") is None:
                 if t.get("verdict") != "broken ceiling":
                     continue  # a ceiling check with no goal: only worth a line when it fails
-            rows.append([key, t["system"], t.get("text") or t["key"], got(t), verdict(t)])
+            text = t.get("text") or ("at most its ceiling" if t.get("than") else t["key"])
+            label = labels.get((t["system"], t["key"]))
+            rows.append([key, t["system"], f"{label}: {text}" if label else text, got(t), verdict(t)])
     return "\n".join(table(["experiment", "system", "target", "got (range over reps)", "verdict"], rows)) + "\n"
 
 
