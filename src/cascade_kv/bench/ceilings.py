@@ -150,13 +150,23 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def split_copy(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
-    """``np.copyto(dst, src)`` cut into ``threads`` parts copied at once (numpy releases the GIL while it copies)."""
+    """``np.copyto(dst, src)`` cut into ``threads`` parts copied at once (numpy releases the GIL while it copies):
+    the caller copies the first part itself while ``threads - 1`` pool threads copy the others, at 64-byte
+    aligned cuts. Handing every part to the pool and waiting was 20 % slower than the store's own split copy
+    (``memcopy.copy_bytes``, built this way) on 16 MiB blocks, which then read as 1.10x this "ceiling"."""
     if threads == 1:
         np.copyto(dst, src)
         return
     d, s = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
-    for _ in _pool(threads).map(np.copyto, np.array_split(d, threads), np.array_split(s, threads)):
-        pass
+    n = d.nbytes
+    step = -(-n // threads) + 63 & ~63
+    cuts = list(range(0, n, step)) + [n]
+    futures = [_pool(threads - 1).submit(np.copyto, d[a:b], s[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+    try:
+        np.copyto(d[:cuts[1]], s[:cuts[1]])
+    finally:
+        for f in futures:
+            f.result()
 
 
 def copy_pass(dsts: Sequence[np.ndarray], srcs: Sequence[np.ndarray], threads: int = 1) -> float:
