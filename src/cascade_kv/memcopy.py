@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
+R = TypeVar("R")
 PARALLEL_MIN = 8 << 20
 """Copies at least this large are split; smaller ones (which mostly fit in the caches) are one memcpy."""
 MAX_THREADS = 4
@@ -44,17 +47,28 @@ def copy_bytes(dst: memoryview, src: memoryview) -> None:
     n = dst.nbytes
     if src.nbytes != n:
         raise ValueError(f"copy of {src.nbytes} B into {n} B")
-    k = _threads() if n >= PARALLEL_MIN else 1
-    if k == 1:
+    if n < PARALLEL_MIN or _threads() == 1:
         dst[:] = src
         return
     d = np.frombuffer(dst, np.uint8)
     s = np.frombuffer(src, np.uint8)
-    step = -(-n // k) + 63 & ~63  # 64-byte aligned shares: no cache line written by two threads
+    in_parts(n, 64, lambda a, b: np.copyto(d[a:b], s[a:b]))  # 64 B: no cache line written by two threads
+
+
+def in_parts(n: int, align: int, part: Callable[[int, int], R]) -> list[R]:
+    """``part(a, b)`` over ``[0, n)`` cut into one share per thread (:func:`_threads`) at multiples of
+    ``align``, the caller's share on the caller's thread while the helpers run the others (work that
+    releases the GIL: a copy, a ``preadv``); every share's result, in order. Below :data:`PARALLEL_MIN`,
+    one call."""
+    k = _threads() if n >= PARALLEL_MIN else 1
+    if k == 1:
+        return [part(0, n)]
+    share = -(-n // k)  # ceil(n / k)
+    step = -(-share // align) * align  # rounded up to a multiple of align
     cuts = list(range(0, n, step)) + [n]
-    futures = [_helpers().submit(np.copyto, d[a:b], s[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+    futures = [_helpers().submit(part, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
     try:
-        np.copyto(d[:cuts[1]], s[:cuts[1]])
+        first = part(0, cuts[1])
     finally:
-        for f in futures:
-            f.result()  # also orders the helpers' stores before whatever the caller does next
+        rest = [f.result() for f in futures]  # also orders the helpers' stores before the caller's next step
+    return [first, *rest]

@@ -523,3 +523,26 @@ def test_remove_untracked_refuses_a_tracked_block_even_under_python_O(make_disk:
     with pytest.raises(ValueError):
         disk.remove_untracked(bid)
     assert load(disk, bid) == b"live"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_a_large_block_is_read_in_parts_right(make_disk: MakeDisk, hasher: Hasher, rng: np.random.Generator,
+                                              monkeypatch: pytest.MonkeyPatch, threads: int):
+    """Blocks of PARALLEL_MIN or more are read by several threads at once (page-aligned parts, the last one
+    short): every byte must land where it belongs, and a read the file cuts short must still be caught."""
+    import cascade_kv.memcopy as memcopy
+
+    monkeypatch.setattr(memcopy, "_threads", lambda: threads)
+    disk = make_disk(verify="always")  # every read hashed: a misplaced part fails the digest too
+    data = rng.bytes(memcopy.PARALLEL_MIN + 5001)
+    bid = store(disk, hasher, data)
+    assert load(disk, bid) == data
+    real = os.preadv
+
+    def cut_short(fd: int, buffers: list, offset: int) -> int:  # the file ends half way while it is read
+        end = len(data) // 2
+        return 0 if offset >= end else real(fd, [buffers[0][:end - offset]], offset)
+
+    monkeypatch.setattr(disk_module.os, "preadv", cut_short)
+    with pytest.raises(IntegrityError, match="truncated while read"):
+        load(disk, bid)

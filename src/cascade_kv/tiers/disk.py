@@ -48,11 +48,13 @@ from pathlib import Path
 from ..errors import IntegrityError, StorageError
 from ..hashing import Hasher
 from ..ids import BlockId, block_name, digest_of, parse_block_name
+from ..memcopy import in_parts
 from .base import Tier, TierTraits
 
 log = logging.getLogger(__name__)
 
 _DIRECT_ALIGN = 4096
+_PAGE_ALIGN = mmap.PAGESIZE  # a large read's parts start at page boundaries: no page read by two threads
 _BOUNCE = 8 << 20  # O_DIRECT staging buffer per thread
 _RACY_NS = 100_000_000  # a ctime within 100 ms of verification may hide a same-tick write
 _COARSE_RACY_NS = 2_000_000_000  # file systems that keep whole seconds (some Lustre, NFS setups)
@@ -394,9 +396,17 @@ def _write_all(fd: int, buf: memoryview) -> None:
 
 
 def _read_all(fd: int, out: memoryview) -> int:
+    """Read the file into ``out``; the bytes read (fewer: the file ended early). A large block is read in
+    parts at once (:func:`~cascade_kv.memcopy.in_parts`), as the copy of a block from memory is: one
+    thread reading a page-cache hit copies at one core's speed (16 MiB blocks, ``cascade bench``: 4.6 GB/s
+    read whole, 6.5 in two parts, against 9-10 for the best of the ceiling's ways)."""
+    return sum(in_parts(out.nbytes, _PAGE_ALIGN, lambda a, b: _read_range(fd, out[a:b], a)))
+
+
+def _read_range(fd: int, out: memoryview, offset: int) -> int:
     got = 0
     while got < out.nbytes:
-        n = os.readv(fd, [out[got:]])
+        n = os.preadv(fd, [out[got:]], offset + got)
         if n == 0:
             break
         got += n
