@@ -109,11 +109,13 @@ class CascadeConfig:
 
     replica_threshold: int = 3
     """In a :class:`~cascade_kv.cluster.store.DistributedStore`: reads of a block served by peers after which a
-    rank keeps a replica in its own memory (with ``locality_aware``). 3 (the default, and the seed's): measured
-    on the distributed store's own workloads, a replica at the first remote read (1) cost reads and bought none
-    (``cascade bench contention --ranks 2``: 0.90 GB/s against 1.03 at 3 and 1.23 with no replicas; the same
-    reads served from the same tiers in all three: under memory pressure a replica is the first victim, so
-    replicas of a prefix read in turn displaced each other); ``docs/distributed-design.md``, "Replicas"."""
+    rank keeps a replica in its own memory (with ``locality_aware``). 3 (the default, and the seed's), not the
+    single store's promotion threshold of 1: on the distributed store's own workload (``cascade bench
+    contention --ranks 2``) replicas bought nothing at either threshold (every variant served the same reads
+    from the same tiers: under memory pressure a replica is the first victim, so replicas of a prefix read in
+    turn displace each other before they are read), and a replica is a block's copy made on the reader's
+    clock; one run read 0.90 GB/s at 1 against 1.03 at 3, another 0.87 against 0.86 (within noise). See
+    ``docs/distributed-design.md``, replicas."""
 
     hash_algorithm: HashAlgorithm = "blake3"
     """Digest of a block's bytes: ``"blake3"`` (fast, multithreaded) or ``"sha256"`` (hashlib)."""
