@@ -114,7 +114,7 @@ class CascadeConfig:
     contention --ranks 2``) replicas bought nothing at either threshold (every variant served the same reads
     from the same tiers: under memory pressure a replica is the first victim, so replicas of a prefix read in
     turn displace each other before they are read), and a replica is a block's copy made on the reader's
-    clock; one run read 0.90 GB/s at 1 against 1.03 at 3, another 0.87 against 0.86 (within noise). See
+    clock; three runs read 0.90, 0.87 and 0.71 GB/s at 1 against 1.03, 0.86 and 0.87 at 3. See
     ``docs/distributed-design.md``, replicas."""
 
     hash_algorithm: HashAlgorithm = "blake3"
