@@ -23,7 +23,7 @@ def number(x: float | None, unit: str) -> str:
         return f"{x:,.0f}"
     if unit in ("us", "ms"):
         return f"{x:,.1f}"
-    return f"{x:,.3g}"
+    return plain(x)
 
 
 def measure(m: dict[str, Any] | None) -> str:
