@@ -12,12 +12,9 @@ never as a pass.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
-import shlex
-import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -66,22 +63,6 @@ def ratio_spread(values: Sequence[float], bases: Sequence[float]) -> Spread:
     else:
         low, high = _div(min(values), max(bases)), _div(max(values), min(bases))
     return Spread(median, min(low, median), max(high, median), min(len(values), len(bases)))
-
-
-def run_header(settings: dict[str, object]) -> dict[str, object]:
-    """What every benchmark's JSON starts with: the version, the command as typed (``cascade bench``'s
-    relaunch passes it on to its ranks), and the machine, with the disk of ``settings["dir"]`` (the run's
-    temporary directory, gone by now: its parent is asked)."""
-    run_dir = settings.get("dir")
-    return {"cascade_kv": _version("cascade-kv"),
-            "command": os.environ.get("CASCADE_COMMAND") or shlex.join(sys.argv), "argv": sys.argv,
-            "machine": machine() | ({"disk": disk(os.path.dirname(str(run_dir)))} if run_dir else {})}
-
-
-def write_json(path: str | os.PathLike[str], data: dict[str, object]) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
 
 
 def machine() -> dict[str, object]:
