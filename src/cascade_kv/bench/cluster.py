@@ -56,13 +56,10 @@ from ..hashing import Hasher
 from . import idle, small_remote
 from .ceilings import Contents, Spread, buffers, drop_page_cache, readinto_pass, touch
 from .remote_get import get_vs_bare, memory_offsets
-from .suite.core import BenchError, Result, Run
+from .suite.core import GB, POISON, BenchError, MiB, Result, Run
 
-MiB = 1 << 20
-GB = 1e9
 SYSTEM = "cascade-kv"
 _READER, _OWNER = 0, 1
-_POISON = 0xA5  # outputs are overwritten before each read: a get that copies nothing fails its check
 REMOTE_TARGET_RATIO = 0.8
 LOOKUP_TARGET_US = 100.0
 DEDUP_PUT_TARGET_US = 200.0
@@ -333,7 +330,7 @@ class _Job:
         received = after.bytes_received - before.bytes_received
         hits = after.dedup_hits - before.dedup_hits
         out = touch(np.empty_like(rows))
-        out.fill(_POISON)
+        out.fill(POISON)
         st.get_many(keys, list(out))
         contents.check_rows(ids, out, touch(np.empty_like(rows)))
         if hits != len(keys) or received >= rows.shape[1]:
@@ -404,7 +401,7 @@ class _Job:
     def _read_all(st: DistributedStore, keys: list[str], ids: range, outs: list[np.ndarray],
                   contents: Contents) -> float:
         for o in outs:
-            o.fill(_POISON)
+            o.fill(POISON)
         t0 = time.perf_counter()
         for key, o in zip(keys, outs):
             st.get(key, out=o)

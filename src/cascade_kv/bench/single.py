@@ -24,12 +24,11 @@ from ..store import Store
 from .ceilings import (Spread, best_of, buffers, combined, copy_pass, copy_ways, drop_page_cache, hash_pass, put_ways,
                        read_ways, small_put_pass, timed, touch, write_pass)
 from .mixed import mixed_table, run_mixed
-from .suite.core import GB, BenchError, Result, Run, SystemResult
+from .suite.core import GB, POISON, BenchError, Result, Run, SystemResult
 
 SYSTEM = "cascade-kv"
 BATCH_BLOCKS = (4096, 64 << 10)
 """Block sizes of the small-ops figures (issue 12's targets: 500k gets/s and 100k puts/s per thread)."""
-_POISON = 0xA5  # outputs are overwritten before each checked pass: a get that copies nothing fails its check
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +134,7 @@ class Bench:
     def _gets(self, store: Store, keys: list[str], ids: range, outs: list[np.ndarray]) -> float:
         """Poison ``outs``, time one ``get`` per key into them, check each against its block."""
         for o in outs:
-            o.fill(_POISON)
+            o.fill(POISON)
         took = timed(lambda: [store.get(k, o) for k, o in zip(keys, outs)])
         for i, o in zip(ids, outs):
             self.big.check(i, o)
@@ -144,7 +143,7 @@ class Bench:
     def _poisoned(self, fn: Callable[[], float], outs: list[np.ndarray]) -> Callable[[], float]:
         def run() -> float:
             for o in outs:
-                o.fill(_POISON)  # the same cache state the store's pass starts from
+                o.fill(POISON)  # the same cache state the store's pass starts from
             return fn()
         return run
 
@@ -215,7 +214,7 @@ class Bench:
             return took
 
         def gets() -> float:
-            out.fill(_POISON)
+            out.fill(POISON)
             took = timed(lambda: [st.get(k, o) for k, o in zip(keys, out_rows)])
             self.small.check_rows(ids, out, scratch)
             return took
@@ -256,7 +255,7 @@ class Bench:
                 return took
 
             def gets() -> float:
-                out.fill(_POISON)
+                out.fill(POISON)
                 took = timed(lambda: [st.get_many(keys[i:i + b], out_rows[i:i + b]) for i in cuts])
                 contents.check_rows(ids, out, scratch)
                 return took

@@ -19,11 +19,11 @@ import numpy as np
 from mpi4py import MPI
 
 from ..cluster.window import ARENA_OFFSET
+from .suite.core import POISON
 
 TARGET_RATIO = 0.5
 SIZES = (4 << 10, 64 << 10)
 _READER, _OWNER = 0, 1
-_POISON = 0xA5
 
 
 def reads(store, keys: Sequence[str], displacements: Sequence[int], contents: Sequence[np.ndarray],
@@ -51,7 +51,7 @@ def reads(store, keys: Sequence[str], displacements: Sequence[int], contents: Se
     for rep in range(reps + 2):  # two warm-up batches of each
         for name in ("store", "bare") if rep % 2 else ("bare", "store"):
             for o in outs:
-                o.fill(_POISON)
+                o.fill(POISON)
             t0 = time.perf_counter()
             kinds[name]()
             took = time.perf_counter() - t0
