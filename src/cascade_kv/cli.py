@@ -249,8 +249,8 @@ def _bench_suite(args: argparse.Namespace, comm: object, argv: list[str]) -> int
     options = {"block": args.block_size, "scale": args.scale, "o_direct": args.o_direct, "trace": args.trace,
                "model": args.model, "requests": args.requests, "host_capacity": args.host_capacity,
                "quick": args.quick}
-    problem = (module.problem(options, args.dir, size) if module.problem is not None
-               else None if args.dir.is_dir() else f"--dir {args.dir} is not a directory")
+    problem = (f"--dir {args.dir} is not a directory" if not args.dir.is_dir()
+               else module.problem(options, size) if module.problem is not None else None)
     if problem is not None:
         if rank == 0:
             args.subparser.error(problem)

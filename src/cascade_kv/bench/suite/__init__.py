@@ -27,7 +27,7 @@ holds several experiments; the function then stands for ``run``)."""
 
 def experiment(name: str) -> SimpleNamespace:
     """The experiment's ``run``, ``DEFAULT_SYSTEMS``, ``VARIANTS`` (extra system names it accepts), and where it
-    has them ``problem`` (what is wrong with a run's options, before anything starts) and ``render_more``
+    has them ``problem`` (what is wrong with a run's options and rank count, before anything starts) and ``render_more``
     (tables of its own after the common ones)."""
     module_name, _, function = EXPERIMENTS[name].partition(":")
     module = importlib.import_module(f".{module_name}", __name__)

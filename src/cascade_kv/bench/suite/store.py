@@ -9,7 +9,6 @@ is one experiment of the suite: one :class:`~.core.Result`, judged by the same r
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -20,8 +19,9 @@ from .core import Result, Run
 DEFAULT_SYSTEMS = ("cascade-kv",)
 
 
-def problem(options: dict[str, Any], directory: Path, ranks: int) -> str | None:
-    """What is wrong with the sizes of a run (``--block-size``, ``--host-capacity``, ``--dir``), or ``None``."""
+def problem(options: dict[str, Any], ranks: int) -> str | None:
+    """What is wrong with the sizes of a run (``--block-size``, ``--host-capacity``), or ``None`` (the CLI checks
+    ``--dir`` for every experiment)."""
     if ranks > 1:
         from ..cluster import ClusterSizes as Sizes  # in a rank of the job: MPI is started
     else:
@@ -33,8 +33,6 @@ def problem(options: dict[str, Any], directory: Path, ranks: int) -> str | None:
     if sizes.host_capacity < 4 * sizes.block:
         return (f"--host-capacity ({format_size(sizes.host_capacity)}) must hold at least 4 blocks of "
                 f"{format_size(sizes.block)}")
-    if not directory.is_dir():
-        return f"--dir {directory} is not a directory"
     return None
 
 
