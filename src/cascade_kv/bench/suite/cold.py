@@ -59,9 +59,9 @@ def run(r: Run) -> Result:
                 backend, mine = open_[name], res.systems[name]
                 r.step(res, open_, name, lambda: backend.prepare_cold(keys), f"cold {p + 1}")
                 cold = r.step(res, open_, name, lambda: r.get_blocks(backend, keys, ids, contents[name], outs),
-                              f"cold read {p + 1}") if name in open_ else None
+                              f"cold read {p + 1}")
                 hot = r.step(res, open_, name, lambda: r.get_blocks(backend, keys, ids, contents[name], outs),
-                             f"hot read {p + 1}") if name in open_ else None
+                             f"hot read {p + 1}")
                 if cold is None or hot is None:  # the system failed (recorded): out of the turns from now on
                     continue
                 mine.measure("cold_GBps", "GB/s").samples.append(nbytes / max(r.allgather(cold)) / GB)

@@ -154,7 +154,7 @@ def run(r: Run) -> Result:
                    "rank 0 writes the prefix")
             wrote = r.step(res, open_, name, lambda: r.put_blocks(backend, mine_keys, mine_ids, contents[name],
                                                                   batch=BATCH),
-                           "every rank writes its unique blocks") if name in open_ else None
+                           "every rank writes its unique blocks")
             if wrote is not None:
                 res.systems[name].measure("write_GBps", "GB/s").samples.append(
                     r.size * unique_count * block / max(r.allgather(wrote)) / GB)
@@ -181,7 +181,7 @@ def run(r: Run) -> Result:
                     return reads
 
                 io_before = device_read_bytes()
-                reads = r.step(res, open_, name, one_pass, f"pass {p + 1}/{passes}") if name in open_ else None
+                reads = r.step(res, open_, name, one_pass, f"pass {p + 1}/{passes}")
                 if reads is None:  # the system failed (recorded): out of the turns from now on
                     continue
                 io_after = device_read_bytes()

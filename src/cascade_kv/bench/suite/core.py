@@ -425,7 +425,10 @@ class Run:
 
     def step(self, result: Result, open_: dict[str, Backend], name: str, fn: Callable[[], T], what: str) -> T | None:
         """:meth:`together` for one of :meth:`systems_open`'s systems: on a failure (on any rank) the system is
-        recorded as failed and leaves ``open_`` (it is closed with the others); ``None`` then."""
+        recorded as failed and leaves ``open_`` (it is closed with the others); ``None`` then, and for every
+        later step of a system that left (the same on every rank: a failure is every rank's), which is not run."""
+        if name not in open_:
+            return None
         try:
             return self.together(fn, f"{name}: {what}")
         except SuiteError as e:

@@ -63,7 +63,7 @@ def run(r: Run) -> Result:
                 before = backend.tier_hits().get("disk")
                 io_before = device_read_bytes()
                 took = r.step(res, open_, name, lambda: r.get_blocks(backend, keys, ids, contents[name], outs),
-                              f"every rank reads, pass {p + 1}") if name in open_ else None
+                              f"every rank reads, pass {p + 1}")
                 if took is None:  # the system failed (recorded): out of the turns from now on
                     continue
                 io_after = device_read_bytes()
