@@ -227,9 +227,8 @@ class Result:
         beside them (as ``ceilings[key]``), and its target: ``target`` times the ceiling (``of_ceiling``, the
         default where there is a ceiling) or ``target`` in the figure's own unit (at most, with ``at_most``)."""
         self.systems.setdefault(system, SystemResult(system)).measure(key, unit).samples.extend(samples)
-        if ceiling is not None:
-            self.ceilings[key] = Measure(unit, list(ceiling), ceiling_what)
         if ceiling is not None:  # every figure beside a ceiling is checked against it, a goal or not
+            self.ceilings[key] = Measure(unit, list(ceiling), ceiling_what)
             goal = target if of_ceiling else None
             self.targets.append(Target(system, key, goal, key, text or ("" if goal is None else
                                                                       f">= {goal:g}x its ceiling")))

@@ -46,7 +46,8 @@ def _got(t: Target) -> str:
 
 def _figures_table(res: Result) -> Table:
     """One row per figure of :attr:`Result.rows`: the figure, its ceiling, their ratio, the goal, the verdict
-    (a broken ceiling wins over a goal's verdict: a figure above its ceiling passes nothing)."""
+    (the goal's, which :meth:`Result.judge` makes a broken ceiling when the figure beats its ceiling; the
+    ceiling check's where there is no goal)."""
     table = Table(title=f"cascade bench {res.experiment}: {escape(res.title)} (median of reps; range below; a "
                         f"verdict passes only when the whole range clears its target)", show_lines=True)
     for col, just in (("measurement", "left"), ("cascade-kv", "right"), ("ceiling (same run)", "right"),
@@ -61,8 +62,7 @@ def _figures_table(res: Result) -> Table:
         goal = next((t for t in targets if t.factor is not None), None)
         ratio = ("-" if bound is None or bound.got is None
                  else f"{bound.got:.2f}x\n[dim]{bound.low:.2f} - {bound.high:.2f}[/dim]")
-        verdicts = [t.verdict for t in targets]
-        shown = "broken ceiling" if "broken ceiling" in verdicts else None if goal is None else goal.verdict
+        shown = (goal or bound).verdict if goal or bound else None
         label = escape(row.label) + (f"\n[dim]{escape(row.note)}[/dim]" if row.note else "")
         table.add_row(label, _cell(m), "-" if ceiling is None else f"{_cell(ceiling)}\n[dim]{escape(ceiling.what)}[/dim]",
                       ratio, "-" if goal is None else escape(goal.text), VERDICT_STYLE[shown])
